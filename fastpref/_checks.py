@@ -1,0 +1,87 @@
+"""Argument checks shared by the public ops: every error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_head(
+    prefix: str, hidden: object, weight: object, bias: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Check one model's hidden [..., D], weight [V, D] and bias [V]; cast weight/bias to hidden's dtype.
+
+    The logits are computed in hidden's dtype (as autocast would); the cast is differentiable,
+    so a float32 master weight still receives its gradient.
+    """
+    h = check_tensor(f"{prefix}hidden", hidden)
+    w = check_tensor(f"{prefix}weight", weight)
+    if h.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{prefix}hidden must be a float16/bfloat16/float32/float64 tensor, got {h.dtype}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{prefix}weight must be a floating tensor, got {w.dtype}")
+    if h.dim() < 1:
+        raise ValueError(f"{prefix}hidden must have shape [..., D], got a 0-d tensor")
+    if w.dim() != 2:
+        raise ValueError(f"{prefix}weight must have shape [V, D], got {tuple(w.shape)}")
+    if w.shape[1] != h.shape[-1]:
+        raise ValueError(
+            f"{prefix}weight has D={w.shape[1]} but {prefix}hidden has D={h.shape[-1]} "
+            f"(hidden {tuple(h.shape)}, weight {tuple(w.shape)})"
+        )
+    if w.shape[0] == 0:
+        raise ValueError(f"{prefix}weight must have V >= 1 rows, got shape {tuple(w.shape)}")
+    if w.device != h.device:
+        raise ValueError(f"{prefix}weight is on {w.device} but {prefix}hidden is on {h.device}")
+    b = None
+    if bias is not None:
+        b = check_tensor(f"{prefix}bias", bias)
+        if b.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{prefix}bias must be a floating tensor, got {b.dtype}")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"{prefix}bias must have shape [V]=[{w.shape[0]}], got {tuple(b.shape)}")
+        if b.device != h.device:
+            raise ValueError(f"{prefix}bias is on {b.device} but {prefix}hidden is on {h.device}")
+        b = b.to(h.dtype)
+    return h, w.to(h.dtype), b
+
+
+def check_labels(labels: object, hidden: torch.Tensor, ignore_index: object) -> torch.Tensor:
+    lab = check_tensor("labels", labels)
+    if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {lab.dtype}")
+    if tuple(lab.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got {tuple(lab.shape)}"
+        )
+    if lab.device != hidden.device:
+        raise ValueError(f"labels is on {lab.device} but hidden is on {hidden.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return lab
+
+
+def valid_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows to compute (label != ignore_index), or None when every row counts.
+
+    Raises ValueError when a label outside [0, V) is not ignore_index.
+    """
+    flat = labels.reshape(-1)
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= vocab))
+    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    if n_bad:
+        first = int(flat[bad][0])
+        raise ValueError(
+            f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}; "
+            f"found {n_bad} label(s) outside, e.g. {first}"
+        )
+    if n_valid == flat.numel():
+        return None
+    return valid.nonzero().squeeze(1)

@@ -1,0 +1,81 @@
+"""Backend registry and dispatch.
+
+A backend computes the fused ops on compact inputs: hidden [M, D] and weight [V, D]
+contiguous and of one dtype, bias [V] or None, labels int64 [M] all inside [0, V)
+(ignored rows are removed before a backend sees them). Every output is float32 [M].
+See ``fastpref.backends.base.Backend`` for the methods.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import Backend, BackendUnavailable
+
+_NAMES = ("torch", "triton", "native")
+
+
+def _load(name: str) -> Backend:
+    if name == "torch":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend()
+    if name == "triton":
+        from .triton_backend import load
+
+        return load()
+    if name == "native":
+        from .native_backend import load
+
+        return load()
+    raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _NAMES))}; got {name!r}")
+
+
+_CACHE: dict[str, Backend | BackendUnavailable] = {}
+
+
+def _try(name: str) -> Backend | BackendUnavailable:
+    if name not in _CACHE:
+        try:
+            _CACHE[name] = _load(name)
+        except BackendUnavailable as why:
+            _CACHE[name] = why
+    return _CACHE[name]
+
+
+def available(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that can run (on ``device`` when given)."""
+    out = []
+    for name in _NAMES:
+        b = _try(name)
+        if isinstance(b, Backend) and (device is None or b.supports(torch.device(device)) is None):
+            out.append(name)
+    return out
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend object for ``name`` ('auto' picks one) that runs on ``device`` with ``dtype``."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        name = os.environ.get("FASTPREF_BACKEND", "auto") or "auto"
+        if name == "auto":
+            order = ("triton", "torch") if device.type == "cuda" else ("native", "torch")
+            for cand in order:
+                b = _try(cand)
+                if isinstance(b, Backend) and b.supports(device, dtype) is None:
+                    return b
+            name = "torch"
+    if name not in _NAMES:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _NAMES))}; got {name!r}")
+    b = _try(name)
+    if isinstance(b, BackendUnavailable):
+        raise ValueError(f"backend {name!r} is not available: {b}. Available: {available()}")
+    why = b.supports(device, dtype)
+    if why is not None:
+        raise ValueError(f"backend {name!r} cannot run here: {why}. Available on {device}: {available(device)}")
+    return b
+
+
+__all__ = ["Backend", "BackendUnavailable", "available", "resolve"]
