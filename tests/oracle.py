@@ -1,7 +1,8 @@
 """Float64 gold computed the naive way (full logits), and the three-way comparison.
 
 gold: float64 end to end. ref: plain torch in the test dtype (logits in that dtype, softmax in float32).
-A backend passes when |out − gold| ≤ |ref − gold| + tol elementwise.
+A backend passes when |out − gold| ≤ |ref − gold| + tol elementwise (for gradients the tolerance
+also includes 2·max |ref − gold|, since their rounding noise is spread over many summed terms).
 """
 from __future__ import annotations
 
@@ -79,7 +80,13 @@ def assert_three_way(name, out, ref, gold, dtype, *, grad=False):
     out, ref, gold = out.double(), ref.double(), gold.double()
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     err = (out - gold).abs()
-    allowed = (ref - gold).abs() + (gtol * gold.abs().max() + 1e-12 if grad else atol + rtol * gold.abs())
+    ref_err = (ref - gold).abs()
+    if grad:
+        # Gradients sum many rounded terms, and a backend's saved float32 log-sum-exp carries its own
+        # rounding (ulp(1e4) ≈ 1e-3 at extreme logits), so allow twice the reference's worst error on top.
+        allowed = ref_err + 2 * ref_err.max() + gtol * gold.abs().max() + 1e-12
+    else:
+        allowed = ref_err + atol + rtol * gold.abs()
     bad = err > allowed
     assert not bad.any(), (
         f"{name}: {int(bad.sum())}/{bad.numel()} elements off; worst |out−gold|={float(err.max()):.3e}, "
