@@ -1,0 +1,1 @@
+"""fastpref benchmarks (not tests): timing and memory of fastpref against the alternatives."""

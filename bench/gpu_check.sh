@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One-shot GPU check (no network needed): build, GPU tests, memcheck, timings. Budget: under 8 minutes.
+#   bash bench/gpu_check.sh OUT_DIR
+# Writes logs and JSON under OUT_DIR and prints a short table last.
+set -uo pipefail
+OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+: > "$OUT/steps.txt"
+
+step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to OUT/NAME.log, record rc and seconds
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+  tail -n 4 "$OUT/$name.log"
+}
+
+{ nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
+  > "$OUT/environment.txt" 2>&1
+step install 150 $PY -m pip install --no-build-isolation --no-deps -e .
+step tests 150 $PY -m pytest -q -x tests/test_token_stats.py tests/test_token_kl.py tests/test_inputs.py -p no:cacheprovider
+step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_smoke.py
+step timings 200 $PY -m bench.primitive --device cuda --out "$OUT"
+
+echo
+echo "== summary"
+cat "$OUT/environment.txt" | tail -n 1
+cat "$OUT/steps.txt"
+[ -f "$OUT/primitive.md" ] && cat "$OUT/primitive.md"
