@@ -15,10 +15,12 @@ from .token_level import wpo_weights
 from .unpaired import kto_mismatched_index, kto_reference_point
 from .variants import combine
 
+globals().update({_name: get(_name) for _name in names()})  # every registered loss as fastpref.losses.<name>
+
 __all__ = [
     "alphapo_reward", "best_first_order", "combine", "f_divergence_scores", "get", "gpm_score",
     "kl_estimators", "kto_mismatched_index", "kto_reference_point", "ld_dpo_partial_sums",
     "ld_dpo_shared_lengths", "listwise", "log1mexp", "log_odds", "logratios", "masked_sums", "names",
     "packed_sums", "pairwise", "reduce", "reference_free", "reward", "token_level", "unpaired", "variants",
     "wpo_weights",
-]
+] + names()

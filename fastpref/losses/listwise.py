@@ -58,13 +58,12 @@ def pro(
     r = torch.gather(f32(rewards), -1, order)
     k = r.shape[-1]
     t = r.unsqueeze(-1) - r.unsqueeze(-2)                       # T[b, k, i] = r_k - r_i
-    upper = torch.ones(k, k, dtype=torch.bool).triu(1)           # i > k
-    t_kk = torch.where(upper, t, torch.full_like(t, -torch.inf)).amax(-1)   # [B, K]; -inf on the last row
-    logits = torch.where(upper, s.unsqueeze(-2) * t, torch.full_like(t, -torch.inf))
-    diag = s * t_kk
-    stages = slice(0, k - 1)
-    logits = torch.cat([diag[..., stages, None], logits[..., stages, :]], dim=-1)
-    rank_loss = (torch.logsumexp(logits, -1) - diag[..., stages]).sum(-1)
+    upper = torch.ones(k, k, dtype=torch.bool).triu(1)[:-1]      # stages k < K-1, candidates i > k
+    t = t[..., :-1, :]
+    neg_inf = torch.full_like(t, -torch.inf)
+    diag = s[..., :-1] * torch.where(upper, t, neg_inf).amax(-1)  # s_k·T_kk, T_kk = max_{i>k} T_ki
+    logits = torch.where(upper, s.unsqueeze(-2) * t, neg_inf)
+    rank_loss = (torch.logsumexp(torch.cat([diag.unsqueeze(-1), logits], -1), -1) - diag).sum(-1)
     return rank_loss + sft_weight * (k - 1) ** 2 * (-lp[..., 0])
 
 
