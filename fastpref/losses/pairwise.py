@@ -20,6 +20,7 @@ from ._math import check_range, clamped_exp, f32, lengths_f, logsigmoid, require
 from .registry import register
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_EXP_CLAMP = 40.0  # |score| <= e^40 ~ 2e17: squared losses (IPO, SPPO) of it stay finite in fp32
 
 
 def logratios(
@@ -42,20 +43,20 @@ def f_divergence_scores(h: Tensor, f_divergence_type: str = "reverse_kl", f_alph
       with α = ``f_alpha_divergence_coef`` (default 0.5); α -> 1 falls back to reverse KL. The f-DPO paper /
       TRL v0.19 write (1 - u^(-α'))/α', i.e. α' = 1 - α; both agree only at 0.5.
 
-    Exponents are clamped at 80 (TRL clamps the α case; the forward-KL clamp is an addition: it only changes
-    values where exp(-h) would otherwise overflow fp32).
+    Exponents are clamped at 40 (TRL clamps the α case at 80 and does not clamp forward KL). Both bounds lie far
+    beyond any useful score (β·e^40 saturates every loss); 40 keeps squared losses such as IPO finite in fp32.
     """
     if f_divergence_type == "reverse_kl":
         return h
     if f_divergence_type == "forward_kl":
-        return -clamped_exp(-h)
+        return -clamped_exp(-h, F_EXP_CLAMP)
     if f_divergence_type == "js_divergence":
         return logsigmoid(h)
     if f_divergence_type == "alpha_divergence":
         a = f_alpha_divergence_coef
         if abs(a - 1.0) < 1e-6:
             return h
-        return clamped_exp((a - 1.0) * h) / (a - 1.0)
+        return clamped_exp((a - 1.0) * h, F_EXP_CLAMP) / (a - 1.0)
     raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
 
 
