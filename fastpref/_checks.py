@@ -12,16 +12,26 @@ def check_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
+def gathered(x: object) -> object:
+    """A DTensor (e.g. an lm_head sharded by FSDP2) as its full tensor, differentiably; anything else as is."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return x
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
 def check_head(
     prefix: str, hidden: object, weight: object, bias: object
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Check one model's hidden [..., D], weight [V, D] and bias [V]; cast weight/bias to hidden's dtype.
 
     The logits are computed in hidden's dtype (as autocast would); the cast is differentiable,
-    so a float32 master weight still receives its gradient.
+    so a float32 master weight still receives its gradient. Sharded DTensors are gathered here, inside
+    the op, so FSDP2 callers pass their parameters as they are.
     """
-    h = check_tensor(f"{prefix}hidden", hidden)
-    w = check_tensor(f"{prefix}weight", weight)
+    h = check_tensor(f"{prefix}hidden", gathered(hidden))
+    w = check_tensor(f"{prefix}weight", gathered(weight))
     if h.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{prefix}hidden must be a float16/bfloat16/float32/float64 tensor, got {h.dtype}")
     if w.dtype not in FLOAT_DTYPES:
@@ -41,7 +51,7 @@ def check_head(
         raise ValueError(f"{prefix}weight is on {w.device} but {prefix}hidden is on {h.device}")
     b = None
     if bias is not None:
-        b = check_tensor(f"{prefix}bias", bias)
+        b = check_tensor(f"{prefix}bias", gathered(bias))
         if b.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{prefix}bias must be a floating tensor, got {b.dtype}")
         if b.shape != (w.shape[0],):

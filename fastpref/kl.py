@@ -6,8 +6,9 @@ from typing import NamedTuple
 import torch
 
 from . import backends
-from ._checks import check_head, check_labels, valid_rows
-from ._rows import Rows, cast_grads, empty_grads, float32_or_none
+from ._checks import check_head, check_labels
+from ._ops import token_kl_op
+from ._rows import Rows
 from .options import LogitOptions
 
 Tensor = torch.Tensor
@@ -24,44 +25,6 @@ class TokenKL(NamedTuple):
     kl: Tensor
     logp: Tensor | None
     ref_logp: Tensor | None
-
-
-class TokenKLFunction(torch.autograd.Function):
-    """Autograd wiring of a backend's KL forward and backward; the reference side gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, backend, opts, ref_opts,
-                direction):
-        ctx.set_materialize_grads(False)
-        if hidden.shape[0] == 0:
-            kl = hidden.new_zeros(0, dtype=torch.float32)
-            lse, ref_lse = kl.clone(), kl.clone()
-            logp = kl.clone() if labels is not None else None
-            ref_logp = kl.clone() if labels is not None else None
-        else:
-            kl, lse, ref_lse, logp, ref_logp = backend.kl_forward(
-                hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts, direction)
-        ctx.backend, ctx.opts, ctx.ref_opts, ctx.direction = backend, opts, ref_opts, direction
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl)
-        if ref_logp is not None:
-            ctx.mark_non_differentiable(ref_logp)
-        return kl, logp, ref_logp
-
-    @staticmethod
-    def backward(ctx, grad_kl, grad_logp, _grad_ref_logp):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        inputs = (hidden, weight, bias)
-        if hidden.shape[0] == 0 or (grad_kl is None and grad_logp is None) or not any(needs):
-            grads = empty_grads(needs, inputs)
-        else:
-            grads = ctx.backend.kl_backward(
-                hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
-                float32_or_none(grad_kl), float32_or_none(grad_logp), ctx.opts, ctx.ref_opts, ctx.direction,
-                tuple(needs),
-            )
-            grads = cast_grads(grads, inputs)
-        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def token_kl(
@@ -106,14 +69,17 @@ def token_kl(
     impl = backends.resolve(backend, h.device, h.dtype)
     if labels is None:
         lab = None
-        rows = Rows(tuple(h.shape[:-1]), None)
+        rows = Rows(tuple(h.shape[:-1]))
     else:
         lab = check_labels(labels, h, ignore_index)
-        rows = Rows(tuple(lab.shape), valid_rows(lab, w.shape[0], ignore_index))
+        rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index)
     rdetach = rh.detach(), rw.detach(), None if rb is None else rb.detach()
-    outs = TokenKLFunction.apply(
+    kl, logp, ref_logp, _lse, _ref_lse = token_kl_op(
         rows.take(h), w.contiguous(), None if b is None else b.contiguous(),
         rows.take(rdetach[0]), rdetach[1].contiguous(), None if rdetach[2] is None else rdetach[2].contiguous(),
-        None if lab is None else rows.take(lab).long(), impl, opts, ref_opts, direction,
+        None if lab is None else rows.take_labels(lab), impl.name, opts.temperature, opts.softcap,
+        ref_opts.softcap, direction,
     )
-    return TokenKL(*(rows.put(o) for o in outs))
+    if lab is None:
+        return TokenKL(rows.put(kl), None, None)
+    return TokenKL(rows.put(kl), rows.put(logp), rows.put(ref_logp.detach()))

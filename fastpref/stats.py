@@ -6,8 +6,9 @@ from typing import NamedTuple
 import torch
 
 from . import backends
-from ._checks import check_head, check_labels, valid_rows
-from ._rows import Rows, cast_grads, empty_grads, float32_or_none
+from ._checks import check_head, check_labels
+from ._ops import token_stats_op
+from ._rows import Rows
 from .options import LogitOptions
 
 Tensor = torch.Tensor
@@ -24,43 +25,6 @@ class TokenStats(NamedTuple):
     lse: Tensor
     entropy: Tensor | None
     log_sum_p2: Tensor | None
-
-
-class TokenStatsFunction(torch.autograd.Function):
-    """Autograd wiring of one backend's forward and backward on compact rows."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, backend, opts, want_entropy, want_log_sum_p2):
-        ctx.set_materialize_grads(False)
-        if hidden.shape[0] == 0:
-            empty = hidden.new_zeros(0, dtype=torch.float32)
-            logp, lse = empty, empty.clone()
-            ent = empty.clone() if want_entropy else None
-            p2 = empty.clone() if want_log_sum_p2 else None
-        else:
-            logp, lse, ent, p2 = backend.stats_forward(hidden, weight, bias, labels, opts, want_entropy,
-                                                       want_log_sum_p2)
-        ctx.backend, ctx.opts = backend, opts
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
-        if p2 is not None:
-            ctx.mark_non_differentiable(p2)
-        return logp, lse, ent, p2
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_lse, grad_entropy, _grad_p2):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        inputs = (hidden, weight, bias)
-        nothing = grad_logp is None and grad_lse is None and grad_entropy is None
-        if hidden.shape[0] == 0 or nothing or not any(needs):
-            grads = empty_grads(needs, inputs)
-        else:
-            grads = ctx.backend.stats_backward(
-                hidden, weight, bias, labels, lse, ent, float32_or_none(grad_logp), float32_or_none(grad_lse),
-                float32_or_none(grad_entropy) if ent is not None else None, ctx.opts, tuple(needs),
-            )
-            grads = cast_grads(grads, inputs)
-        return (*grads, None, None, None, None, None)
 
 
 def token_stats(
@@ -91,12 +55,13 @@ def token_stats(
     if not isinstance(entropy, bool) or not isinstance(log_sum_p2, bool):
         raise TypeError("entropy and log_sum_p2 must be bools")
     impl = backends.resolve(backend, h.device, h.dtype)
-    rows = Rows(tuple(lab.shape), valid_rows(lab, w.shape[0], ignore_index))
-    outs = TokenStatsFunction.apply(
-        rows.take(h), w.contiguous(), None if b is None else b.contiguous(), rows.take(lab).long(),
-        impl, opts, entropy, log_sum_p2,
+    rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index)
+    logp, lse, ent, p2 = token_stats_op(
+        rows.take(h), w.contiguous(), None if b is None else b.contiguous(), rows.take_labels(lab),
+        impl.name, opts.temperature, opts.softcap, entropy, log_sum_p2,
     )
-    return TokenStats(*(rows.put(o) for o in outs))
+    return TokenStats(rows.put(logp), rows.put(lse), rows.put(ent) if entropy else None,
+                      rows.put(p2.detach()) if log_sum_p2 else None)
 
 
 def token_logprobs(

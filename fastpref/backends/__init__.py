@@ -54,6 +54,14 @@ def available(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
+def by_name(name: str) -> Backend:
+    """A loaded backend by its exact name (already checked by ``resolve``)."""
+    b = _try(name)
+    if isinstance(b, BackendUnavailable):
+        raise ValueError(f"backend {name!r} is not available: {b}")
+    return b
+
+
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend object for ``name`` ('auto' picks one) that runs on ``device`` with ``dtype``."""
     if not isinstance(name, str):
@@ -78,4 +86,4 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     return b
 
 
-__all__ = ["Backend", "BackendUnavailable", "available", "resolve"]
+__all__ = ["Backend", "BackendUnavailable", "available", "by_name", "resolve"]
