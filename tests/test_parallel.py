@@ -1,0 +1,97 @@
+"""Vocabulary-parallel heads with 2 gloo processes on CPU match the single-process full-vocabulary result."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastpref
+from fastpref.parallel import vocab_parallel_token_kl, vocab_parallel_token_stats
+
+WORLD = 2
+N, D, V = 29, 16, 83  # V odd: unequal slices
+
+
+def _data():
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(N, D, generator=g)
+    w = torch.randn(V, D, generator=g) / 3
+    b = torch.randn(V, generator=g)
+    rh = torch.randn(N, D + 4, generator=g)
+    rw = torch.randn(V, D + 4, generator=g) / 3
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::4] = -100
+    ups = torch.randn(4, N, generator=g)
+    return h, w, b, rh, rw, y, ups
+
+
+def _bounds(rank):
+    cut = V // 2 + 3
+    return (0, cut) if rank == 0 else (cut, V)
+
+
+def _stats_loss(st, ups):
+    return (st.logp * ups[0] + st.lse * ups[1] + st.entropy * ups[2]).sum()
+
+
+def _worker(rank, port, backend, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        h, w, b, rh, rw, y, ups = _data()
+        s, e = _bounds(rank)
+        hh = h.clone().requires_grad_()
+        ws, bs = w[s:e].clone().requires_grad_(), b[s:e].clone().requires_grad_()
+        st = vocab_parallel_token_stats(hh, ws, y, vocab_range=(s, e), bias=bs, entropy=True, log_sum_p2=True,
+                                        softcap=4.0, backend=backend)
+        _stats_loss(st, ups).backward()
+        out = {"logp": st.logp, "lse": st.lse, "entropy": st.entropy, "p2": st.log_sum_p2, "dh": hh.grad,
+               "dw": ws.grad, "db": bs.grad}
+        for direction in ("forward", "reverse"):
+            hk = h.clone().requires_grad_()
+            wk = w[s:e].clone().requires_grad_()
+            kl = vocab_parallel_token_kl(hk, wk, rh, rw[s:e], y, vocab_range=(s, e), direction=direction,
+                                         backend=backend)
+            (kl.kl * ups[3] + kl.logp * ups[0]).sum().backward()
+            out.update({f"kl_{direction}": kl.kl, f"kl_logp_{direction}": kl.logp,
+                        f"kl_ref_logp_{direction}": kl.ref_logp, f"kl_dh_{direction}": hk.grad,
+                        f"kl_dw_{direction}": wk.grad})
+        results[rank] = {k: v.detach().clone() for k, v in out.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_vocab_parallel_matches_full(backend):
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    results = manager.dict()
+    mp.start_processes(_worker, args=(_free_port(), backend, results), nprocs=WORLD, start_method="spawn")
+    h, w, b, rh, rw, y, ups = _data()
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    st = fastpref.token_stats(hh, ww, y, bias=bb, entropy=True, log_sum_p2=True, softcap=4.0, backend="torch")
+    _stats_loss(st, ups).backward()
+    for rank in range(WORLD):
+        r = results[rank]
+        s, e = _bounds(rank)
+        close = lambda a, b_: torch.testing.assert_close(a, b_, atol=2e-5, rtol=2e-5)  # noqa: E731
+        close(r["logp"], st.logp), close(r["lse"], st.lse), close(r["entropy"], st.entropy)
+        close(r["p2"], st.log_sum_p2), close(r["dh"], hh.grad)
+        close(r["dw"], ww.grad[s:e]), close(r["db"], bb.grad[s:e])
+        for direction in ("forward", "reverse"):
+            hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+            kl = fastpref.token_kl(hk, wk, rh, rw, y, direction=direction, backend="torch")
+            (kl.kl * ups[3] + kl.logp * ups[0]).sum().backward()
+            close(r[f"kl_{direction}"], kl.kl), close(r[f"kl_logp_{direction}"], kl.logp)
+            close(r[f"kl_ref_logp_{direction}"], kl.ref_logp)
+            close(r[f"kl_dh_{direction}"], hk.grad), close(r[f"kl_dw_{direction}"], wk.grad[s:e])
