@@ -95,3 +95,40 @@ def test_vocab_parallel_matches_full(backend):
             close(r[f"kl_{direction}"], kl.kl), close(r[f"kl_logp_{direction}"], kl.logp)
             close(r[f"kl_ref_logp_{direction}"], kl.ref_logp)
             close(r[f"kl_dh_{direction}"], hk.grad), close(r[f"kl_dw_{direction}"], wk.grad[s:e])
+
+
+def _fsdp_worker(rank, port, results):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        h, w, _, _, _, y, ups = _data()
+        head = torch.nn.Linear(D, V, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(w)
+        fully_shard(head, mesh=init_device_mesh("cpu", (WORLD,)))
+        assert type(head.weight).__name__ == "DTensor"
+        hh = h.clone().requires_grad_()
+        logp = fastpref.token_logprobs(hh, head.weight, y, backend="torch")  # the DTensor goes in as it is
+        (logp * ups[0]).sum().backward()
+        results[rank] = {"logp": logp.detach(), "dh": hh.grad, "dw": head.weight.grad.full_tensor()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_head_is_gathered_inside_the_op():
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    mp.start_processes(_fsdp_worker, args=(_free_port(), results), nprocs=WORLD, start_method="spawn")
+    h, w, _, _, _, y, ups = _data()
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp = fastpref.token_logprobs(hh, ww, y, backend="torch")
+    (logp * ups[0]).sum().backward()
+    for rank in range(WORLD):
+        r = results[rank]
+        torch.testing.assert_close(r["logp"], logp.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r["dh"], hh.grad, atol=1e-5, rtol=1e-5)
+        # FSDP2 averages gradients over ranks; both ranks saw the same batch, so the mean equals one rank's
+        torch.testing.assert_close(r["dw"], ww.grad, atol=1e-5, rtol=1e-5)
