@@ -8,7 +8,8 @@ computation is done in float32 or wider):
   TRL's ``reference_free``).
 
 Notation: h_w = ℓ_θ(y_w) - ℓ_ref(y_w), h_l likewise, Δ = s(h_w) - s(h_l) where s is the f-divergence score
-(``f_divergence_type``; identity for the default reverse KL, i.e. plain DPO). Every function returns the
+(``f_divergence_type``; identity for the default reverse KL, i.e. plain DPO). As in TRL 1.16 the f-divergence
+applies to sigmoid, hinge, ipo, exo_pair, robust, discopop and sigmoid_norm only; the other types use h. Every function returns the
 *unreduced* per-pair loss [B]; TRL's trainers take ``.mean()``.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._math import check_range, clamped_exp, f32, lengths_f, logsigmoid, require, smoothed_nll
+from ._math import LN2, check_range, clamped_exp, f32, lengths_f, logsigmoid, require, smoothed_nll
 from .registry import register
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -34,29 +35,30 @@ def logratios(
 
 
 def f_divergence_scores(h: Tensor, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> Tensor:
-    """f-DPO score s(h) = f'(exp h) up to an additive constant (Wang+23, "Beyond Reverse KL").
+    """f-DPO score s(h) = f'(u) at u = exp(h) (Wang+23, "Beyond Reverse KL"), as in TRL 1.16:
 
-    * ``reverse_kl``: s = h (standard DPO)
-    * ``forward_kl``: f'(u) = 1 - 1/u  ->  s = -exp(-h)
-    * ``js_divergence``: f'(u) = log(2u/(1+u))  ->  s = logσ(h)
-    * ``alpha_divergence``: **TRL-HEAD convention** f'(u) = (u^(α-1) - 1)/(α-1)  ->  s = exp((α-1)h)/(α-1),
-      with α = ``f_alpha_divergence_coef`` (default 0.5); α -> 1 falls back to reverse KL. The f-DPO paper /
-      TRL v0.19 write (1 - u^(-α'))/α', i.e. α' = 1 - α; both agree only at 0.5.
+    * ``reverse_kl``: f'(u) = log u + 1, used as s = h (standard DPO)
+    * ``forward_kl``: f'(u) = 1 - 1/u  ->  s = 1 - exp(-h)
+    * ``js_divergence``: f'(u) = log(2u/(1+u))  ->  s = log 2 + logσ(h)
+    * ``alpha_divergence``: **TRL convention** f'(u) = (u^(α-1) - 1)/(α-1)  ->  s = (exp((α-1)h) - 1)/(α-1), with
+      α = ``f_alpha_divergence_coef`` (default 0.5); α -> 1 falls back to reverse KL. The f-DPO paper / TRL v0.19
+      write (1 - u^(-α'))/α', i.e. α' = 1 - α (identical functions); the two only coincide numerically at 0.5.
 
-    Exponents are clamped at 40 (TRL clamps the α case at 80 and does not clamp forward KL). Both bounds lie far
-    beyond any useful score (β·e^40 saturates every loss); 40 keeps squared losses such as IPO finite in fp32.
+    The additive constants cancel in Δ but not in the length-normalised ``ipo`` / ``sigmoid_norm`` (older TRL
+    dropped them). Exponents are clamped at 40 (TRL: 80 for α, none for forward KL); both bounds lie far
+    beyond any useful score and 40 keeps squared losses such as IPO finite in fp32.
     """
     if f_divergence_type == "reverse_kl":
         return h
     if f_divergence_type == "forward_kl":
-        return -clamped_exp(-h, F_EXP_CLAMP)
+        return -torch.expm1(torch.clamp(-h, max=F_EXP_CLAMP))
     if f_divergence_type == "js_divergence":
-        return logsigmoid(h)
+        return LN2 + logsigmoid(h)
     if f_divergence_type == "alpha_divergence":
         a = f_alpha_divergence_coef
         if abs(a - 1.0) < 1e-6:
             return h
-        return clamped_exp((a - 1.0) * h, F_EXP_CLAMP) / (a - 1.0)
+        return torch.expm1(torch.clamp((a - 1.0) * h, max=F_EXP_CLAMP)) / (a - 1.0)
     raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
 
 
@@ -164,12 +166,11 @@ def exo_pair(
 def nca_pair(
     *, chosen_logps: Tensor = None, rejected_logps: Tensor = None,
     ref_chosen_logps: Tensor = None, ref_rejected_logps: Tensor = None,
-    beta: float = 0.1, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+    beta: float = 0.1,
 ) -> Tensor:
-    """NCA, pair form (Chen+24): L = -logσ(βs_w) - ½·logσ(-βs_w) - ½·logσ(-βs_l)."""
-    s_w, s_l = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                       f_divergence_type, f_alpha_divergence_coef)
-    r_w, r_l = beta * s_w, beta * s_l
+    """NCA, pair form (Chen+24): L = -logσ(βh_w) - ½·logσ(-βh_w) - ½·logσ(-βh_l)."""
+    h_w, h_l = logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    r_w, r_l = beta * h_w, beta * h_l
     return -logsigmoid(r_w) - 0.5 * logsigmoid(-r_w) - 0.5 * logsigmoid(-r_l)
 
 
@@ -178,32 +179,29 @@ def bco_pair(
     *, chosen_logps: Tensor = None, rejected_logps: Tensor = None,
     ref_chosen_logps: Tensor = None, ref_rejected_logps: Tensor = None,
     beta: float = 0.1, delta: Tensor | float = 0.0,
-    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
 ) -> Tensor:
-    """BCO, pair form (Jung+24): L = -logσ(βs_w - δ) - logσ(-(βs_l - δ)).
+    """BCO, pair form (Jung+24): L = -logσ(βh_w - δ) - logσ(-(βh_l - δ)).
 
     ``delta`` δ: the running mean of all implicit rewards βh, kept and detached by the caller (TRL v0.19
-    ``RunningMoments``); the default 0 is TRL HEAD's shift-free ``bco_pair``. It is detached here.
+    ``RunningMoments``); the default 0 is current TRL's shift-free ``bco_pair``. It is detached here.
     """
-    s_w, s_l = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                       f_divergence_type, f_alpha_divergence_coef)
+    h_w, h_l = logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     d = f32(delta).detach() if torch.is_tensor(delta) else delta
-    return -logsigmoid(beta * s_w - d) - logsigmoid(-(beta * s_l - d))
+    return -logsigmoid(beta * h_w - d) - logsigmoid(-(beta * h_l - d))
 
 
 @register("sppo_hard")
 def sppo_hard(
     *, chosen_logps: Tensor = None, rejected_logps: Tensor = None,
     ref_chosen_logps: Tensor = None, ref_rejected_logps: Tensor = None,
-    beta: float = 0.1, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+    beta: float = 0.1,
 ) -> Tensor:
-    """SPPO with hard win-rates (P_w = 1, P_l = 0), TRL form: L = (s_w - 1/(2β))² + (s_l + 1/(2β))².
+    """SPPO with hard win-rates (P_w = 1, P_l = 0), TRL form: L = (h_w - 1/(2β))² + (h_l + 1/(2β))².
 
     Note: no ½ factor, unlike the soft ``sppo`` of the official code (which this equals ×2 at P = 1, 0).
     """
-    s_w, s_l = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                       f_divergence_type, f_alpha_divergence_coef)
-    return (s_w - 0.5 / beta) ** 2 + (s_l + 0.5 / beta) ** 2
+    h_w, h_l = logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (h_w - 0.5 / beta) ** 2 + (h_l + 0.5 / beta) ** 2
 
 
 def _sorted_diff(a: Tensor, b: Tensor) -> Tensor:
@@ -249,15 +247,11 @@ def apo_zero(
 @register("apo_down")
 def apo_down(
     *, chosen_logps: Tensor = None, rejected_logps: Tensor = None,
-    ref_chosen_logps: Tensor = None, ref_rejected_logps: Tensor = None,
-    beta: float = 0.1, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+    ref_chosen_logps: Tensor = None, ref_rejected_logps: Tensor = None, beta: float = 0.1,
 ) -> Tensor:
-    """APO-down (Eq. 8): L = σ(βh_w) + (1 - σ(βΔ)). As in TRL the first term uses the raw log-ratio h_w and
-    only Δ goes through the f-divergence score."""
+    """APO-down (Eq. 8): L = σ(βh_w) + (1 - σ(β(h_w - h_l))). For chosen outputs worse than the model's."""
     h_w, h_l = logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    delta = (f_divergence_scores(h_w, f_divergence_type, f_alpha_divergence_coef)
-             - f_divergence_scores(h_l, f_divergence_type, f_alpha_divergence_coef))
-    return torch.sigmoid(beta * h_w) + torch.sigmoid(-beta * delta)
+    return torch.sigmoid(beta * h_w) + torch.sigmoid(-beta * (h_w - h_l))
 
 
 @register("discopop")

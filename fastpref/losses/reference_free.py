@@ -14,7 +14,7 @@ from torch import Tensor
 from ._math import EXP_CLAMP, f32, lengths_f, log1mexp, logsigmoid, require, smoothed_nll
 from .registry import register
 
-_MAX_AVG_LOGP = -1e-6  # ℓ̄ is clamped here so that log(1 - exp(ℓ̄)) stays finite (p(y) <= 0.999999)
+_MAX_AVG_LOGP = -1e-20  # ℓ̄ <= -1e-20 keeps log(1 - exp(ℓ̄)) and its gradient (~1/ℓ̄) finite in fp32
 
 
 def _avg(logps: Tensor | None, lengths: Tensor | None, name: str) -> Tensor:
@@ -23,7 +23,7 @@ def _avg(logps: Tensor | None, lengths: Tensor | None, name: str) -> Tensor:
 
 
 def log_odds(avg_logps: Tensor) -> Tensor:
-    """log(p / (1 - p)) for p = exp(ℓ̄), via log1mexp; ℓ̄ is clamped to <= -1e-6."""
+    """log(p / (1 - p)) for p = exp(ℓ̄), via log1mexp; ℓ̄ is clamped to <= -1e-20 (TRL: no clamp, inf at ℓ̄ = 0)."""
     x = avg_logps.clamp(max=_MAX_AVG_LOGP)
     return x - log1mexp(x)
 
