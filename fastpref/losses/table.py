@@ -1,0 +1,40 @@
+"""The README's losses table, generated from the registry: ``python -m fastpref.losses.table``."""
+from __future__ import annotations
+
+import inspect
+import re
+
+from .registry import get, names
+
+FAMILIES = {
+    "pairwise": "pairwise, with reference", "variants": "pairwise variants", "reference_free": "reference-free",
+    "unpaired": "unpaired", "token_level": "token-level", "listwise": "listwise (K per prompt)",
+    "reward": "reward model", "kl_estimators": "token-KL estimator",
+}
+
+
+def _summary(fn) -> str:
+    first = inspect.getdoc(fn).split("\n\n")[0]
+    text = re.sub(r"\s+", " ", first).replace("``", "`").replace("|", "\\|")
+    return text if len(text) <= 220 else text[:217].rstrip() + "…"
+
+
+def _inputs(fn) -> str:
+    params = inspect.signature(fn).parameters.values()
+    tensors = [p.name for p in params if "Tensor" in str(p.annotation)]
+    hyper = [f"{p.name}={p.default!r}" for p in params
+             if "Tensor" not in str(p.annotation) and p.default is not inspect.Parameter.empty]
+    return ", ".join(f"`{t}`" for t in tensors) + (f"; {', '.join(hyper)}" if hyper else "")
+
+
+def markdown() -> str:
+    rows = ["| name | family | loss (see its docstring) | inputs; hyper-parameters with defaults |", "|---|---|---|---|"]
+    for name in names():
+        fn = get(name)
+        family = FAMILIES.get(fn.__module__.rsplit(".", 1)[-1], "")
+        rows.append(f"| `{name}` | {family} | {_summary(fn)} | {_inputs(fn)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown())
