@@ -1,0 +1,6 @@
+"""Integrations with model and trainer libraries; each submodule imports its library lazily.
+
+* :mod:`fastpref.integrations.transformers`: per-token log-probs / statistics / KL straight from a Hugging Face
+  causal LM (or a PEFT-wrapped one), and a patch that makes ``model(input_ids, labels=...)`` return log-probs.
+* :mod:`fastpref.integrations.trl`: drop-in TRL trainers (``DPOTrainer``, ``KTOTrainer``) computing through fastpref.
+"""
