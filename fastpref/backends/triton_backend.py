@@ -1,7 +1,155 @@
-"""Fused Triton kernels (kernels/), behind the backend interface."""
+"""Fused Triton kernels (kernels/, installed as fastpref.kernels), behind the backend interface.
+
+Forward: one streaming pass over the vocabulary per row block (optionally split over the vocabulary and
+merged by a tiny torch reduction). Backward: one program per (row block, vocabulary block) recomputing
+the logits tile and scattering float32 atomics into dH, dW, db. No [N, V] tensor is ever formed.
+Runs on CUDA (fp16/bf16/fp32, sm_80+) and, for tests, on CPU tensors under TRITON_INTERPRET=1 (fp32/fp16).
+"""
 from __future__ import annotations
 
+import os
+
+import torch
+
 from .base import BackendUnavailable
+
+
+def _scalars(opts) -> dict:
+    """The logit transform as kernel scalars: z = x/T, or tanh(x/cap)·(cap/T) with a softcap."""
+    cap = opts.softcap
+    return dict(inv_temp=1.0 / opts.temperature, inv_cap=0.0 if cap is None else 1.0 / cap,
+                cap_scale=0.0 if cap is None else cap / opts.temperature)
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, launch_mod):
+        self._k = launch_mod
+        self.splits: int | None = None  # forces the forward's vocabulary splits (tests); None = heuristic
+
+    def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return "TRITON_INTERPRET=1 runs Triton on CPU tensors only"
+            if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+            major, _ = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return "the Triton kernels need compute capability 8.0 or newer"
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+            if dtype == torch.bfloat16:
+                return "the Triton interpreter cannot do bfloat16 arithmetic"
+            if dtype is not None and dtype not in (torch.float16, torch.float32):
+                return f"dtype {dtype} is not supported by the interpreter (float16, float32)"
+            return None
+        return f"device type {device.type!r} is not supported"
+
+    # ---- shared glue -----------------------------------------------------------------------------
+    def _forward(self, kernel, n_parts, hidden, weight, labels, flags, n_parts64=0, **args):
+        """Launch a forward kernel; its per-split partials [n_parts, S, M] (float32) and [n_parts64, S, M] (float64)."""
+        M, V = hidden.shape[0], weight.shape[0]
+        dev, dt = hidden.device, hidden.dtype
+        n_rows, splits, per = self._k.vocab_splits(M, V, dev, dt, kernel, self.splits)
+        part = torch.empty((n_parts, splits, M), device=dev, dtype=torch.float32)
+        part64 = torch.empty((n_parts64, splits, M), device=dev, dtype=torch.float64) if n_parts64 else None
+        extra = dict(Part64=part64) if n_parts64 else {}
+        self._k.launch(kernel, lambda cfg: (n_rows, splits), dt, dev, flags, H=hidden, W=weight, Labels=labels,
+                       Part=part, M=M, V=V, D=hidden.shape[1], tiles_per_split=per, **extra, **args)
+        return part, part64
+
+    def _backward(self, kernel, hidden, weight, bias, needs, flags, **args):
+        M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
+        f32 = dict(device=hidden.device, dtype=torch.float32)
+        need_db = bool(needs[2] and bias is not None)
+        dh = torch.zeros((M, D), **f32) if needs[0] else None
+        dw = torch.zeros((V, D), **f32) if needs[1] else None
+        db = torch.zeros((V,), **f32) if need_db else None
+        dummy = torch.empty((1,), **f32)
+
+        def grid(cfg):
+            return (-(-M // cfg.BN) * -(-V // cfg.BV),)
+
+        self._k.launch(kernel, grid, hidden.dtype, hidden.device, flags, H=hidden, W=weight,
+                       dH=dummy if dh is None else dh, dW=dummy if dw is None else dw,
+                       dB=dummy if db is None else db, M=M, V=V, D=D,
+                       need_dh=int(dh is not None), need_dw=int(dw is not None), need_db=int(need_db), **args)
+        return dh, dw, db
+
+    # ---- single model ----------------------------------------------------------------------------
+    def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        part, _ = self._forward("stats_forward", 5, hidden, weight, labels,
+                             dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None),
+                             B=weight if bias is None else bias, **_scalars(opts))
+        m, s, t, s2, z_label = self._k.combine_stats(part)
+        log_s = torch.log(s)
+        lse = m + log_s
+        ent = log_s - t / s if entropy else None
+        p2 = torch.log(s2) - 2.0 * log_s if log_sum_p2 else None
+        return z_label - lse, lse, ent, p2
+
+    def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                       opts, needs):
+        zero = torch.zeros_like(lse)
+        return self._backward(
+            "stats_backward", hidden, weight, bias, needs,
+            dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None),
+            B=weight if bias is None else bias, Labels=labels, Lse=lse,
+            Ent=zero if (entropy is None or grad_entropy is None) else entropy,
+            G_logp=zero if grad_logp is None else grad_logp, G_lse=zero if grad_lse is None else grad_lse,
+            G_ent=zero if (entropy is None or grad_entropy is None) else grad_entropy, **_scalars(opts))
+
+    # ---- two models ------------------------------------------------------------------------------
+    @staticmethod
+    def _pair(weight, bias, ref_weight, ref_bias, labels, M, opts, ref_opts) -> tuple[dict, dict]:
+        """Flags and the arguments shared by the KL forward and backward (a missing bias of one model is 0)."""
+        has_bias = bias is not None or ref_bias is not None
+        zeros = lambda w: torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)  # noqa: E731
+        if has_bias:
+            b = zeros(weight) if bias is None else bias
+            rb = zeros(ref_weight) if ref_bias is None else ref_bias
+        else:
+            b, rb = weight, ref_weight
+        if labels is None:
+            labels = torch.full((M,), -1, device=weight.device, dtype=torch.int64)
+        sc, rsc = _scalars(opts), _scalars(ref_opts)
+        flags = dict(HAS_BIAS=has_bias, SOFTCAP=opts.softcap is not None, REF_SOFTCAP=ref_opts.softcap is not None)
+        return flags, dict(B=b, RB=rb, Labels=labels, **sc, ref_inv_cap=rsc["inv_cap"],
+                           ref_cap_scale=rsc["cap_scale"])
+
+    def kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                   direction):
+        ref_hidden, ref_weight = ref_hidden.to(hidden.dtype), ref_weight.to(hidden.dtype)
+        ref_bias = None if ref_bias is None else ref_bias.to(hidden.dtype)
+        flags, args = self._pair(weight, bias, ref_weight, ref_bias, labels, hidden.shape[0], opts, ref_opts)
+        labels_arg = args.pop("Labels")
+        part, part64 = self._forward("kl_forward", 6, hidden, weight, labels_arg, flags, n_parts64=2, RH=ref_hidden,
+                                     RW=ref_weight, Dr=ref_hidden.shape[1], **args)
+        kl, lse, ref_lse, z_label, zr_label = self._k.combine_kl(part, part64, direction == "reverse")
+        if labels is None:
+            return kl, lse, ref_lse, None, None
+        return kl, lse, ref_lse, z_label - lse, zr_label - ref_lse
+
+    def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
+                    grad_kl, grad_logp, opts, ref_opts, direction, needs):
+        ref_hidden, ref_weight = ref_hidden.to(hidden.dtype), ref_weight.to(hidden.dtype)
+        ref_bias = None if ref_bias is None else ref_bias.to(hidden.dtype)
+        flags, args = self._pair(weight, bias, ref_weight, ref_bias, labels, hidden.shape[0], opts, ref_opts)
+        zero = torch.zeros_like(lse)
+        # E_p[z − zr] = KL + lse − ref_lse for the reverse bracket, exact in float64, passed as hi + lo.
+        c = kl.double() + lse.double() - ref_lse.double()
+        c_hi = c.float()
+        c_lo = (c - c_hi.double()).float()
+        return self._backward(
+            "kl_backward", hidden, weight, bias, needs, flags, RH=ref_hidden, RW=ref_weight,
+            Dr=ref_hidden.shape[1], Lse=lse, RLse=ref_lse, C_hi=c_hi, C_lo=c_lo,
+            G_kl=zero if grad_kl is None else grad_kl,
+            G_logp=zero if (grad_logp is None or labels is None) else grad_logp,
+            reverse=int(direction == "reverse"), **args)
 
 
 def load():
@@ -9,4 +157,8 @@ def load():
         import triton  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the installation
         raise BackendUnavailable(f"triton is not installed ({e})") from e
-    raise BackendUnavailable("the Triton kernels are not built yet")
+    try:
+        from fastpref.kernels import launch
+    except ImportError as e:  # pragma: no cover - broken installation
+        raise BackendUnavailable(f"the Triton kernels cannot be imported ({e})") from e
+    return TritonBackend(launch)

@@ -1,0 +1,82 @@
+"""Forward of token_kl: one streaming pass over the vocabulary computing both models' logits tiles.
+
+Grid (row blocks, vocabulary splits) as in stats_forward. Per row: policy (m, s), reference (mr, sr),
+cf = Σ e^{zr−mr}(zr − z) (forward KL, weighted by the reference), cr = Σ e^{z−m}(z − zr) (reverse KL,
+weighted by the policy), and both label logits. Partials Part[k, split, row] with
+k = m, mr, sr, cf, z_label, zr_label and Part64[k, split, row] with k = s, cr in float64:
+the reverse-KL backward needs E_p[z − zr] = cr/s consistent with the float32 logits to better than float32
+resolution at |z| ≈ 1e4 (each term e·(z − zr) is exact in float64). ``launch.combine_kl`` merges the
+splits and forms the KL.
+The policy and the reference may have different hidden sizes (D, Dr).
+"""
+import triton
+import triton.language as tl
+
+from .tiles import label_pick, logits_tile, lse_step
+
+ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("RH", "in"), ("RW", "in"), ("RB", "in"),
+        ("Labels", "i64*"), ("Part", "f32*"), ("Part64", "f64*"),
+        ("M", "i32"), ("V", "i32"), ("D", "i32"), ("Dr", "i32"), ("tiles_per_split", "i32"),
+        ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"), ("ref_inv_cap", "f32"),
+        ("ref_cap_scale", "f32"))
+FLAGS = ("HAS_BIAS", "SOFTCAP", "REF_SOFTCAP")
+BLOCKS = ("BN", "BV", "BD")
+
+
+@triton.jit(do_not_specialize=["tiles_per_split"])
+def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, tiles_per_split,
+           inv_temp, inv_cap, cap_scale, ref_inv_cap, ref_cap_scale,
+           BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+           HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < M
+    labels = tl.load(Labels + rows, mask=rmask, other=-1)
+    m = tl.full((BN,), float("-inf"), tl.float32)
+    mr = tl.full((BN,), float("-inf"), tl.float32)
+    s = tl.zeros((BN,), tl.float64)
+    sr = tl.zeros((BN,), tl.float32)
+    cf = tl.zeros((BN,), tl.float32)
+    cr = tl.zeros((BN,), tl.float64)
+    z_label = tl.zeros((BN,), tl.float32)
+    zr_label = tl.zeros((BN,), tl.float32)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BV))
+    for j in range(first, last):
+        cols = j * BV + tl.arange(0, BV)
+        cmask = (cols < V)[None, :]
+        z, _ = logits_tile(H, W, B, rows, cols, M, V, D, inv_temp, inv_cap, cap_scale,
+                           BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
+        zr, _ = logits_tile(RH, RW, RB, rows, cols, M, V, Dr, inv_temp, ref_inv_cap, ref_cap_scale,
+                            BN, BV, BD, HAS_BIAS, REF_SOFTCAP, INTERP)
+        m_new, shift, e = lse_step(z, m, s)
+        mr_new, shift_r, er = lse_step(zr, mr, sr)
+        scale = tl.exp(shift)
+        scale_r = tl.exp(shift_r)
+        zr_finite = tl.where(cmask, zr, 0.0)
+        z_finite = tl.where(cmask, z, 0.0)
+        diff = zr_finite - z_finite
+        cf = cf * scale_r + tl.sum(er * diff, axis=1)
+        scale64 = scale.to(tl.float64)
+        e64 = e.to(tl.float64)
+        diff64 = z_finite.to(tl.float64) - zr_finite.to(tl.float64)
+        cr = cr * scale64 + tl.sum(e64 * diff64, axis=1)
+        s = s * scale64 + tl.sum(e64, axis=1)
+        sr = sr * scale_r + tl.sum(er, axis=1)
+        m = m_new
+        mr = mr_new
+        z_label += label_pick(z, cols, labels)
+        zr_label += label_pick(zr, cols, labels)
+    stride = n_splits * M
+    out = Part + split * M + rows
+    tl.store(out, m, mask=rmask)
+    tl.store(out + stride, mr, mask=rmask)
+    tl.store(out + 2 * stride, sr, mask=rmask)
+    tl.store(out + 3 * stride, cf, mask=rmask)
+    tl.store(out + 4 * stride, z_label, mask=rmask)
+    tl.store(out + 5 * stride, zr_label, mask=rmask)
+    out64 = Part64 + split * M + rows
+    tl.store(out64, s, mask=rmask)
+    tl.store(out64 + stride, cr, mask=rmask)
