@@ -1,8 +1,125 @@
-"""C++ (CPU) and CUDA kernels from csrc/, behind the backend interface."""
+"""C++ (CPU) and CUDA kernels from csrc/, behind the backend interface.
+
+The compiled modules are ``fastpref._native_cpu`` (built by setup.py whenever a C++ compiler is present)
+and ``fastpref._native_cuda`` (built when torch has CUDA and nvcc is found). Both run one algorithm:
+vocabulary chunks × row blocks, a float32 GEMM per logits tile through ATen, then a fused per-row pass
+(online log-sum-exp, entropy, log Σp², KL accumulators, label logits); the backward recomputes each tile,
+forms dL/dlogits in place and runs the two GEMMs for dH and dW. Semantics match the torch backend.
+
+Scratch memory (float32 elements, CPU), with T threads and tiles of R rows × C vocabulary entries:
+``T · (2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 3·C)`` (R = 512, C = 2048 by default: about 27 MiB per
+thread at D = D_ref = 512), independent of V and N; the backward adds a float32 [N, D] dH accumulator and
+the gradients themselves (dW in the weight's dtype). ``scratch_bound_bytes()`` / ``last_scratch_bytes()``
+of the CPU module evaluate the bound and report what the last call allocated.
+
+Dtypes: float32, float16 and bfloat16 (non-float32 blocks are upcast to float32 scratch before each GEMM;
+accumulation is float32). float64 is rejected by ``supports()`` (use backend="torch"); a float64
+reference model in token_kl is read through float32 copies, as the torch backend does.
+"""
 from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import torch
 
 from .base import BackendUnavailable
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_STATUS_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_native_build.json")
 
-def load():
-    raise BackendUnavailable("the native extension is not built in this installation")
+
+def _build_notes() -> dict:
+    """Reasons setup.py recorded for extensions it could not build (missing when all were built)."""
+    try:
+        with open(_STATUS_FILE) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _import(module: str, kind: str):
+    """(module, None) or (None, why)."""
+    try:
+        return importlib.import_module(f"fastpref.{module}"), None
+    except ImportError as err:
+        note = _build_notes().get(module)
+        if note:
+            return None, f"the {kind} extension was not built: {note}"
+        return None, (f"the {kind} extension fastpref.{module} cannot be imported ({err}); "
+                      "build it with `pip install --no-build-isolation -e .`")
+
+
+def _cap(softcap):
+    return 0.0 if softcap is None else float(softcap)
+
+
+def _d(*xs):
+    """Detached tensors (None stays None): the extensions call ATen out= ops, which refuse autograd inputs."""
+    return tuple(None if x is None else x.detach() for x in xs)
+
+
+class NativeBackend:
+    name = "native"
+
+    def __init__(self, cpu, cpu_why, cuda, cuda_why):
+        self.cpu, self.cpu_why, self.cuda, self.cuda_why = cpu, cpu_why, cuda, cuda_why
+
+    def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+        device = torch.device(device)
+        if device.type == "cpu":
+            if self.cpu is None:
+                return self.cpu_why
+        elif device.type == "cuda":
+            if self.cuda is None:
+                return self.cuda_why
+        else:
+            return f"the native backend runs on CPU and CUDA tensors, not on {device.type}"
+        if dtype is not None and dtype not in _DTYPES:
+            return (f"the native backend computes in float32 and takes float32/float16/bfloat16 inputs, "
+                    f"not {dtype}; use backend='torch'")
+        return None
+
+    def _mod(self, x: torch.Tensor):
+        mod = self.cuda if x.is_cuda else self.cpu
+        if mod is None:
+            raise RuntimeError(self.cuda_why if x.is_cuda else self.cpu_why)
+        return mod
+
+    # ---- token_stats ----------------------------------------------------------------------------
+    def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        logp, lse, ent, p2 = self._mod(hidden).stats_forward(
+            *_d(hidden, weight, bias, labels), float(opts.temperature), _cap(opts.softcap), entropy, log_sum_p2)
+        return logp, lse, ent, p2
+
+    def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                       opts, needs):
+        dh, dw, db = self._mod(hidden).stats_backward(
+            *_d(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy),
+            float(opts.temperature), _cap(opts.softcap), bool(needs[0]), bool(needs[1]), bool(needs[2]))
+        return dh, dw, db
+
+    # ---- token_kl -------------------------------------------------------------------------------
+    def kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                   direction):
+        kl, lse, ref_lse, logp, ref_logp = self._mod(hidden).kl_forward(
+            *_d(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels), float(opts.temperature),
+            _cap(opts.softcap), _cap(ref_opts.softcap), direction == "reverse")
+        return kl, lse, ref_lse, logp, ref_logp
+
+    def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
+                    grad_kl, grad_logp, opts, ref_opts, direction, needs):
+        dh, dw, db = self._mod(hidden).kl_backward(
+            *_d(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl, grad_kl,
+                grad_logp), float(opts.temperature), _cap(opts.softcap), _cap(ref_opts.softcap),
+            direction == "reverse", bool(needs[0]), bool(needs[1]), bool(needs[2]))
+        return dh, dw, db
+
+
+def load() -> NativeBackend:
+    cpu, cpu_why = _import("_native_cpu", "CPU")
+    cuda, cuda_why = _import("_native_cuda", "CUDA")
+    if cpu is None and cuda is None:
+        raise BackendUnavailable(f"{cpu_why}; {cuda_why}")
+    return NativeBackend(cpu, cpu_why, cuda, cuda_why)
