@@ -34,15 +34,15 @@ def kernel(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, dH,
     rows = pid_n * BN + tl.arange(0, BN)
     cols = pid_v * BV + tl.arange(0, BV)
     rmask = rows < M
-    z, dzdx = logits_tile(H, W, B, rows, cols, M, V, D, inv_temp, inv_cap, cap_scale,
+    z, dzdx = logits_tile(H, W, B, pid_n * BN, pid_v * BV, M, V, D, inv_temp, inv_cap, cap_scale,
                           BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
-    zr, _ = logits_tile(RH, RW, RB, rows, cols, M, V, Dr, inv_temp, ref_inv_cap, ref_cap_scale,
+    zr, _ = logits_tile(RH, RW, RB, pid_n * BN, pid_v * BV, M, V, Dr, inv_temp, ref_inv_cap, ref_cap_scale,
                         BN, BV, BD, HAS_BIAS, REF_SOFTCAP, INTERP)
     lse = tl.load(Lse + rows, mask=rmask, other=0.0)
     rlse = tl.load(RLse + rows, mask=rmask, other=0.0)
     g_kl = tl.load(G_kl + rows, mask=rmask, other=0.0)
     g_logp = tl.load(G_logp + rows, mask=rmask, other=0.0)
-    labels = tl.load(Labels + rows, mask=rmask, other=-1)
+    labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32)
     valid = rmask[:, None] & (cols < V)[None, :]
     logp = tl.where(valid, z - lse[:, None], 0.0)
     logq = tl.where(valid, zr - rlse[:, None], 0.0)
@@ -62,4 +62,4 @@ def kernel(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, dH,
     dz -= g_logp[:, None] * p
     dz += tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0)
     dx = tl.where(valid, dz * dzdx, 0.0)
-    scatter_grads(dx, H, W, dH, dW, dB, rows, cols, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)
+    scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)

@@ -33,7 +33,7 @@ def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, tiles_per_spl
     n_splits = tl.num_programs(1)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < M
-    labels = tl.load(Labels + rows, mask=rmask, other=-1)
+    labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32)
     m = tl.full((BN,), float("-inf"), tl.float32)
     mr = tl.full((BN,), float("-inf"), tl.float32)
     s = tl.zeros((BN,), tl.float64)
@@ -47,9 +47,9 @@ def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, tiles_per_spl
     for j in range(first, last):
         cols = j * BV + tl.arange(0, BV)
         cmask = (cols < V)[None, :]
-        z, _ = logits_tile(H, W, B, rows, cols, M, V, D, inv_temp, inv_cap, cap_scale,
+        z, _ = logits_tile(H, W, B, pid_n * BN, j * BV, M, V, D, inv_temp, inv_cap, cap_scale,
                            BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
-        zr, _ = logits_tile(RH, RW, RB, rows, cols, M, V, Dr, inv_temp, ref_inv_cap, ref_cap_scale,
+        zr, _ = logits_tile(RH, RW, RB, pid_n * BN, j * BV, M, V, Dr, inv_temp, ref_inv_cap, ref_cap_scale,
                             BN, BV, BD, HAS_BIAS, REF_SOFTCAP, INTERP)
         m_new, shift, e = lse_step(z, m, s)
         mr_new, shift_r, er = lse_step(zr, mr, sr)

@@ -28,18 +28,18 @@ def kernel(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, dH, dW, dB,
     rows = pid_n * BN + tl.arange(0, BN)
     cols = pid_v * BV + tl.arange(0, BV)
     rmask = rows < M
-    z, dzdx = logits_tile(H, W, B, rows, cols, M, V, D, inv_temp, inv_cap, cap_scale,
+    z, dzdx = logits_tile(H, W, B, pid_n * BN, pid_v * BV, M, V, D, inv_temp, inv_cap, cap_scale,
                           BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
     lse = tl.load(Lse + rows, mask=rmask, other=0.0)
     ent = tl.load(Ent + rows, mask=rmask, other=0.0)
     g_logp = tl.load(G_logp + rows, mask=rmask, other=0.0)
     g_lse = tl.load(G_lse + rows, mask=rmask, other=0.0)
     g_ent = tl.load(G_ent + rows, mask=rmask, other=0.0)
-    labels = tl.load(Labels + rows, mask=rmask, other=-1)
+    labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32)
     valid = rmask[:, None] & (cols < V)[None, :]
     logp = tl.where(valid, z - lse[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
     dz = p * (g_lse - g_logp)[:, None] - (g_ent[:, None] * p) * (logp + ent[:, None])
     dz += tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0)
     dx = tl.where(valid, dz * dzdx, 0.0)
-    scatter_grads(dx, H, W, dH, dW, dB, rows, cols, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)
+    scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)

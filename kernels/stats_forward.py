@@ -28,7 +28,7 @@ def kernel(H, W, B, Labels, Part, M, V, D, tiles_per_split, inv_temp, inv_cap, c
     n_splits = tl.num_programs(1)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < M
-    labels = tl.load(Labels + rows, mask=rmask, other=-1)
+    labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32)
     m = tl.full((BN,), float("-inf"), tl.float32)
     s = tl.zeros((BN,), tl.float32)
     t = tl.zeros((BN,), tl.float32)
@@ -38,7 +38,7 @@ def kernel(H, W, B, Labels, Part, M, V, D, tiles_per_split, inv_temp, inv_cap, c
     last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BV))
     for j in range(first, last):
         cols = j * BV + tl.arange(0, BV)
-        z, _ = logits_tile(H, W, B, rows, cols, M, V, D, inv_temp, inv_cap, cap_scale,
+        z, _ = logits_tile(H, W, B, pid_n * BN, j * BV, M, V, D, inv_temp, inv_cap, cap_scale,
                            BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
         m_new, shift, e = lse_step(z, m, s)
         scale = tl.exp(shift)

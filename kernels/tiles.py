@@ -49,25 +49,28 @@ def tanh(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def logits_tile(H, W, B, rows, cols, M, V, D, inv_temp, inv_cap, cap_scale,
+def logits_tile(H, W, B, row0, col0, M, V, D, inv_temp, inv_cap, cap_scale,
                 BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
-    """(z [BN, BV] float32 with −inf at columns ≥ V, dz/dx [BN, BV] or the scalar 1/T)."""
-    rmask = rows < M
-    cmask = cols < V
+    """(z [BN, BV] float32 with −inf at columns ≥ V, dz/dx [BN, BV] or the scalar 1/T) for rows row0 + [0, BN)
+    and columns col0 + [0, BV). Addresses are a 64-bit scalar base plus 32-bit in-tile offsets (few registers)."""
+    lr = tl.arange(0, BN)
+    lc = tl.arange(0, BV)
     offs_d = tl.arange(0, BD)
-    h_ptrs = H + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-    w_ptrs = W + cols.to(tl.int64)[None, :] * D + offs_d[:, None]  # [BD, BV]: wᵀ
+    rmask = (row0 + lr) < M
+    cmask = (col0 + lc) < V
+    h_base = H + tl.cast(row0, tl.int64) * D
+    w_base = W + tl.cast(col0, tl.int64) * D
+    h_off = lr[:, None] * D + offs_d[None, :]
+    w_off = lc[None, :] * D + offs_d[:, None]  # [BD, BV]: wᵀ
     acc = tl.zeros((BN, BV), dtype=tl.float32)
     for d0 in range(0, D, BD):
         dmask = (offs_d + d0) < D
-        h = load_upcast(h_ptrs, rmask[:, None] & dmask[None, :], INTERP)
-        w = load_upcast(w_ptrs, dmask[:, None] & cmask[None, :], INTERP)
+        h = load_upcast(h_base + d0 + h_off, rmask[:, None] & dmask[None, :], INTERP)
+        w = load_upcast(w_base + d0 + w_off, dmask[:, None] & cmask[None, :], INTERP)
         acc = mma(h, w, acc)
-        h_ptrs += BD
-        w_ptrs += BD
     if HAS_BIAS:
-        acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(B + col0 + lc, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
         c = tanh(acc * inv_cap, INTERP)
         z = c * cap_scale
@@ -108,42 +111,40 @@ def grouped_tiles(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
 
 
 @triton.jit
-def scatter_grads(dx, H, W, dH, dW, dB, rows, cols, M, V, D, need_dh, need_dw, need_db,
+def scatter_grads(dx, H, W, dH, dW, dB, row0, col0, M, V, D, need_dh, need_dw, need_db,
                   BD: tl.constexpr, INTERP: tl.constexpr):
     """dH[rows] += dx·W[cols], dW[cols] += dxᵀ·H[rows], dB[cols] += Σ_rows dx (float32 atomics).
 
-    dx [BN, BV] float32, zero at masked rows/columns. It is rounded to the input dtype for the
-    tensor-core products (accumulation stays float32).
+    dx [BN, BV] float32 for rows row0 + [0, BN), columns col0 + [0, BV), zero at masked rows/columns.
+    It is rounded to the input dtype for the tensor-core products (accumulation stays float32).
     """
-    rmask = rows < M
-    cmask = cols < V
+    BN: tl.constexpr = dx.shape[0]
+    BV: tl.constexpr = dx.shape[1]
+    lr = tl.arange(0, BN)
+    lc = tl.arange(0, BV)
+    offs_d = tl.arange(0, BD)
+    rmask = (row0 + lr) < M
+    cmask = (col0 + lc) < V
     if need_db != 0:
-        tl.atomic_add(dB + cols, tl.sum(dx, axis=0), mask=cmask, sem="relaxed")
+        tl.atomic_add(dB + col0 + lc, tl.sum(dx, axis=0), mask=cmask, sem="relaxed")
     if INTERP:
         g = dx
     else:
         g = dx.to(W.dtype.element_ty)
-    offs_d = tl.arange(0, BD)
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    row_off = lr[:, None] * D + offs_d[None, :]
+    col_off = lc[:, None] * D + offs_d[None, :]
+    h_base = tl.cast(row0, tl.int64) * D
+    w_base = tl.cast(col0, tl.int64) * D
     if need_dh != 0:
-        w_ptrs = W + cols64[:, None] * D + offs_d[None, :]
-        o_ptrs = dH + rows64[:, None] * D + offs_d[None, :]
         for d0 in range(0, D, BD):
             dmask = (offs_d + d0) < D
-            w = load_upcast(w_ptrs, cmask[:, None] & dmask[None, :], INTERP)
-            part = mma(g, w, tl.zeros((g.shape[0], BD), dtype=tl.float32))
-            tl.atomic_add(o_ptrs, part, mask=rmask[:, None] & dmask[None, :], sem="relaxed")
-            w_ptrs += BD
-            o_ptrs += BD
+            w = load_upcast(W + w_base + d0 + col_off, cmask[:, None] & dmask[None, :], INTERP)
+            part = mma(g, w, tl.zeros((BN, BD), dtype=tl.float32))
+            tl.atomic_add(dH + h_base + d0 + row_off, part, mask=rmask[:, None] & dmask[None, :], sem="relaxed")
     if need_dw != 0:
         gt = tl.trans(g)
-        h_ptrs = H + rows64[:, None] * D + offs_d[None, :]
-        o_ptrs = dW + cols64[:, None] * D + offs_d[None, :]
         for d0 in range(0, D, BD):
             dmask = (offs_d + d0) < D
-            h = load_upcast(h_ptrs, rmask[:, None] & dmask[None, :], INTERP)
-            part = mma(gt, h, tl.zeros((gt.shape[0], BD), dtype=tl.float32))
-            tl.atomic_add(o_ptrs, part, mask=cmask[:, None] & dmask[None, :], sem="relaxed")
-            h_ptrs += BD
-            o_ptrs += BD
+            h = load_upcast(H + h_base + d0 + row_off, rmask[:, None] & dmask[None, :], INTERP)
+            part = mma(gt, h, tl.zeros((BV, BD), dtype=tl.float32))
+            tl.atomic_add(dW + w_base + d0 + col_off, part, mask=cmask[:, None] & dmask[None, :], sem="relaxed")

@@ -13,6 +13,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped elsewhere)")
+    config.addinivalue_line("markers", "aot: compiles Triton kernels ahead of time for sm_80/sm_90 (no GPU needed)")
 
 
 def pytest_collection_modifyitems(config, items):
