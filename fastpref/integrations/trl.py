@@ -1,0 +1,279 @@
+"""Drop-in TRL trainers whose per-token statistics and loss go through fastpref.
+
+TRL ≥ 1.x computes every log-prob of its DPO / KTO / GRPO / SFT trainers through one seam:
+``trl.trainer.utils.add_fused_lm_head(model, ...)`` patches ``model.forward`` so that
+``model(..., labels=labels, fused_lm_head=True)`` returns a ``FusedCausalLMOutput`` (log_probs, entropy,
+log_sum_sq_probs, mean_logits, is_top1, aux_loss). The trainers here replace only that seam and the loss:
+
+* :func:`add_fused_lm_head` is a same-signature, same-output replacement computed by fastpref's primitive (the
+  hidden states and the resolved output layer of :mod:`fastpref.integrations.transformers`: softcapping, logit
+  scale, lm_head bias, PEFT LoRA / modules_to_save on lm_head, MoE aux loss).
+* ``DPOTrainer`` / ``KTOTrainer`` construct themselves exactly like TRL's, except that the module-level
+  ``add_fused_lm_head`` their ``__init__`` calls is fastpref's: so the policy forward, the reference forward (a
+  separate ``ref_model`` or the PEFT base with adapters disabled) and ``precompute_ref_log_probs`` all go through
+  fastpref, with every metric computed by TRL's own code from those outputs.
+* ``DPOTrainer._compute_loss`` (the one method that turns log-probs into the loss) runs TRL's method unchanged —
+  its metrics and logging included — while recording the fused outputs it requests, then recomputes the loss
+  with ``fastpref.losses`` (every TRL ``loss_type``, lists with ``loss_weights``, f-divergences, ``ld_alpha``,
+  ``use_weighting``, ``label_smoothing``, precomputed reference log-probs) and returns that. TRL's own value of the
+  same loss, from the same tensors, is kept in ``trainer.fastpref_last["trl_loss"]`` as a built-in cross-check.
+
+Requires TRL with ``add_fused_lm_head`` (1.10+; tested with 1.16).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import types
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import trl
+from trl.trainer import dpo_trainer as _dpo_module
+from trl.trainer.utils import FusedCausalLMOutput
+
+from .. import losses as L
+from .. import stats as _stats
+from . import transformers as fi
+
+__all__ = ["DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "add_fused_lm_head", "dpo_loss"]
+
+DPOConfig = trl.DPOConfig
+KTOConfig = getattr(trl, "KTOConfig", None)
+
+if not hasattr(_dpo_module, "add_fused_lm_head"):  # pragma: no cover - older TRL
+    raise ImportError(f"fastpref.integrations.trl needs TRL with trl.trainer.utils.add_fused_lm_head (>= 1.10); "
+                      f"found trl {trl.__version__}")
+
+_TLS = threading.local()
+
+
+def _recorder() -> list | None:
+    return getattr(_TLS, "recorder", None)
+
+
+@contextmanager
+def _record():
+    """Collect the FusedCausalLMOutput of every fused forward run in this thread inside the block."""
+    prev = _recorder()
+    _TLS.recorder = rec = []
+    try:
+        yield rec
+    finally:
+        _TLS.recorder = prev
+
+
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",), *, backend: str = "auto") -> None:
+    """fastpref's replacement for ``trl.trainer.utils.add_fused_lm_head`` (same signature and output).
+
+    ``model(..., labels=labels, fused_lm_head=True)`` returns a ``FusedCausalLMOutput`` whose per-token fields
+    ([B, T-1], or [B, T] with ``shift_labels``; 0 where the label is -100) come from fastpref: log_probs,
+    entropy and log_sum_sq_probs from one fused pass with gradients; mean_logits and is_top1 (metrics, no
+    gradient) from a streamed no-grad pass over (row, vocabulary) tiles, run only when asked for. Without
+    ``fused_lm_head`` the original forward runs (generation is unchanged).
+    """
+    original_forward = model.forward
+    cfg = fi._text_config(model)
+    want_entropy = "entropy" in outputs
+    want_p2 = "log_sum_sq_probs" in outputs
+    want_mean, want_top1 = "mean_logits" in outputs, "is_top1" in outputs
+
+    @functools.wraps(type(model).forward)
+    def _fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                       **kwargs):
+        if not fused_lm_head:
+            for k, v in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch",
+                                                                                 num_items_in_batch)):
+                if v is not None:
+                    kwargs[k] = v
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        if getattr(cfg, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        backbone_out = fi._backbone(self)(*args, **kwargs)
+        head = fi.lm_head(self)
+        hidden, lab = fi._shift(backbone_out.last_hidden_state, labels, shift_labels)
+        lab = lab.to(head.weight.device)
+        autocast = nullcontext()
+        if cast_lm_head_to_fp32:
+            hidden = hidden.float()
+            autocast = torch.autocast(hidden.device.type, enabled=False)
+        with autocast:
+            h, w, b = fi._head_inputs(head, hidden)
+            st = _stats.token_stats(h, w, lab, bias=b, temperature=temperature, softcap=head.softcap,
+                                    entropy=want_entropy, log_sum_p2=want_p2, backend=backend)
+        mask = lab != -100
+        mean_logits = is_top1 = None
+        if want_mean or want_top1:
+            ww = w if not cast_lm_head_to_fp32 else w.float()
+            m, t1 = fi.logit_summaries(h[mask], ww, lab[mask], bias=b, softcap=head.softcap,
+                                       temperature=temperature)
+            mean_logits = m.new_zeros(mask.shape).masked_scatter(mask, m) if want_mean else None
+            is_top1 = t1.new_zeros(mask.shape).masked_scatter(mask, t1) if want_top1 else None
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -st.logp.sum() / denom
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = fi._aux_loss(self, backbone_out, kwargs.get("attention_mask"))
+            loss = loss + getattr(cfg, "router_aux_loss_coef", 0.0) * aux_loss
+        out = FusedCausalLMOutput(loss=loss, log_probs=st.logp, entropy=st.entropy, log_sum_sq_probs=st.log_sum_p2,
+                                  mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=aux_loss)
+        rec = _recorder()
+        if rec is not None:
+            rec.append(out)
+        return out
+
+    _fused_forward._fastpref = True
+    model.forward = types.MethodType(_fused_forward, model)
+
+
+_SWAP_LOCK = threading.RLock()
+
+
+@contextmanager
+def _fastpref_head(module):
+    """Within the block, ``module.add_fused_lm_head`` (the name a TRL trainer's ``__init__`` calls) is fastpref's."""
+    with _SWAP_LOCK:
+        saved = module.add_fused_lm_head
+        module.add_fused_lm_head = add_fused_lm_head
+        try:
+            yield
+        finally:
+            module.add_fused_lm_head = saved
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------------------------------------
+# TRL's DPO f-divergence scores vanish at h = 0 (forward_kl: 1 - e^{-h}, js: log 2 + logσ(h), alpha:
+# (e^{(α-1)h} - 1)/(α-1)). The constant cancels in Δ = s_w - s_l but not in the length-normalised losses (ipo,
+# sigmoid_norm), so scores are taken as s(h) - s(0): TRL's convention whatever constant fastpref.losses uses.
+# The losses that read ``label_smoothing`` in TRL's DPOTrainer (``sigmoid`` ignores it there).
+_SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
+
+
+def _ld_sums(per_token: torch.Tensor, mask: torch.Tensor, ld_alpha: float | None) -> torch.Tensor:
+    """Per-sequence sums of [2B, T] per-token log-probs, LD-DPO-mixed when ``ld_alpha`` is set (TRL semantics)."""
+    if ld_alpha is None:
+        return L.masked_sums(per_token, mask)[0]
+    c, r = mask.chunk(2, dim=0)
+    shared = L.ld_dpo_shared_lengths(c, r).repeat(2)
+    head, tail = L.ld_dpo_partial_sums(per_token, mask, shared)
+    return head + ld_alpha * tail
+
+
+def dpo_loss(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, *, loss_types, loss_weights=None,
+             beta: float = 0.1, ref_chosen_logps=None, ref_rejected_logps=None, ref_per_token_logps=None,
+             ld_alpha: float | None = None, f_divergence_type: str = "reverse_kl",
+             f_alpha_divergence_coef: float = 0.5, label_smoothing: float = 0.0, discopop_tau: float = 0.05,
+             log_sum_sq_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """TRL DPOTrainer's loss (TRL 1.16 semantics) computed by ``fastpref.losses``.
+
+    per_token_logps [2B, T-1] (chosen rows first, 0 outside the completion), completion_mask [2B, T] (unshifted,
+    as TRL's collator builds it). Reference: per-sequence ``ref_chosen_logps`` / ``ref_rejected_logps`` [B]
+    (already LD-mixed, e.g. precomputed) or ``ref_per_token_logps`` like per_token_logps. ``log_sum_sq_probs``
+    [2B, T-1] enables WPO weighting (``use_weighting``).
+    """
+    loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    loss_weights = list(loss_weights) if loss_weights else [1.0] * len(loss_types)
+    shift_mask = completion_mask[..., 1:].bool()
+    seq_len = shift_mask.size(1)
+    per_token_logps = per_token_logps[:, -seq_len:]
+    logps = _ld_sums(per_token_logps, shift_mask, ld_alpha)
+    chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+    if ref_chosen_logps is None:
+        ref = _ld_sums(ref_per_token_logps[:, -seq_len:].detach(), shift_mask, ld_alpha)
+        ref_chosen_logps, ref_rejected_logps = ref.chunk(2, dim=0)
+    lengths = completion_mask.sum(dim=1)
+    chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+    if f_divergence_type == "reverse_kl":
+        pair = dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                    ref_rejected_logps=ref_rejected_logps)
+    else:
+        def score(h):
+            s = L.f_divergence_scores(torch.cat([h, h.new_zeros(1)]), f_divergence_type, f_alpha_divergence_coef)
+            return s[:-1] - s[-1]
+
+        s_w = score(chosen_logps.float() - ref_chosen_logps.float())
+        s_l = score(rejected_logps.float() - ref_rejected_logps.float())
+        pair = dict(chosen_logps=s_w, rejected_logps=s_l, ref_chosen_logps=torch.zeros_like(s_w),
+                    ref_rejected_logps=torch.zeros_like(s_l))
+    hparams = dict(beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                   discopop_tau=discopop_tau)
+    weights = None
+    if log_sum_sq_probs is not None:
+        w = L.wpo_weights(per_token_logps.detach(), log_sum_sq_probs[:, -seq_len:], shift_mask)
+        weights = w.chunk(2, dim=0)[0] * w.chunk(2, dim=0)[1]
+    loss = per_token_logps.new_zeros((), dtype=torch.float32)
+    for loss_type, loss_weight in zip(loss_types, loss_weights, strict=True):
+        if loss_type == "sft":  # token-mean NLL of the chosen completions, on the raw (not LD-mixed) log-probs
+            c_tok, _ = per_token_logps.chunk(2, dim=0)
+            c_mask, _ = shift_mask.chunk(2, dim=0)
+            per_seq = L.sft(chosen_logps=L.masked_sums(c_tok, c_mask)[0], chosen_lengths=c_mask.sum(-1))
+        else:
+            fn = L.get(loss_type)
+            params = set(inspect.signature(fn).parameters)
+            kw = {k: v for k, v in {**pair, **hparams}.items() if k in params}
+            if loss_type in _SMOOTHED:
+                kw["label_smoothing"] = label_smoothing
+            per_seq = fn(**kw)
+        if weights is not None:
+            per_seq = per_seq * weights
+        loss = loss + per_seq.mean() * loss_weight
+    return loss
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """``trl.DPOTrainer`` with fastpref's fused LM head and ``fastpref.losses``; same arguments, config, datasets
+    and logged metrics. See the module docstring for what is replaced."""
+
+    def __init__(self, *args, **kwargs):
+        self.fastpref_last: dict[str, Any] = {}
+        with _fastpref_head(_dpo_module):
+            super().__init__(*args, **kwargs)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        with _record() as rec:
+            result = super()._compute_loss(model, inputs, return_outputs)
+        trl_loss, outputs = result if return_outputs else (result, None)
+        policy = rec[0]  # the first fused forward of TRL's _compute_loss is the policy's; the next the reference's
+        ref_kw: dict[str, Any]
+        if self.precompute_ref_logps:
+            ref_kw = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
+        else:
+            ref_kw = dict(ref_per_token_logps=rec[1].log_probs)
+        loss = dpo_loss(policy.log_probs, inputs["completion_mask"], loss_types=self.loss_types,
+                        loss_weights=self.loss_weights, beta=self.beta, ld_alpha=self.ld_alpha,
+                        f_divergence_type=self.f_divergence_type,
+                        f_alpha_divergence_coef=self.f_alpha_divergence_coef, label_smoothing=self.label_smoothing,
+                        discopop_tau=self.args.discopop_tau,
+                        log_sum_sq_probs=policy.log_sum_sq_probs if self.use_weighting else None, **ref_kw)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss
+        loss = loss.to(trl_loss.dtype) if torch.is_tensor(trl_loss) else loss
+        self.fastpref_last = {"loss": loss.detach(), "trl_loss": trl_loss.detach() if torch.is_tensor(trl_loss)
+                              else trl_loss}
+        return (loss, outputs) if return_outputs else loss
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KTO: stable TRL API (trl.KTOTrainer); fastpref computes its per-token statistics, TRL its loss.
+# --------------------------------------------------------------------------------------------------------------------
+try:
+    from trl.trainer import kto_trainer as _kto_module
+except ImportError:  # pragma: no cover
+    _kto_module = None
+
+if _kto_module is not None and hasattr(_kto_module, "add_fused_lm_head") and hasattr(trl, "KTOTrainer"):
+
+    class KTOTrainer(trl.KTOTrainer):
+        """``trl.KTOTrainer`` whose policy, reference and KL-sample log-probs come from fastpref's fused head."""
+
+        def __init__(self, *args, **kwargs):
+            with _fastpref_head(_kto_module):
+                super().__init__(*args, **kwargs)
+else:  # pragma: no cover
+    KTOTrainer = None
