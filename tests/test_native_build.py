@@ -1,0 +1,125 @@
+"""The native backend's build-level guarantees: CUDA kernels compile without spills, scratch memory stays
+within its documented bound (and does not grow with V), and an unavailable extension says why."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cases import require_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cpu_module():
+    require_backend("native")  # skips (or fails under FASTPREF_REQUIRE_BACKENDS=native) when missing
+    if torch.cuda.is_available():
+        pytest.skip("scratch accounting is checked on the CPU module")
+    import fastpref._native_cpu as mod
+
+    return mod
+
+
+def test_cuda_kernels_compile_without_spills():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH: the CUDA compile check needs the CUDA toolkit (no GPU needed)")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "csrc", "check_cuda_compile.py")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "no spills" in p.stdout
+    for arch in ("sm_80", "sm_90"):
+        assert arch in p.stdout
+
+
+@pytest.fixture
+def small_tiles():
+    mod = _cpu_module()
+    old = mod.get_tiling()
+    mod.set_tiling(32, 128)  # many row blocks and vocabulary chunks at a small size
+    yield mod
+    mod.set_tiling(*old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scratch_within_documented_bound(small_tiles, dtype):
+    mod = small_tiles
+    g = torch.Generator().manual_seed(0)
+    N, D, Dr = 200, 24, 40
+    bounds = []
+    for V in (700, 2900):
+        h = torch.randn(N, D, generator=g).to(dtype)
+        w = torch.randn(V, D, generator=g).to(dtype)
+        b = torch.randn(V, generator=g).to(dtype)
+        rh = torch.randn(N, Dr, generator=g).to(dtype)
+        rw = torch.randn(V, Dr, generator=g).to(dtype)
+        lab = torch.randint(0, V, (N,), generator=g)
+        one = torch.ones(N)
+        stats_bound = mod.scratch_bound_bytes(N, D, 0, V)
+        kl_bound = mod.scratch_bound_bytes(N, D, Dr, V)
+        logp, lse, ent, _ = mod.stats_forward(h, w, b, lab, 1.0, 0.0, True, True)
+        assert 0 < mod.last_scratch_bytes() <= stats_bound
+        mod.stats_backward(h, w, b, lab, lse, ent, one, one, one, 1.0, 0.0, True, True, True)
+        assert 0 < mod.last_scratch_bytes() <= stats_bound
+        kl, lse, rlse, _, _ = mod.kl_forward(h, w, b, rh, rw, None, lab, 1.0, 0.0, 0.0, False)
+        assert 0 < mod.last_scratch_bytes() <= kl_bound
+        mod.kl_backward(h, w, b, rh, rw, None, lab, lse, rlse, kl, one, one, 1.0, 0.0, 0.0, True, True, True, True)
+        assert 0 < mod.last_scratch_bytes() <= kl_bound
+        bounds.append((stats_bound, kl_bound))
+    assert bounds[0] == bounds[1], "the scratch bound must not depend on V"
+    # the documented formula, for the tiling the module reports
+    R, C, T = mod.tiling(N, 700)
+    assert bounds[0][1] == 4 * T * (2 * R * C + R * (D + Dr) + C * (2 * D + Dr) + 3 * C)
+
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch, fastpref
+    torch.manual_seed(0)
+    N, D, V = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    small = torch.randn(64, D, requires_grad=True)
+    fastpref.token_logprobs(small, torch.randn(256, D), torch.zeros(64, dtype=torch.long), backend="native").sum().backward()
+    h = torch.randn(N, D).requires_grad_()
+    w = torch.randn(V, D).div_(D ** 0.5).requires_grad_()
+    lab = torch.randint(0, V, (N,))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fastpref.token_logprobs(h, w, lab, backend="native").sum().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import fastpref._native_cpu as mod
+    print((peak - base) * 1024, mod.scratch_bound_bytes(N, D, 0, V))
+""")
+
+
+def test_peak_memory_of_a_training_step():
+    """Peak RSS growth of forward+backward ≤ gradients + dH accumulator + scratch bound + slack,
+    far below the [N, V] float32 logits that plain torch materializes (measured in a child process)."""
+    _cpu_module()
+    N, D, V = 1024, 64, 32768
+    p = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(N), str(D), str(V)], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    grown, bound = map(int, p.stdout.split()[-2:])
+    grads = 4 * (V * D + N * D)  # dW and dH
+    accum = 4 * N * D  # the float32 dH accumulator (cast copy for the autograd output)
+    slack = 24 << 20  # allocator and library overheads
+    assert grown <= grads + accum + bound + slack, (grown, grads, bound)
+    assert grown < 4 * N * V / 2, "must stay far below the materialized logits"
+
+
+def test_unavailable_reasons():
+    from fastpref.backends import native_backend as nb
+
+    mod, why = nb._import("_native_does_not_exist", "CPU")
+    assert mod is None and "CPU extension" in why
+    b = nb.NativeBackend(None, "the CPU extension was not built: no compiler", None,
+                         "the CUDA extension was not built: torch is not a CUDA build")
+    assert "no compiler" in b.supports(torch.device("cpu"))
+    assert "CUDA extension was not built" in b.supports(torch.device("cuda"))
+    assert "meta" in b.supports(torch.device("meta"))
+    ok = nb.NativeBackend(object(), None, None, "x")
+    assert ok.supports(torch.device("cpu"), torch.float32) is None
+    assert ok.supports(torch.device("cpu"), torch.bfloat16) is None
+    assert "float64" in ok.supports(torch.device("cpu"), torch.float64)
