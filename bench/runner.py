@@ -1,0 +1,525 @@
+"""Benchmark runner: every implementation × workload in one invocation, JSON + markdown + PNG plots.
+
+    python -m bench --device cpu|cuda [--quick] [--out DIR] [--impls a,b] [--workloads a,b] [--tiny]
+
+See bench/README.md for what is measured and how.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, replace
+
+import torch
+
+import fastpref
+from bench import impls as I
+from bench.harness import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, measure_entry
+from bench.workloads import Entry, build_step, flops, valid_tokens
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FLAT = ("logprobs", "sweep_N", "sweep_V")
+WORKLOAD_TITLES = {
+    "logprobs": "Per-token log-probs",
+    "dpo": "DPO from hidden states, with a reference model (policy forward+backward, reference forward)",
+    "token_kl": "Token-level full-vocabulary KL(π_ref‖π_θ) between two models",
+    "listwise": "Listwise Plackett-Luce, K = 4 responses per prompt, with a reference model",
+    "sweep_N": "Sweep over tokens N (per-token log-probs, forward+backward)",
+    "sweep_V": "Sweep over vocabulary V (per-token log-probs, forward+backward)",
+    "issue5": "Issue-5 memory check: DPO, 8 pairs × 1024 tokens, D=256, V=32000 (forward+backward)",
+}
+SEQ_LABELS = {"liger-dpo": "Liger LigerFusedLinearDPOLoss"}
+
+
+# ----------------------------------------------------------------------------------------------- plan
+def plan(device: str, quick: bool, tiny: bool = False, shape: tuple | None = None) -> list[Entry]:
+    """The measurements, most important first (a --budget-s cut drops the tail)."""
+    fp = ["fastpref[triton]", "fastpref[native]", "fastpref[torch]"]
+    every = [i.key for i in I.LOGPROB_IMPLS]
+    uncompiled = [i for i in every if not I.BY_KEY[i].compiled]
+    seq_impls = every + ["liger-dpo"]
+    kl_impls = list_impls = fp + ["torch", "torch.compile"]
+    issue5 = None
+    if tiny:  # the smoke test: seconds, no compilation
+        dt, main, T = "float32", (64, 32, 256), 16
+        w, r = 0, 1
+        lp = uncompiled
+        sweepN, sweepV, sweep_impls = [32, 64], [128, 256], fp + ["torch"]
+        seq_impls, kl_impls, list_impls = uncompiled + ["liger-dpo"], fp + ["torch"], fp + ["torch"]
+    elif device == "cuda":
+        dt, main, T = "bfloat16", (4096, 4096, 128256), 1024
+        w, r = 1, 3 if quick else 5
+        lp = every
+        if quick:
+            sweepN, sweepV = [4096, 16384], [32000, 128256]
+            sweep_impls = fp + ["torch", "torch.lce", "liger-flce", "cce", "trl-chunked", "liger-selective"]
+            seq_impls = fp + ["torch", "liger-flce", "cce", "trl-chunked", "liger-selective", "liger-dpo"]
+            list_impls = fp + ["torch"]
+        else:
+            sweepN, sweepV = [2048, 4096, 16384, 32768], [32000, 65536, 128256, 256000]
+            sweep_impls = uncompiled
+    else:
+        dt, T = "float32", 512
+        main = (2048, 256, 32000) if quick else (8192, 512, 32000)
+        w, r = 1, 3
+        lp = every
+        issue5 = (8 * 2 * 1024, 256, 32000, 1024)
+        if quick:
+            sweepN, sweepV = [512, 2048, 8192], [8000, 32000, 128000]
+            sweep_impls = fp + ["torch", "liger-selective"]
+            # the chunked F.linear_cross_entropy is ~5x slower than the rest on the CPU: per-token rows only
+            seq_impls = [i for i in seq_impls if i not in ("torch.lce-chunked", "torch.lce")]
+        else:
+            sweepN, sweepV = [1024, 4096, 8192, 16384], [8000, 32000, 64000, 128000]
+            sweep_impls = uncompiled
+    N, D, V = shape or main
+    T = min(T, N // 4) if shape else T
+    sw, sr = (w, 1) if quick else (w, r)   # sweep points: one timed repeat in --quick
+    out: list[Entry] = []
+    for mode in ("forward", "forward+backward"):
+        for i in lp:
+            out.append(Entry("logprobs", i, mode, N, D, V, dt, warmup=w, repeats=r))
+    if issue5:
+        n5, d5, v5, t5 = issue5
+        for i in fp + ["torch"]:
+            out.append(Entry("issue5", i, "forward+backward", n5, d5, v5, dt, T=t5, K=2, warmup=0, repeats=1))
+    for n in sweepN:
+        for i in sweep_impls:
+            out.append(Entry("sweep_N", i, "forward+backward", n, D, V, dt, warmup=sw, repeats=sr))
+    for i in seq_impls:
+        out.append(Entry("dpo", i, "forward+backward", N, D, V, dt, T=T, K=2, warmup=w, repeats=r))
+    for i in kl_impls:
+        out.append(Entry("token_kl", i, "forward+backward", N, D, V, dt, warmup=w, repeats=r))
+    for i in list_impls:
+        out.append(Entry("listwise", i, "forward+backward", N, D, V, dt, T=T, K=4, warmup=w, repeats=r))
+    for v in sweepV:
+        for i in sweep_impls:
+            out.append(Entry("sweep_V", i, "forward+backward", N, D, v, dt, warmup=sw, repeats=sr))
+    return out
+
+
+def _flat_key(e: Entry) -> tuple:
+    return (e.impl, e.mode, e.N, e.D, e.V, e.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- running
+def prepare(entries: list[Entry], device: str) -> None:
+    """Import, once in the parent, what the measured processes would otherwise import on their first call
+    (torch._dynamo for custom ops, inductor, the reference libraries): the forked children inherit it, so
+    neither their times nor their memory include imports. No torch op runs here (OpenMP is not fork-safe)."""
+    import torch._dynamo  # noqa: F401
+
+    if any(I.BY_KEY.get(e.impl) and I.BY_KEY[e.impl].compiled for e in entries):
+        import torch._inductor.compile_fx  # noqa: F401
+    dev = torch.device(device)
+    for key in dict.fromkeys(e.impl for e in entries):
+        try:
+            if key == "liger-dpo":
+                I.liger_dpo(dev, torch.float32, 0.1)
+            else:
+                I.BY_KEY[key].make(dev, torch.float32)
+        except I.Unavailable:
+            pass
+
+
+def _run_entry(e: Entry, device: str) -> dict:
+    dev = torch.device(device)
+    try:
+        _inputs, step = build_step(e, dev)
+    except I.Unavailable as why:
+        return {"skipped": str(why)}
+    try:
+        r = measure_entry(step, dev, repeats=e.repeats, warmup=e.warmup)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    r["out_sample"], r["grad_sample"] = r.pop("sample")
+    return r
+
+
+def _child(e: Entry, device: str, conn) -> None:
+    try:  # die with the runner (Linux): a killed runner leaves no measurement running
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    try:
+        r = _run_entry(e, device)
+    except Exception as ex:  # one failing implementation must not hide the others
+        r = {"error": f"{type(ex).__name__}: {ex}"[:300], "traceback": traceback.format_exc()[-2000:]}
+    conn.send(r)
+    conn.close()
+
+
+def run_isolated(e: Entry, device: str, timeout_s: float) -> dict:
+    """Run one entry in a freshly forked process (its own peak RSS); the parent never runs torch ops."""
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(e, device, send), daemon=True)
+    p.start()
+    send.close()
+    r = None
+    if recv.poll(timeout_s):
+        try:
+            r = recv.recv()
+        except EOFError:
+            r = None
+    p.join(5)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        return r or {"error": f"timed out after {timeout_s:.0f} s"}
+    if r is None:
+        return {"error": f"process died (exit code {p.exitcode}; killed for memory?)"}
+    return r
+
+
+def run_inprocess(e: Entry, device: str) -> dict:
+    try:
+        return _run_entry(e, device)
+    except Exception as ex:
+        return {"error": f"{type(ex).__name__}: {ex}"[:300]}
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bf16_peak_tflops() -> float:
+    """The device's measured dense bf16 matmul peak (8192³ torch.matmul, median of 10)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    ts = []
+    for _ in range(10):
+        s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        t.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(t) / 1e3)
+    ts.sort()
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 8192**3 / ts[len(ts) // 2] / 1e12
+
+
+def environment(device: str) -> dict:
+    env = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": device, "torch": torch.__version__,
+           "fastpref": fastpref.__version__, "python": platform.python_version(),
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            env["cpu"] = names[0]
+    except OSError:
+        pass
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    env.update({k: v for k, v in I.library_versions().items()})
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    env["fastpref_backends"] = fastpref.available_backends(device)
+    try:
+        import subprocess
+
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           cwd=os.path.dirname(RESULTS)).stdout.strip() or None
+    except OSError:
+        pass
+    return env
+
+
+def label(e: Entry) -> str:
+    if e.workload in ("dpo", "listwise", "issue5"):
+        if e.impl in SEQ_LABELS:
+            return SEQ_LABELS[e.impl]
+        base = I.BY_KEY[e.impl]
+        if base.family == "fastpref":
+            return f"fastpref PreferenceLoss ({e.impl[9:-1]})"
+        return f"{base.label} + loss in torch"
+    if e.workload == "token_kl":
+        return {"torch": "torch, both models' logits", "torch.compile": "torch.compile, both models' logits"}.get(
+            e.impl, f"fastpref token_kl ({e.impl[9:-1]})")
+    return I.BY_KEY[e.impl].label
+
+
+def _maxdiff(a: list, b: list) -> float | None:
+    if not a or not b or len(a) != len(b):
+        return None
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def finish_rows(rows: list[dict], peak_tflops: float | None) -> None:
+    """Ratios against plain torch at the same workload/shape/pass, agreement and TFLOP/s."""
+    base = {}
+    for r in rows:
+        if r["impl"] == I.BASELINE and r.get("median_ms"):
+            base[(r["workload"], r["mode"], r["N"], r["D"], r["V"], r["dtype"])] = r
+    for r in rows:
+        b = base.get((r["workload"], r["mode"], r["N"], r["D"], r["V"], r["dtype"]))
+        if r.get("median_ms") and b:
+            r["speedup_vs_torch"] = b["median_ms"] / r["median_ms"]
+            if r.get("peak_mib") is not None and b.get("peak_mib"):
+                r["mem_vs_torch"] = r["peak_mib"] / b["peak_mib"]
+            d = [x for x in (_maxdiff(r.get("out_sample"), b.get("out_sample")),
+                             _maxdiff(r.get("grad_sample"), b.get("grad_sample"))) if x is not None]
+            r["max_abs_diff_vs_torch"] = max(d) if d else None
+        if r.get("median_ms") and peak_tflops:
+            r["tflops"] = r["flops"] / (r["median_ms"] / 1e3) / 1e12
+            r["pct_of_peak"] = 100 * r["tflops"] / peak_tflops
+
+
+def issue5_check(rows: list[dict]) -> dict | None:
+    rs = [r for r in rows if r["workload"] == "issue5"]
+    naive = next((r for r in rs if r["impl"] == "torch" and r.get("peak_mib")), None)
+    ours = [r for r in rs if r["impl"].startswith("fastpref[") and r.get("peak_mib") is not None]
+    if not naive or not ours:
+        return None
+    worst = max(ours, key=lambda r: r["peak_mib"])
+    ratio = worst["peak_mib"] / naive["peak_mib"]
+    return {"naive_peak_mib": naive["peak_mib"],
+            "fastpref_peak_mib": {r["impl"]: r["peak_mib"] for r in ours},
+            "worst_ratio": ratio, "holds": ratio < 1 / 8,
+            "text": (f"Issue-5 memory check (DPO, 8 pairs × 1024 tokens, D=256, V=32000, forward+backward): "
+                     f"fastpref.nn.PreferenceLoss peaks at {worst['peak_mib']:.0f} MiB ({worst['impl']}, the "
+                     f"worst backend) vs {naive['peak_mib']:.0f} MiB for the naive logits path = "
+                     f"{ratio:.3f} of it; the bound is < 1/8 = 0.125: "
+                     f"{'HOLDS' if ratio < 1 / 8 else 'DOES NOT HOLD'}.")}
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def _fmt(v, digits=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != v:
+            return "–"
+        return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+    return str(v)
+
+
+def table(rows: list[dict], gpu: bool) -> str:
+    cols = ["implementation", "pass", "N", "D", "V", "median ms", "min–max ms", "× torch speed",
+            "peak MiB", "mem / torch"]
+    if gpu:
+        cols += ["TFLOP/s", "% bf16 peak"]
+    cols += ["max abs diff vs torch", "note"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        ok = r.get("median_ms") is not None
+        cells = [r["label"], r["mode"].replace("forward+backward", "fwd+bwd").replace("forward", "fwd"),
+                 str(r["N"]), str(r["D"]), str(r["V"]), _fmt(r.get("median_ms")),
+                 f"{_fmt(r.get('min_ms'))}–{_fmt(r.get('max_ms'))}" if ok else "–",
+                 _fmt(r.get("speedup_vs_torch")), _fmt(r.get("peak_mib"), 4), _fmt(r.get("mem_vs_torch"))]
+        if gpu:
+            cells += [_fmt(r.get("tflops")), _fmt(r.get("pct_of_peak"))]
+        d = r.get("max_abs_diff_vs_torch")
+        cells += [f"{d:.1e}" if d is not None else "–", (r.get("note") or "").replace("|", "/")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def markdown(result: dict) -> str:
+    env, rows = result["environment"], result["rows"]
+    gpu = env["device"] == "cuda"
+    lines = [f"# fastpref benchmarks — {env.get('gpu') or env.get('cpu') or env['device']}", ""]
+    lines.append("Generated by `" + result["command"] + f"` on {env['date']}.")
+    lines.append("Software: " + ", ".join(f"{k} {v}" for k, v in env.items()
+                                           if k in ("torch", "triton", "cuda", "python", "fastpref", "liger-kernel",
+                                                    "cut-cross-entropy", "trl") and v) + ".")
+    lines.append(f"Machine: {env['machine']}" + (f"; GPU {env['gpu']}" if gpu else "") +
+                 (f"; git {env['git_commit']}" if env.get("git_commit") else "") + ".")
+    lines.append(f"fastpref backends available: {', '.join(env['fastpref_backends'])}.")
+    if result.get("bf16_peak_tflops"):
+        lines.append(f"Measured bf16 matmul peak (8192³ torch.matmul): {result['bf16_peak_tflops']:.0f} TFLOP/s.")
+    lines.append(f"Wall time of the run: {result['wall_s']:.0f} s.")
+    lines += ["", "Times: median over the timed repeats (min–max shown) after warm-up, device-synchronised. "
+              "'× torch speed' = torch time / this time; 'mem / torch' = this peak / torch's peak, both against "
+              "plain torch with materialized logits at the same workload, shape and pass. "
+              "'max abs diff vs torch': largest difference from plain torch over the first 16 outputs (and, for "
+              "forward+backward, the first 16 entries of the hidden-state gradient).",
+              "", result["memory_method"], ""]
+    if result.get("issue5"):
+        lines += ["**" + result["issue5"]["text"] + "**", ""]
+    for wl, title in WORKLOAD_TITLES.items():
+        rs = [r for r in rows if r["workload"] == wl]
+        if not rs:
+            continue
+        lines += [f"## {title}", "", table(rs, gpu), ""]
+        if wl in ("sweep_N", "sweep_V") and os.path.exists(os.path.join(result["out_dir"], f"{wl}.png")):
+            lines += [f"![{wl}]({wl}.png)", ""]
+    if result["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def plots(result: dict, out_dir: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        result["notes"].append("matplotlib not installed: no plots")
+        return []
+    made = []
+    for wl, axis in (("sweep_N", "N"), ("sweep_V", "V")):
+        rs = [r for r in result["rows"] if r["workload"] == wl and r.get("median_ms")]
+        if not rs:
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=72)
+        for impl in dict.fromkeys(r["impl"] for r in rs):
+            pts = sorted((r[axis], r["median_ms"], r.get("peak_mib")) for r in rs if r["impl"] == impl)
+            lab = next(r["label"] for r in rs if r["impl"] == impl)
+            a1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=lab, ms=3)
+            mp_ = [(p[0], p[2]) for p in pts if p[2] is not None and p[2] > 0]
+            if mp_:
+                a2.plot([p[0] for p in mp_], [p[1] for p in mp_], "o-", label=lab, ms=3)
+        fixed = "D={D}, V={V}".format(**rs[0]) if axis == "N" else "N={N}, D={D}".format(**rs[0])
+        for a, yl in ((a1, "median ms"), (a2, "peak MiB above inputs")):
+            a.set_xscale("log", base=2)
+            a.set_yscale("log")
+            a.set_xlabel(f"{axis} ({fixed}, {rs[0]['dtype']}, fwd+bwd)")
+            a.set_ylabel(yl)
+            a.grid(alpha=0.3, which="both")
+        a2.legend(fontsize=6, loc="best")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{wl}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU: < 10 min on 2 cores)")
+    p.add_argument("--tiny", action="store_true", help="toy shapes, no compilation (the test suite's smoke run)")
+    p.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
+    p.add_argument("--impls", default=None, help="comma-separated implementation keys to keep")
+    p.add_argument("--workloads", default=None, help="comma-separated workloads to keep")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new measurements after this many seconds (the rest are reported skipped)")
+    p.add_argument("--timeout-s", type=float, default=600, help="limit per measurement (CPU, isolated)")
+    p.add_argument("--isolate", choices=("auto", "fork", "none"), default="auto",
+                   help="run each measurement in a forked process (auto: on the CPU, where RSS is the measure)")
+    p.add_argument("--shape", default=None, help="N,D,V of the headline workloads instead of the preset")
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    t_start = time.perf_counter()
+    out_dir = a.out or os.path.join(RESULTS, a.device)
+    os.makedirs(out_dir, exist_ok=True)
+    isolate = a.isolate if a.isolate != "auto" else ("fork" if a.device == "cpu" else "none")
+
+    shape = tuple(int(x) for x in a.shape.split(",")) if a.shape else None
+    entries = plan(a.device, a.quick, a.tiny, shape)
+    if a.impls:
+        keep = set(a.impls.split(","))
+        entries = [e for e in entries if e.impl in keep]
+    if a.workloads:
+        keep = set(a.workloads.split(","))
+        entries = [e for e in entries if e.workload in keep]
+
+    env = environment(a.device)
+    prepare(entries, a.device)
+    notes = []
+    missing = [d for d, v in I.library_versions().items() if v is None]
+    if missing:
+        notes.append(f"not installed, skipped: {', '.join(missing)} (pip install -r requirements-bench.txt)")
+    if a.device == "cpu":
+        notes.append("fastpref's triton backend is a GPU backend (on a CPU only the Triton interpreter runs it, "
+                     "for tests): not timed here.")
+        notes.append("Cut Cross-Entropy on the CPU runs its impl='torch_compile' (materialized logits under "
+                     "torch.compile); its Triton 'cce' kernels need a GPU. Liger's fused linear cross-entropy is a "
+                     "Triton kernel: GPU only. Liger's DPO loss runs with compiled=False on the CPU.")
+    notes.append("DPO / listwise: the first quarter of every sequence is prompt (label -100). fastpref drops "
+                 "ignored rows internally; every per-token implementation marked '+ loss in torch' gets only the "
+                 "completion tokens (hidden[mask]) as TRL does on GPUs, and the loss is computed from the "
+                 "per-sequence sums in plain torch; Liger's DPO loss takes the padded batch as its API requires.")
+    notes.append("Token KL: no reference library computes a full-vocabulary KL between two models per token "
+                 "(Liger's JSD distillation loss returns only a scalar): compared against plain torch only.")
+    notes.append("Model FLOPs per step: 2·N·D·V per forward GEMM pass, 4·N·D·V for a backward (N = completion "
+                 "tokens); recomputation inside an implementation is not counted.")
+    peak = None
+    if a.device == "cuda":
+        peak = bf16_peak_tflops()
+
+    rows, done = [], {}
+    skipped_budget = 0
+    for n, e in enumerate(entries):
+        lab = label(e)
+        row = {**asdict(e), "label": lab, "flops": flops(e), "valid_tokens": valid_tokens(e)}
+        fk = _flat_key(e)
+        if e.workload in FLAT and fk in done:  # same measurement already made in another workload
+            src = done[fk]
+            row.update({k: v for k, v in src.items() if k not in asdict(e) and k not in ("label", "flops")})
+            rows.append(row)
+            continue
+        if a.budget_s is not None and time.perf_counter() - t_start > a.budget_s:
+            row["note"] = "not run: time budget exhausted"
+            skipped_budget += 1
+            rows.append(row)
+            continue
+        t0 = time.perf_counter()
+        r = run_isolated(e, a.device, a.timeout_s) if isolate == "fork" else run_inprocess(e, a.device)
+        r["entry_s"] = time.perf_counter() - t0
+        if "skipped" in r:
+            r["note"] = "skipped: " + r.pop("skipped")
+        elif "error" in r:
+            r["note"] = "failed: " + r["error"]
+        row.update(r)
+        rows.append(row)
+        if e.workload in FLAT and r.get("median_ms") is not None:
+            done[fk] = r
+        if a.device == "cuda":  # a run killed from outside (gpu_check's limit) still leaves what it measured
+            with open(os.path.join(out_dir, "bench.partial.json"), "w") as f:
+                json.dump({"environment": env, "rows": rows}, f, indent=1, default=str)
+        status = (f"{r['median_ms']:9.1f} ms  peak {r.get('peak_mib') or 0:8.0f} MiB" if r.get("median_ms")
+                  is not None else r.get("note", ""))
+        print(f"[{n + 1:3d}/{len(entries)} {time.perf_counter() - t_start:6.0f}s] {e.workload:9s} {e.mode:16s} "
+              f"N={e.N:<6d} V={e.V:<7d} {lab[:48]:48s} {status}", flush=True)
+    if skipped_budget:
+        notes.append(f"{skipped_budget} measurements not run: the --budget-s {a.budget_s:.0f} s was spent.")
+    finish_rows(rows, peak)
+    for r in rows:
+        if "traceback" in r:
+            r.pop("traceback")
+    cmd = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"environment": env, "command": cmd.strip(), "quick": a.quick, "bf16_peak_tflops": peak,
+              "memory_method": CUDA_MEMORY_METHOD if a.device == "cuda" else CPU_MEMORY_METHOD,
+              "notes": notes, "rows": rows, "issue5": issue5_check(rows), "out_dir": out_dir}
+    if not a.no_plots:
+        plots(result, out_dir)
+    result["wall_s"] = time.perf_counter() - t_start
+    md = markdown(result)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "out_dir"}, f, indent=1)
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(md)
+    print()
+    print(md)
+    if result["issue5"]:
+        print(result["issue5"]["text"])
+    partial = os.path.join(out_dir, "bench.partial.json")
+    if os.path.exists(partial):
+        os.remove(partial)
+    return 0

@@ -1,0 +1,75 @@
+"""Smoke test of the benchmark runner (python -m bench) and the README generator, on toy shapes.
+
+Needs none of the optional reference libraries (those are filtered out here); takes seconds."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "bench", "--device", "cpu", "--tiny", "--out", str(out), "--no-plots",
+           "--impls", "fastpref[torch],fastpref[triton],torch", "--workloads", "logprobs,dpo,sweep_N"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def test_runner_writes_results(run_dir):
+    res = json.loads((run_dir / "bench.json").read_text())
+    rows = res["rows"]
+    assert {r["workload"] for r in rows} == {"logprobs", "dpo", "sweep_N"}
+    measured = [r for r in rows if r.get("median_ms") is not None]
+    assert {r["impl"] for r in measured} == {"fastpref[torch]", "torch"}
+    for r in measured:
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert r["peak_mib"] is not None and r["mem_method"] in ("VmHWM-reset", "ru_maxrss")
+        assert r["speedup_vs_torch"] > 0
+        assert r["max_abs_diff_vs_torch"] < 1e-3, r   # the implementations agree
+    # the GPU backend is reported as skipped on the CPU, not timed
+    tri = [r for r in rows if r["impl"] == "fastpref[triton]"]
+    assert tri and all(r.get("median_ms") is None and "skipped" in r["note"] for r in tri)
+    md = (run_dir / "bench.md").read_text()
+    assert "| implementation |" in md and "fastpref (torch)" in md and "clear_refs" in md
+
+
+def test_readme_generator(run_dir, tmp_path):
+    from bench import readme
+
+    results = tmp_path / "results"
+    (results / "cpu").mkdir(parents=True)
+    for name in ("bench.json", "bench.md"):
+        (results / "cpu" / name).write_text((run_dir / name).read_text())
+    (results / "cpu" / "cpu_native.json").write_text(json.dumps({"rows": [{"impl": "x", "ms": 1.5}]}))
+    md = tmp_path / "README.md"
+    md.write_text("# t\n\n## Performance\n\n<!-- perf:begin -->\nold\n<!-- perf:end -->\n\n## After\n")
+    assert readme.main(["--readme", str(md), "--results", str(results)]) == 0
+    text = md.read_text()
+    assert "old" not in text and text.endswith("<!-- perf:end -->\n\n## After\n")
+    assert "### CPU" in text and "fastpref (torch)" in text and "cpu_native.json" in text
+    assert "```python" not in text   # the README's python blocks are executed by tests/test_readme.py
+    assert readme.main(["--readme", str(md), "--results", str(results), "--check"]) == 0
+
+
+@pytest.mark.parametrize("workload,K", [("token_kl", 0), ("listwise", 4), ("dpo", 2)])
+def test_workload_steps_agree(workload, K):
+    """The loss workloads' steps (in this process, no runner): fastpref and plain torch give the same loss
+    and hidden-state gradient."""
+    from bench.workloads import Entry, build_step
+
+    got = {}
+    for impl in ("fastpref[torch]", "torch"):
+        e = Entry(workload, impl, "forward+backward", 64, 16, 100, "float32", T=16 if K else 0, K=K)
+        _inputs, step = build_step(e, torch.device("cpu"))
+        got[impl] = step()
+    (out_a, grad_a), (out_b, grad_b) = got.values()
+    assert out_a and grad_a
+    assert max(abs(x - y) for x, y in zip(out_a + grad_a, out_b + grad_b)) < 1e-4
