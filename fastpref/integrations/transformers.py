@@ -367,7 +367,6 @@ class LogProbsOutput(_Base):
     lse: Tensor | None = None
     entropy: Tensor | None = None
     aux_loss: Tensor | None = None
-    past_key_values: Any = None
     hidden_states: Any = None
     attentions: Any = None
     router_logits: Any = None
