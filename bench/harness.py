@@ -104,7 +104,8 @@ CPU_MEMORY_METHOD = (
     "(/proc/self/clear_refs = 5); the peak is VmHWM after the timed repeats minus that RSS, in MiB. The high-water "
     "mark is reset again after the warm-up, so one-time costs (torch.compile's compilation, lazy imports) are "
     "excluded from 'peak MiB' and included in 'peak incl. warm-up'. Where clear_refs cannot be written, ru_maxrss "
-    "is used instead (then the warm-up is included)."
+    "is used instead (then the warm-up is included). What a warm-up leaves resident (compiled code, allocator "
+    "caches) counts in both, so compiled implementations carry some tens of MiB of compiled artifacts."
 )
 CUDA_MEMORY_METHOD = (
     "GPU peak memory: torch.cuda.max_memory_allocated over the timed repeats minus memory_allocated after the "

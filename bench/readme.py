@@ -39,25 +39,38 @@ def _ratio(r, key):
     return "–" if v is None else f"{v:.2f}×" if key == "speedup_vs_torch" else f"{v:.2f}"
 
 
+HEADLINE = (("logprobs", "forward", "log-probs fwd"), ("logprobs", "forward+backward", "log-probs fwd+bwd"),
+            ("dpo", "forward+backward", "DPO + reference"), ("token_kl", "forward+backward", "token KL"),
+            ("listwise", "forward+backward", "listwise K=4"))
+
+
+def _cell(r) -> str:
+    if r is None or r.get("median_ms") is None:
+        return "–"
+    sp, mem = r.get("speedup_vs_torch"), r.get("mem_vs_torch")
+    t = f"{_fmt(r['median_ms'])} ms" + (f" ({sp:.2f}×)" if sp is not None else "")
+    m = f"{_fmt(r.get('peak_mib'), 4)} MiB" + (f" ({mem:.2f})" if mem is not None else "")
+    out = f"{t}<br>{m}"
+    if r.get("tflops"):
+        out += f"<br>{_fmt(r['tflops'])} TFLOP/s"
+    return out
+
+
 def summary_table(rows: list[dict], gpu: bool) -> str:
-    """One compact table over the headline workloads (no sweeps): rows = implementations, per workload."""
-    cols = ["workload", "implementation", "ms, median (min–max)", "speed vs torch", "peak MiB", "mem vs torch"]
-    if gpu:
-        cols.append("TFLOP/s (% peak)")
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for wl, wname in (("logprobs", "log-probs"), ("dpo", "DPO + ref"), ("token_kl", "token KL"),
-                      ("listwise", "listwise K=4")):
-        for r in rows:
-            if r["workload"] != wl or r.get("median_ms") is None:
-                continue
-            mode = {"forward": " fwd", "forward+backward": " fwd+bwd"}[r["mode"]] if wl == "logprobs" else ""
-            shape = f"N={r['N']}, D={r['D']}, V={r['V']}"
-            cells = [f"{wname}{mode} ({shape})", r["label"], _times(r), _ratio(r, "speedup_vs_torch"),
-                     _fmt(r.get("peak_mib"), 4), _ratio(r, "mem_vs_torch")]
-            if gpu:
-                cells.append(f"{_fmt(r.get('tflops'))} ({_fmt(r.get('pct_of_peak'), 2)}%)" if r.get("tflops")
-                             else "–")
-            out.append("| " + " | ".join(cells) + " |")
+    """Implementations × headline workloads; each cell: median ms (speed-up vs torch), peak MiB (× torch's)."""
+    cols, heads = [], []
+    for wl, mode, name in HEADLINE:
+        rs = [r for r in rows if r["workload"] == wl and r["mode"] == mode]
+        if rs:
+            cols.append((wl, mode))
+            heads.append(f"{name}<br>N={rs[0]['N']}, D={rs[0]['D']}, V={rs[0]['V']}")
+    impls = list(dict.fromkeys(r["impl"] for r in rows if (r["workload"], r["mode"]) in cols
+                               and r.get("median_ms") is not None))
+    out = ["| implementation | " + " | ".join(heads) + " |", "|---|" + "|".join("---" for _ in heads) + "|"]
+    for impl in impls:
+        byw = {(r["workload"], r["mode"]): r for r in rows if r["impl"] == impl and (r["workload"], r["mode"]) in cols}
+        lab = next((r["label"] for k, r in byw.items() if k[0] == "logprobs"), None) or next(iter(byw.values()))["label"]
+        out.append(f"| {lab} | " + " | ".join(_cell(byw.get(c)) for c in cols) + " |")
     return "\n".join(out)
 
 
@@ -84,13 +97,17 @@ def device_section(device: str, folder: str, rel: str) -> list[str]:
         lines += [f"Measured {env['date']} on {env['machine']}" + (f" ({env['gpu']})" if gpu else "") +
                   f" with {soft}" + (f", at commit {env['git_commit']}" if env.get("git_commit") else "") +
                   f"; fastpref backends: {', '.join(env['fastpref_backends'])}. Source: `{rel}/bench.json`, "
-                  f"made by `{res['command']}` ({res['wall_s']:.0f} s); full tables, sweeps and notes in "
+                  f"made by `{res['command']}` ({res['wall_s']:.0f} s"
+                  + (f", 1-minute load average {env['loadavg_at_start']} → {res.get('loadavg_at_end')}"
+                     if env.get("loadavg_at_start") is not None else "") + f"); full tables, sweeps and notes in "
                   f"[`{rel}/bench.md`]({rel}/bench.md).", ""]
         if res.get("bf16_peak_tflops"):
             lines += [f"Measured bf16 matmul peak: {res['bf16_peak_tflops']:.0f} TFLOP/s.", ""]
         dtype = rows[0]["dtype"] if rows else ""
-        lines += [f"{dtype}; times in ms over {rows[0]['repeats'] if rows else '?'} timed repeats after warm-up; "
-                  "ratios against plain torch with materialized logits on the same inputs in the same run.", ""]
+        lines += [f"{dtype}. Each cell: median time over {rows[0]['repeats'] if rows else '?'} timed repeats after "
+                  "warm-up (speed-up against plain torch with materialized logits, on the same inputs in the same "
+                  "run), then peak memory above the inputs (as a fraction of plain torch's). DPO and listwise rows "
+                  "of a per-token implementation add the loss in torch on its per-sequence sums.", ""]
         lines += [summary_table(rows, gpu), ""]
         if res.get("issue5"):
             lines += ["**" + res["issue5"]["text"] + "**", ""]
@@ -100,7 +117,7 @@ def device_section(device: str, folder: str, rel: str) -> list[str]:
         pngs = [p for p in ("sweep_N.png", "sweep_V.png") if os.path.exists(os.path.join(folder, p))]
         if pngs:
             lines += [" ".join(f"![{p[:-4]}]({rel}/{p})" for p in pngs), ""]
-        lines += ["Peak memory: " + res["memory_method"], ""]
+        lines += [res["memory_method"], ""]
     # other result files in the same folder (e.g. bench/cpu_native.py's)
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".json") or name == "bench.json":
@@ -113,21 +130,33 @@ def device_section(device: str, folder: str, rel: str) -> list[str]:
         if not isinstance(other, dict):
             continue
         md = os.path.join(folder, name[:-5] + ".md")
-        lines += [f"#### `{rel}/{name}`", ""]
-        env = other.get("environment") or {}
-        if env:
-            lines += ["Measured " + ", ".join(f"{k} {v}" for k, v in env.items() if isinstance(v, (str, int, float)))
-                      + ".", ""]
+        meta = other.get("environment") or other.get("meta") or {}
+        orows = other.get("rows") or other.get("results")
+        if not os.path.exists(md) and not (isinstance(orows, list) and orows):
+            continue
+        lines += [f"#### Also: `{rel}/{name}`", ""]
+        if meta:
+            lines += ["Run parameters: " + ", ".join(f"{k} {v}" for k, v in meta.items()
+                                                      if isinstance(v, (str, int, float)) and v != "") + ".", ""]
         if os.path.exists(md):
             with open(md) as f:
                 body = f.read().strip()
             # demote headings so they nest under this section
             body = "\n".join(("###" + ln) if ln.startswith("#") else ln for ln in body.splitlines())
             lines += [body, ""]
-        elif isinstance(other.get("rows"), list) and other["rows"]:
-            keys = [k for k in other["rows"][0] if not isinstance(other["rows"][0][k], (list, dict))]
+        elif all("seconds_median" in r for r in orows):   # bench/cpu_native.py
+            lines += ["| implementation | pass | seconds, median (min–max) | peak MiB above inputs, median (min–max) |",
+                      "|---|---|---|---|"]
+            for r in sorted(orows, key=lambda r: (r.get("mode", ""), r["seconds_median"])):
+                lines.append(f"| {r.get('what') or r.get('impl')} | {r.get('mode', '')} | "
+                             f"{r['seconds_median']:.2f} ({r['seconds_min']:.2f}–{r['seconds_max']:.2f}) | "
+                             f"{r.get('peak_mib_median', 0):.0f} ({r.get('peak_mib_min', 0):.0f}–"
+                             f"{r.get('peak_mib_max', 0):.0f}) |")
+            lines += [""]
+        else:
+            keys = [k for k in orows[0] if not isinstance(orows[0][k], (list, dict))]
             lines += ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
-            lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in other["rows"]]
+            lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in orows]
             lines += [""]
     return lines
 

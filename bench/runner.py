@@ -80,7 +80,7 @@ def plan(device: str, quick: bool, tiny: bool = False, shape: tuple | None = Non
             sweep_impls = uncompiled
     N, D, V = shape or main
     T = min(T, N // 4) if shape else T
-    sw, sr = (w, 1) if quick else (w, r)   # sweep points: one timed repeat in --quick
+    sw, sr = (0, 1) if quick and device == "cpu" else (w, 1) if quick else (w, r)  # sweep points, --quick: one call
     out: list[Entry] = []
     for mode in ("forward", "forward+backward"):
         for i in lp:
@@ -233,6 +233,8 @@ def environment(device: str) -> dict:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
     env["fastpref_backends"] = fastpref.available_backends(device)
+    if hasattr(os, "getloadavg"):
+        env["loadavg_at_start"] = round(os.getloadavg()[0], 2)
     try:
         import subprocess
 
@@ -346,7 +348,9 @@ def markdown(result: dict) -> str:
     lines.append(f"fastpref backends available: {', '.join(env['fastpref_backends'])}.")
     if result.get("bf16_peak_tflops"):
         lines.append(f"Measured bf16 matmul peak (8192³ torch.matmul): {result['bf16_peak_tflops']:.0f} TFLOP/s.")
-    lines.append(f"Wall time of the run: {result['wall_s']:.0f} s.")
+    load = (f" (1-minute load average {env['loadavg_at_start']} at the start, {result.get('loadavg_at_end')} at "
+            f"the end, on {os.cpu_count()} cores)" if env.get("loadavg_at_start") is not None else "")
+    lines.append(f"Wall time of the run: {result['wall_s']:.0f} s{load}.")
     lines += ["", "Times: median over the timed repeats (min–max shown) after warm-up, device-synchronised. "
               "'× torch speed' = torch time / this time; 'mem / torch' = this peak / torch's peak, both against "
               "plain torch with materialized logits at the same workload, shape and pass. "
@@ -510,6 +514,8 @@ def main(argv=None) -> int:
     if not a.no_plots:
         plots(result, out_dir)
     result["wall_s"] = time.perf_counter() - t_start
+    if hasattr(os, "getloadavg"):
+        result["loadavg_at_end"] = round(os.getloadavg()[0], 2)
     md = markdown(result)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump({k: v for k, v in result.items() if k != "out_dir"}, f, indent=1)
