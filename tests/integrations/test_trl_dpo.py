@@ -108,3 +108,9 @@ def test_dpo_peft_implicit_reference(tmp_path):
 
 def test_dpo_gemma2_softcap(tmp_path):
     _compare(tmp_path, dict(loss_type=["sigmoid"]), family="gemma2")
+
+
+def test_dpo_moe_aux_loss(tmp_path):
+    """Mixtral with router_aux_loss_coef: TRL adds coef · aux_loss to the loss and logs `aux_loss`."""
+    log_trl, log_fp = _compare(tmp_path, dict(loss_type=["sigmoid"], router_aux_loss_coef=0.05), family="mixtral")
+    assert "aux_loss" in log_fp and log_fp["aux_loss"] > 0
