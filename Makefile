@@ -13,7 +13,7 @@ $(VENV)/.ready: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel ninja
 	$(PY) -m pip install -q $(TORCH) $(TRITON)   # torch first: later packages must not pull a CUDA build
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt $(TORCH)   # pinned again so nothing swaps it
 	touch $@
 
 install: venv
