@@ -4,7 +4,8 @@
 # Creates a separate venv (default build/cuda-venv, reused when present), installs torch 2.14.1 (the CUDA 13
 # build; ~5.4 GB with its nvidia-* dependencies), builds the extensions from this checkout into a scratch copy
 # with `setup.py build_ext`, and imports fastpref._native_cuda (calls would fail only at the device check).
-# Not wired into CI; measured on the 2-core dev machine: venv + torch install ~130 s, build ~? s (see report).
+# Not wired into CI. Measured on the 2-core dev machine (shared, load average ~8): fresh venv + torch install
+# 130 s (all wheels local or from the index), extension build 679 s under that load, import 12 s.
 #   usage: bash .ci/cuda_build_check.sh [VENV_DIR]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

@@ -3,7 +3,9 @@
 // The hot functions are compiled twice (AVX2+FMA and baseline x86-64) through target_clones and picked at
 // load time, so the extension runs on any x86-64 CPU and uses AVX2 where it exists. exp and tanh are
 // branch-free polynomial versions (a few ulp) so that the loops vectorize; the reductions use
-// `omp simd reduction`, which allows reordering the sums across lanes.
+// `omp simd reduction`, which allows reordering the sums across lanes. Compile with -fopenmp
+// -fno-trapping-math (setup.py does): under GCC's default -ftrapping-math the selects below are not
+// if-converted and no loop vectorizes.
 #pragma once
 
 #include <cmath>
