@@ -7,9 +7,9 @@ vocabulary chunks × row blocks, a float32 GEMM per logits tile through ATen, th
 forms dL/dlogits in place and runs the two GEMMs for dH and dW. Semantics match the torch backend.
 
 Scratch memory (float32 elements, CPU), with T threads and tiles of R rows × C vocabulary entries:
-``T · (2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 3·C)`` (R = 512, C = 2048 by default: about 27 MiB per
-thread at D = D_ref = 512), independent of V and N; the backward adds a float32 [N, D] dH accumulator and
-the gradients themselves (dW in the weight's dtype). ``scratch_bound_bytes()`` / ``last_scratch_bytes()``
+``T · (2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 3·C)`` (R = 1024, C = 2048 by default: a bound of 32 MiB per
+thread at D = D_ref = 512; float32 token_stats allocates only its 8 MiB tile and a 4 MiB dW partial),
+independent of V and N; the backward adds a float32 [N, D] dH accumulator and the gradients themselves (dW in the weight's dtype). ``scratch_bound_bytes()`` / ``last_scratch_bytes()``
 of the CPU module evaluate the bound and report what the last call allocated.
 
 Dtypes: float32, float16 and bfloat16 (non-float32 blocks are upcast to float32 scratch before each GEMM;
