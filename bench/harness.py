@@ -84,6 +84,17 @@ def reset_peak_rss() -> bool:
     return hwm is not None and rss is not None and hwm <= rss + 1024
 
 
+def malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that RSS counts live memory: freed temporaries kept
+    by the allocator would otherwise be reused later without raising the high-water mark."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_mib() -> float | None:
     kib = _status_kib("VmRSS")
     return None if kib is None else kib / 1024
@@ -100,9 +111,10 @@ def peak_rss_mib() -> float:
 
 CPU_MEMORY_METHOD = (
     "CPU peak memory: every implementation × workload × shape runs in its own freshly forked process. After the "
-    "inputs exist, the process's resident set is recorded (VmRSS) and its high-water mark reset "
+    "inputs exist and freed heap memory is handed back to the OS (glibc malloc_trim, so that RSS counts live memory "
+    "only), the process's resident set is recorded (VmRSS) and its high-water mark reset "
     "(/proc/self/clear_refs = 5); the peak is VmHWM after the timed repeats minus that RSS, in MiB. The high-water "
-    "mark is reset again after the warm-up, so one-time costs (torch.compile's compilation, lazy imports) are "
+    "mark is reset again (after another malloc_trim) after the warm-up, so one-time costs (torch.compile's compilation, lazy imports) are "
     "excluded from 'peak MiB' and included in 'peak incl. warm-up'. Where clear_refs cannot be written, ru_maxrss "
     "is used instead (then the warm-up is included). What a warm-up leaves resident (compiled code, allocator "
     "caches) counts in both, so compiled implementations carry some tens of MiB of compiled artifacts."
@@ -124,6 +136,7 @@ def measure_entry(step: Callable[[], object], device: torch.device, *, repeats: 
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        malloc_trim()
         base = rss_mib()
         resettable = reset_peak_rss()
     sample = None
@@ -136,6 +149,7 @@ def measure_entry(step: Callable[[], object], device: torch.device, *, repeats: 
     else:
         peak_warm = peak_rss_mib() - base
         if resettable:
+            malloc_trim()
             reset_peak_rss()
     times = []
     for _ in range(repeats):
