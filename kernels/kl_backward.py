@@ -20,7 +20,7 @@ ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("RH", "in"), ("RW", "in"), ("RB"
         ("need_dh", "i32"), ("need_dw", "i32"), ("need_db", "i32"),
         ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"), ("ref_inv_cap", "f32"),
         ("ref_cap_scale", "f32"))
-FLAGS = ("HAS_BIAS", "SOFTCAP", "REF_SOFTCAP")
+FLAGS = ("SOFTCAP", "REF_SOFTCAP")
 BLOCKS = ("BN", "BV", "BD", "BDG", "GROUP")
 
 
@@ -29,15 +29,15 @@ def kernel(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, dH,
            M, V, D, Dr, reverse, need_dh, need_dw, need_db,
            inv_temp, inv_cap, cap_scale, ref_inv_cap, ref_cap_scale,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, BDG: tl.constexpr, GROUP: tl.constexpr,
-           HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
+           SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n, pid_v = grouped_tiles(tl.program_id(0), tl.cdiv(M, BN), tl.cdiv(V, BV), GROUP)
     rows = pid_n * BN + tl.arange(0, BN)
     cols = pid_v * BV + tl.arange(0, BV)
     rmask = rows < M
     z, dzdx = logits_tile(H, W, B, pid_n * BN, pid_v * BV, M, V, D, inv_temp, inv_cap, cap_scale,
-                          BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
+                          BN, BV, BD, SOFTCAP, INTERP)
     zr, _ = logits_tile(RH, RW, RB, pid_n * BN, pid_v * BV, M, V, Dr, inv_temp, ref_inv_cap, ref_cap_scale,
-                        BN, BV, BD, HAS_BIAS, REF_SOFTCAP, INTERP)
+                        BN, BV, BD, REF_SOFTCAP, INTERP)
     lse = tl.load(Lse + rows, mask=rmask, other=0.0)
     rlse = tl.load(RLse + rows, mask=rmask, other=0.0)
     g_kl = tl.load(G_kl + rows, mask=rmask, other=0.0)

@@ -19,7 +19,7 @@ ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("RH", "in"), ("RW", "in"), ("RB"
         ("M", "i32"), ("V", "i32"), ("D", "i32"), ("Dr", "i32"), ("tiles_per_split", "i32"),
         ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"), ("ref_inv_cap", "f32"),
         ("ref_cap_scale", "f32"))
-FLAGS = ("HAS_BIAS", "SOFTCAP", "REF_SOFTCAP")
+FLAGS = ("SOFTCAP", "REF_SOFTCAP")
 BLOCKS = ("BN", "BV", "BD")
 
 
@@ -27,7 +27,7 @@ BLOCKS = ("BN", "BV", "BD")
 def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, tiles_per_split,
            inv_temp, inv_cap, cap_scale, ref_inv_cap, ref_cap_scale,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
-           HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
+           SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -48,9 +48,9 @@ def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, tiles_per_spl
         cols = j * BV + tl.arange(0, BV)
         cmask = (cols < V)[None, :]
         z, _ = logits_tile(H, W, B, pid_n * BN, j * BV, M, V, D, inv_temp, inv_cap, cap_scale,
-                           BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
+                           BN, BV, BD, SOFTCAP, INTERP)
         zr, _ = logits_tile(RH, RW, RB, pid_n * BN, j * BV, M, V, Dr, inv_temp, ref_inv_cap, ref_cap_scale,
-                            BN, BV, BD, HAS_BIAS, REF_SOFTCAP, INTERP)
+                            BN, BV, BD, REF_SOFTCAP, INTERP)
         m_new, shift, e = lse_step(z, m, s)
         mr_new, shift_r, er = lse_step(zr, mr, sr)
         scale = tl.exp(shift)

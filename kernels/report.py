@@ -2,7 +2,8 @@
 
     python -m fastpref.kernels.report [--arch 80,90] [--quick] [--kernels stats_forward,...] [--jobs N]
 
-For each kernel × architecture × dtype (fp16/bf16/fp32) × constexpr flag combination (bias, softcaps),
+For each kernel × architecture × dtype (fp16/bf16/fp32) × constexpr flag combination (softcap on/off, and
+for KL the reference's softcap; the bias is a runtime input, zeros when absent),
 with the preset ``presets.select`` gives a GPU of that class, this compiles for GPUTarget("cuda", arch, 32)
 (no GPU needed), reads REG / STACK / SHARED from ``cuobjdump --dump-resource-usage`` (the copy inside
 Triton's nvidia backend) and prints one line per variant. Exits 1 on any compile failure or any spill

@@ -15,7 +15,7 @@ ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("Labels", "i64*"), ("Lse", "f32*
         ("dH", "f32*"), ("dW", "f32*"), ("dB", "f32*"),
         ("M", "i32"), ("V", "i32"), ("D", "i32"), ("need_dh", "i32"), ("need_dw", "i32"), ("need_db", "i32"),
         ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"))
-FLAGS = ("HAS_BIAS", "SOFTCAP")
+FLAGS = ("SOFTCAP",)
 BLOCKS = ("BN", "BV", "BD", "BDG", "GROUP")
 
 
@@ -23,13 +23,13 @@ BLOCKS = ("BN", "BV", "BD", "BDG", "GROUP")
 def kernel(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, dH, dW, dB,
            M, V, D, need_dh, need_dw, need_db, inv_temp, inv_cap, cap_scale,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, BDG: tl.constexpr, GROUP: tl.constexpr,
-           HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
+           SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n, pid_v = grouped_tiles(tl.program_id(0), tl.cdiv(M, BN), tl.cdiv(V, BV), GROUP)
     rows = pid_n * BN + tl.arange(0, BN)
     cols = pid_v * BV + tl.arange(0, BV)
     rmask = rows < M
     z, dzdx = logits_tile(H, W, B, pid_n * BN, pid_v * BV, M, V, D, inv_temp, inv_cap, cap_scale,
-                          BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
+                          BN, BV, BD, SOFTCAP, INTERP)
     lse = tl.load(Lse + rows, mask=rmask, other=0.0)
     ent = tl.load(Ent + rows, mask=rmask, other=0.0)
     g_logp = tl.load(G_logp + rows, mask=rmask, other=0.0)

@@ -15,14 +15,14 @@ from .tiles import label_pick, logits_tile, lse_step
 ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("Labels", "i64*"), ("Part", "f32*"),
         ("M", "i32"), ("V", "i32"), ("D", "i32"), ("tiles_per_split", "i32"),
         ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"))
-FLAGS = ("HAS_BIAS", "SOFTCAP")
+FLAGS = ("SOFTCAP",)
 BLOCKS = ("BN", "BV", "BD")
 
 
 @triton.jit(do_not_specialize=["tiles_per_split"])
 def kernel(H, W, B, Labels, Part, M, V, D, tiles_per_split, inv_temp, inv_cap, cap_scale,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
-           HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
+           SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -39,7 +39,7 @@ def kernel(H, W, B, Labels, Part, M, V, D, tiles_per_split, inv_temp, inv_cap, c
     for j in range(first, last):
         cols = j * BV + tl.arange(0, BV)
         z, _ = logits_tile(H, W, B, pid_n * BN, j * BV, M, V, D, inv_temp, inv_cap, cap_scale,
-                           BN, BV, BD, HAS_BIAS, SOFTCAP, INTERP)
+                           BN, BV, BD, SOFTCAP, INTERP)
         m_new, shift, e = lse_step(z, m, s)
         scale = tl.exp(shift)
         d = tl.where((cols < V)[None, :], z - m_new[:, None], 0.0)

@@ -21,6 +21,11 @@ def _scalars(opts) -> dict:
                 cap_scale=0.0 if cap is None else cap / opts.temperature)
 
 
+def _bias(weight, bias):
+    """The kernels always add a bias; a zero vector stands in for none."""
+    return torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None else bias
+
+
 class TritonBackend:
     name = "triton"
 
@@ -82,9 +87,8 @@ class TritonBackend:
 
     # ---- single model ----------------------------------------------------------------------------
     def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
-        part, _ = self._forward("stats_forward", 5, hidden, weight, labels,
-                             dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None),
-                             B=weight if bias is None else bias, **_scalars(opts))
+        part, _ = self._forward("stats_forward", 5, hidden, weight, labels, dict(SOFTCAP=opts.softcap is not None),
+                                B=_bias(weight, bias), **_scalars(opts))
         m, s, t, s2, z_label = self._k.combine_stats(part)
         log_s = torch.log(s)
         lse = m + log_s
@@ -96,9 +100,8 @@ class TritonBackend:
                        opts, needs):
         zero = torch.zeros_like(lse)
         return self._backward(
-            "stats_backward", hidden, weight, bias, needs,
-            dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None),
-            B=weight if bias is None else bias, Labels=labels, Lse=lse,
+            "stats_backward", hidden, weight, bias, needs, dict(SOFTCAP=opts.softcap is not None),
+            B=_bias(weight, bias), Labels=labels, Lse=lse,
             Ent=zero if (entropy is None or grad_entropy is None) else entropy,
             G_logp=zero if grad_logp is None else grad_logp, G_lse=zero if grad_lse is None else grad_lse,
             G_ent=zero if (entropy is None or grad_entropy is None) else grad_entropy, **_scalars(opts))
@@ -106,19 +109,12 @@ class TritonBackend:
     # ---- two models ------------------------------------------------------------------------------
     @staticmethod
     def _pair(weight, bias, ref_weight, ref_bias, labels, M, opts, ref_opts) -> tuple[dict, dict]:
-        """Flags and the arguments shared by the KL forward and backward (a missing bias of one model is 0)."""
-        has_bias = bias is not None or ref_bias is not None
-        zeros = lambda w: torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)  # noqa: E731
-        if has_bias:
-            b = zeros(weight) if bias is None else bias
-            rb = zeros(ref_weight) if ref_bias is None else ref_bias
-        else:
-            b, rb = weight, ref_weight
+        """Flags and the arguments shared by the KL forward and backward."""
         if labels is None:
             labels = torch.full((M,), -1, device=weight.device, dtype=torch.int64)
         sc, rsc = _scalars(opts), _scalars(ref_opts)
-        flags = dict(HAS_BIAS=has_bias, SOFTCAP=opts.softcap is not None, REF_SOFTCAP=ref_opts.softcap is not None)
-        return flags, dict(B=b, RB=rb, Labels=labels, **sc, ref_inv_cap=rsc["inv_cap"],
+        flags = dict(SOFTCAP=opts.softcap is not None, REF_SOFTCAP=ref_opts.softcap is not None)
+        return flags, dict(B=_bias(weight, bias), RB=_bias(ref_weight, ref_bias), Labels=labels, **sc, ref_inv_cap=rsc["inv_cap"],
                            ref_cap_scale=rsc["cap_scale"])
 
     def kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
