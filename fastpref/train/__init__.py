@@ -1,0 +1,16 @@
+"""The fastpref trainer: ``fastpref train`` / ``python -m fastpref.train`` (see ``--help``).
+
+With no arguments it trains the bundled tiny model on the bundled synthetic preference task on the CPU.
+"""
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse flags (and ``--config`` YAML) and train; returns the run summary."""
+    from .config import load_config
+    from .loop import train
+
+    return train(load_config(argv))
+
+
+__all__ = ["main"]

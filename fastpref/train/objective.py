@@ -1,0 +1,193 @@
+"""Policy + fused loss as one module (what DDP / FSDP2 wrap), the loss set-up, and evaluation metrics."""
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import losses as L
+from ..nn import PreferenceLoss
+from ..stats import token_logprobs
+from . import data as D
+from .dist import Dist
+from .model import head, hidden_states
+
+
+def seq_sums(tok: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """Per-sequence sums of per-token values (ignored tokens are 0): [S]."""
+    if cu_seqlens is None:
+        return tok.sum(-1)
+    cu = cu_seqlens.to(tok.device, torch.int64)
+    seg = torch.searchsorted(cu[1:], torch.arange(tok.numel(), device=tok.device), right=True)
+    return torch.zeros(cu.numel() - 1, device=tok.device, dtype=tok.dtype).index_add_(0, seg, tok.reshape(-1))
+
+
+class Objective(nn.Module):
+    """Runs the base model to its last hidden states, then the fused loss on the lm_head weight (never the
+    [tokens × vocab] logits). Under FSDP2 this module is the root, so lm_head is unsharded in its forward.
+
+    mode: "pref" → {"loss", "metrics"}; "sft" → {"loss"} (token NLL sum / ``norm``); "logps" → {"logps": [S]}."""
+
+    def __init__(self, model: nn.Module, loss: PreferenceLoss, softcap: float | None = None, backend: str = "auto"):
+        super().__init__()
+        self.model, self.loss, self.softcap, self.backend = model, loss, softcap, backend
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, labels: Tensor, cu_seqlens: Tensor | None = None,
+                attention_mask: Tensor | None = None, keep: Tensor | None = None, mode: str = "pref",
+                norm: float = 1.0, ref: dict | None = None, inputs: dict | None = None) -> dict:
+        h = hidden_states(self.model, input_ids, position_ids, attention_mask)
+        if cu_seqlens is not None:  # packed rows → [N, D], sequences in order
+            h = unpad(h, keep)
+        w, b = head(self.model)
+        if mode == "pref":
+            ref = dict(ref or {})
+            if ref.get("ref_hidden") is not None and cu_seqlens is not None:
+                ref["ref_hidden"] = unpad(ref["ref_hidden"], keep)
+            out = self.loss(h, w, labels, bias=b, cu_seqlens=cu_seqlens, **ref, **(inputs or {}))
+            return {"loss": out.loss, "metrics": out.metrics}
+        logp = token_logprobs(h, w, labels, bias=b, softcap=self.softcap, backend=self.backend)
+        if mode == "sft":
+            return {"loss": -logp.sum() / norm}
+        return {"logps": seq_sums(logp, cu_seqlens)}
+
+
+def unpad(h: Tensor, keep: Tensor | None) -> Tensor:
+    """Packed rows [R, L, D] → the real tokens [N, D] in sequence order."""
+    flat = h.reshape(-1, h.shape[-1])
+    return flat if keep is None else flat.index_select(0, keep)
+
+
+def call(module: nn.Module, b: D.Batch, **kw) -> dict:
+    return module(b.input_ids, b.position_ids, b.labels, b.cu_seqlens, b.attention_mask, b.keep, **kw)
+
+
+# ------------------------------------------------------------------------------------------------- loss set-up
+def _params(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def make_loss(weights: dict[str, float], hparams: dict, layout: str, k: int | None, softcap: float | None,
+              backend: str) -> PreferenceLoss:
+    """PreferenceLoss for the data layout; beta defaults to 0.1 where a loss takes it."""
+    fns = [L.get(n) for n in weights]  # ValueError listing the known names
+    accepted = set().union(*map(_params, fns))
+    hp = dict(hparams)
+    if "beta" not in hp and "beta" in accepted:
+        hp["beta"] = 0.1
+    hp = {k_: v for k_, v in hp.items() if k_ != "beta" or "beta" in accepted}
+    return PreferenceLoss(weights, layout=layout, num_responses=k if layout == "list" else None,
+                          softcap=softcap, backend=backend, **hp)
+
+
+def loss_inputs(loss: PreferenceLoss, layout: str, inputs: dict[str, Tensor]) -> dict:
+    """The extra inputs the data provides, for the losses that take them: listwise scores / ranks (also as
+    graded ``rewards`` / ``labels``), unpaired ``desirable`` (KTO gets ``kl=0``, TRL's calculate_KL=False)."""
+    acc = set().union(*map(_params, loss.fns.values()))
+    out: dict = {}
+    if layout == "list":
+        s, r = inputs.get("scores"), inputs.get("ranks")
+        graded = s if s is not None else -r
+        for name, v in (("scores", s), ("ranks", r), ("rewards", graded), ("labels", graded)):
+            if name in acc and v is not None:
+                out[name] = v
+    elif layout == "unpaired":
+        out["desirable"] = inputs["desirable"]
+        if "kl" in acc:
+            out["kl"] = 0.0
+    return out
+
+
+def needs_token_ref(loss: PreferenceLoss) -> bool:
+    """Whether the loss needs the reference model every step (token-level KL / token log-probs)."""
+    return loss.needs_kl or loss.needs_tokens
+
+
+def dry_run(loss: PreferenceLoss, layout: str, k: int | None, ref_mode: str) -> None:
+    """Fail early, with the loss and layout named, when the loss cannot be computed from this data."""
+    g = torch.Generator().manual_seed(0)
+    S = {"pairs": 4, "list": 2 * (k or 2), "unpaired": 2}[layout]
+    h, w = torch.randn(S, 3, 8, generator=g), torch.randn(8, 8, generator=g)
+    labels = torch.randint(0, 8, (S, 3), generator=g)
+    inputs = {"scores": torch.randn(2, k or 2, generator=g)} if layout == "list" else \
+        {"desirable": torch.tensor([True, False])} if layout == "unpaired" else {}
+    ref = {}
+    if ref_mode == "precompute":
+        ref = {"ref_logps": torch.randn(S, generator=g)}
+    elif ref_mode == "online":
+        ref = {"ref_hidden": torch.randn(S, 3, 8, generator=g), "ref_weight": torch.randn(8, 8, generator=g)}
+    try:
+        out = loss(h, w, labels, **ref, **loss_inputs(loss, layout, inputs))
+        if not torch.isfinite(out.loss):
+            raise ValueError("non-finite loss on a test batch")
+    except (ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"--loss {','.join(loss.fns)} cannot be trained on {layout!r} data here: {e}") from None
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def dataset_logps(module: nn.Module, ds: D.Dataset, *, packed: bool, pad_id: int, batch_size: int, d: Dist,
+                  device, autocast, pack_length: int = 0) -> Tensor:
+    """Per-sequence log-probs [n_examples, seqs per example] (float32), computed in shards across ranks
+    (every rank runs the same number of forwards, as FSDP needs) and summed into every rank."""
+    n, k = len(ds), ds.num_responses
+    out = torch.zeros(n, k, device=device)
+    mine = list(range(d.rank, n, d.world))
+    rounds = math.ceil(math.ceil(n / d.world) / batch_size)
+    was = module.training
+    module.eval()
+    for r in range(rounds):
+        idx = mine[r * batch_size:(r + 1) * batch_size]
+        real = len(idx)
+        idx = idx or [0]
+        b = D.collate(D.sequences(ds, idx), packed=packed, pad_id=pad_id, pack_length=pack_length).to(device)
+        with autocast():
+            lp = call(module, b, mode="logps")["logps"].float()
+        lp = lp.reshape(k, -1).T if ds.layout == "pairs" else lp.reshape(-1, k)
+        if real:
+            out[torch.tensor(idx, device=device)] = lp[:real]
+    module.train(was)
+    return d.sum_(out)
+
+
+def _acc(diff: Tensor) -> float:
+    """Fraction of comparisons won (ties count one half: identical policy and reference give 0.5)."""
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def metrics(ds: D.Dataset, pol: Tensor, ref: Tensor | None, beta: float) -> dict[str, float | None]:
+    """Held-out reward accuracy (β·log-ratio to the reference ranks the preferred answer first) and ranking
+    accuracy (the policy's own log-probs do), plus margins and mean log-probs. Ties count one half."""
+    pol = pol.double().cpu()
+    r = beta * (pol - ref.double().cpu()) if ref is not None else pol
+    m: dict[str, float | None] = {}
+    if ds.layout == "pairs":
+        m["reward_accuracy"] = _acc(r[:, 0] - r[:, 1])
+        m["ranking_accuracy"] = _acc(pol[:, 0] - pol[:, 1])
+        m["margin"] = float((r[:, 0] - r[:, 1]).mean())
+        m["logps_chosen"], m["logps_rejected"] = float(pol[:, 0].mean()), float(pol[:, 1].mean())
+    elif ds.layout == "list":
+        right_r = right_p = total = 0
+        for e, rr, pp in zip(ds.examples, r, pol):
+            key = e.scores if e.scores is not None else [-x for x in e.ranks]
+            for i, j in itertools.combinations(range(len(key)), 2):
+                if key[i] != key[j]:
+                    sign = 1 if key[i] > key[j] else -1
+                    right_r += _acc(sign * (rr[i] - rr[j]))
+                    right_p += _acc(sign * (pp[i] - pp[j]))
+                    total += 1
+        m["reward_accuracy"] = right_r / total if total else None
+        m["ranking_accuracy"] = right_p / total if total else None
+        m["logps_mean"] = float(pol.mean())
+    else:
+        lab = torch.tensor([bool(e.label) for e in ds.examples])
+        m["reward_accuracy"] = _acc(torch.where(lab, r[:, 0], -r[:, 0]))
+        by_prompt: dict[str, list] = {}
+        for e, p in zip(ds.examples, pol[:, 0].tolist()):
+            by_prompt.setdefault(e.prompt_key, []).append((e.label, p))
+        pairs = [a - b for v in by_prompt.values() for la, a in v for lb, b in v if la and not lb]
+        m["ranking_accuracy"] = _acc(torch.tensor(pairs)) if pairs else None
+        m["logps_mean"] = float(pol.mean())
+    return m

@@ -1,0 +1,42 @@
+"""Shared fixtures for the trainer tests: a tiny local HF model folder and small data files."""
+import json
+import pathlib
+
+import pytest
+
+pytest.importorskip("transformers")
+
+SHORT = ["--sft-steps", "10", "--steps", "6", "--synthetic-train", "64", "--synthetic-eval", "16",
+         "--batch-size", "4", "--eval-batch-size", "16", "--no-progress", "--no-plots", "--save-every", "0",
+         "--eval-every", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
+    """The demo model (random init) and the bundled tokenizer, saved as a Hugging Face folder."""
+    from fastpref.train.model import tiny_model
+    from fastpref.train.synthetic import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    tok = load_tokenizer()
+    tiny_model(len(tok), seed=0, hidden=32, layers=1, heads=2).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _write_jsonl(path: pathlib.Path, rows) -> pathlib.Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def write_jsonl():
+    """write_jsonl(path, rows): one JSON object (or raw string) per line."""
+    return _write_jsonl
+
+
+@pytest.fixture
+def pairs_rows():
+    from fastpref.train.synthetic import make_task
+
+    return make_task(48, 8, seed=1)[0]
