@@ -85,7 +85,10 @@ class Run:
         self.pack_length = cfg.pack_length if cfg.pack_length is not None else cfg.max_length
         if cfg.gradient_checkpointing:
             self.policy.config.use_cache = False
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.policy, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                self.policy.activation_checkpointing_enable()
+            else:
+                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.objective = Objective(self.policy, self.loss, self.softcap, cfg.backend)
         layers = list(getattr(decoder(self.policy), "layers", []))
         self.module = wrap(self.objective, layers, d)

@@ -57,9 +57,11 @@ def test_saved_model_loads_and_prefers_chosen(tmp_path):
     assert abs(acc(held) - s["eval_ranking_accuracy"]) < 1e-9  # fused path == naive full-logits path
 
 
-@pytest.mark.parametrize("fmt,loss", [("pairs-chat", "sigmoid=1,sft=0.5"), ("pairs", "tdpo1"),
-                                      ("pairs", "simpo"), ("list", "plackett_luce"), ("unpaired", "kto")])
-def test_real_data_formats_and_losses(tmp_path, tiny_model_dir, write_jsonl, fmt, loss):
+@pytest.mark.parametrize("fmt,loss,extra", [
+    ("pairs-chat", "sigmoid=1,sft=0.5", []), ("pairs", "tdpo1", []), ("pairs", "simpo", []),
+    ("list", "plackett_luce", []), ("unpaired", "kto", []),
+    ("pairs", "ipo", ["--gradient-checkpointing", "--packing", "off", "--grad-accum", "2"])])
+def test_real_data_formats_and_losses(tmp_path, tiny_model_dir, write_jsonl, fmt, loss, extra):
     rows = make_task(24, 0, seed=2)[0]
     if fmt == "pairs-chat":
         rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
@@ -73,10 +75,10 @@ def test_real_data_formats_and_losses(tmp_path, tiny_model_dir, write_jsonl, fmt
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     s = main(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "o"),
               "--loss", loss, "--beta", "0.2", "--steps", "3", "--batch-size", "4", "--lr", "1e-3",
-              "--eval-fraction", "0.25", "--max-length", "40", "--no-progress", "--no-plots", "--threads", "1"])
+              "--eval-fraction", "0.25", "--max-length", "40", "--no-progress", "--no-plots", "--threads", "1", *extra])
     assert s["train_steps"] == 3 and s["eval_examples"] > 0 and s["eval_reward_accuracy"] is not None
     assert s["ref_mode"] == {"tdpo1": "online", "simpo": "none"}.get(loss, "precompute")
-    assert s["layout"] == fmt.split("-")[0]
+    assert s["layout"] == fmt.split("-")[0] and s["packed"] == ("off" not in extra)
 
 
 def test_yaml_config_and_loss_args(tmp_path, tiny_model_dir, write_jsonl):
