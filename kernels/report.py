@@ -21,12 +21,9 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-# The kernels must be compiled, not interpreted: decide before any kernel module is imported.
-os.environ.pop("TRITON_INTERPRET", None)
+import torch
 
-import torch  # noqa: E402
-
-from . import launch, presets  # noqa: E402
+from . import launch, presets
 
 _DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _NAME = {v: k for k, v in _DT.items()}
@@ -101,6 +98,12 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default=",".join(presets.KERNELS))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
+    # The kernels must be compiled, not interpreted: decided before any kernel module is imported
+    # (launch.module imports them lazily; the worker processes inherit the environment).
+    os.environ.pop("TRITON_INTERPRET", None)
+    if any(f"{__package__}.{k}" in sys.modules for k in presets.KERNELS):
+        print("kernel modules already imported in this process; run the report in a fresh one", file=sys.stderr)
+        return 2
     archs = [int(a) for a in args.arch.split(",") if a]
     kernels = [k for k in args.kernels.split(",") if k]
     for k in kernels:
