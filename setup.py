@@ -138,6 +138,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastpref", "fastpref.*"]) + ["fastpref.kernels"],
     package_dir={"fastpref": "fastpref", "fastpref.kernels": "kernels"},
+    package_data={"fastpref.train": ["assets/*.json"]},
+    entry_points={"console_scripts": ["fastpref=fastpref.cli:main"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest"]},
     ext_modules=ext_modules,
