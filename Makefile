@@ -2,29 +2,39 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.8.0
 
-.PHONY: test train venv install clean
+.PHONY: test train install clean
 
-venv: $(VENV)/.ready
-
-$(VENV)/.ready: requirements-dev.txt
+# torch first, alone: later packages must not pull a CUDA build (it is pinned again on every install).
+$(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip setuptools wheel ninja
-	$(PY) -m pip install -q $(TORCH) $(TRITON)   # torch first: later packages must not pull a CUDA build
-	$(PY) -m pip install -q -r requirements-dev.txt $(TORCH)   # pinned again so nothing swaps it
+	$(PIP) -U setuptools wheel $(TORCH)
 	touch $@
 
-install: venv
-	$(PY) -m pip install -q --no-build-isolation -e .
+$(VENV)/.train: $(VENV)/.torch requirements-train.txt
+	$(PIP) -r requirements-train.txt $(TORCH)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.train requirements-dev.txt
+	$(PIP) ninja $(TRITON) -r requirements-dev.txt $(TORCH)
+	touch $@
+
+# The package with its C++ extension (rebuilt incrementally when csrc/ or setup.py change).
+install: $(VENV)/.dev
+	$(PIP) --no-build-isolation -e .
 
 test: install
 	$(PY) -m pytest -q tests
 	$(PY) -m fastpref.kernels.report
 
-train: install
+# The main job needs neither Triton nor the test tools nor the C++ extension (the model is tiny);
+# it installs only what it uses, so a fresh clone trains within minutes.
+train: $(VENV)/.train
+	$(PY) -c "import fastpref.train" 2>/dev/null || FASTPREF_NO_NATIVE=1 $(PIP) --no-build-isolation -e .
 	$(PY) -m fastpref.train
 
 clean:
-	rm -rf build *.egg-info fastpref/*.so
+	rm -rf build *.egg-info fastpref/*.so fastpref/_native_build.json
