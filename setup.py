@@ -60,7 +60,7 @@ def nvidia_include_dirs():
 
 # -fno-trapping-math lets GCC if-convert (and so vectorize) the branch-free exp/tanh of csrc/cpu/rowmath.cpp;
 # with it on, every row loop stays scalar (about 10x slower). torch itself is built with both flags.
-CPU_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+CPU_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]  # -g0: no debug info (2x faster build)
 
 
 def native_extensions():
