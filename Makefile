@@ -11,7 +11,7 @@ TRITON ?= triton==3.8.0
 # torch first, alone: later packages must not pull a CUDA build (it is pinned again on every install).
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -U setuptools wheel $(TORCH)
+	$(PIP) -U pip setuptools wheel $(TORCH)   # a current pip: the old one runs the legacy develop path, which skips the extension
 	touch $@
 
 $(VENV)/.train: $(VENV)/.torch requirements-train.txt
