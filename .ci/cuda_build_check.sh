@@ -4,7 +4,7 @@
 # Creates a separate venv (default build/cuda-venv, reused when present), installs torch 2.14.1 (the CUDA 13
 # build; ~5.4 GB with its nvidia-* dependencies), builds the extensions from this checkout into a scratch copy
 # with `setup.py build_ext`, and imports fastpref._native_cuda (calls would fail only at the device check).
-# Not wired into CI. Measured on the 2-core dev machine (shared, load average ~8): fresh venv + torch install
+# CI runs it after `make test`. Measured on the 2-core dev machine (shared, load average ~8): fresh venv + torch install
 # 130 s (all wheels local or from the index), extension build 679 s under that load, import 12 s.
 #   usage: bash .ci/cuda_build_check.sh [VENV_DIR]
 set -euo pipefail
@@ -15,8 +15,12 @@ trap 'rm -rf "$WORK"' EXIT
 t0=$(date +%s)
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch,sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q -U setuptools wheel ninja
-  "$VENV/bin/pip" install -q "torch==2.14.1"
+  # Installing the 5.4 GB CUDA build depends on the package index; when that is impossible the check is
+  # skipped loudly (an environment problem), while a compile, link or import failure below fails CI.
+  if ! { "$VENV/bin/pip" install -q -U pip setuptools wheel ninja && "$VENV/bin/pip" install -q "torch==2.14.1"; }; then
+    echo "SKIPPED: the CUDA build of torch could not be installed; the CUDA extension was not compile-checked"
+    exit 0
+  fi
 fi
 t1=$(date +%s)
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
