@@ -75,12 +75,15 @@ def summary_table(rows: list[dict], gpu: bool) -> str:
 
 
 def skipped(rows: list[dict]) -> list[str]:
-    seen = {}
+    """'labels: reason' per distinct reason, for the rows that were not measured."""
+    by_note: dict[str, list[str]] = {}
     for r in rows:
-        note = r.get("note") or ""
+        note = (r.get("note") or "").removeprefix("skipped: ")
         if r.get("median_ms") is None and note:
-            seen.setdefault(f"{r['label']}: {note}", None)
-    return list(seen)
+            labs = by_note.setdefault(note, [])
+            if r["label"] not in labs:
+                labs.append(r["label"])
+    return [f"{', '.join(labs)} ({note})" for note, labs in by_note.items()]
 
 
 def device_section(device: str, folder: str, rel: str) -> list[str]:
