@@ -21,7 +21,8 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to OUT/NAME.l
 
 { nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
   > "$OUT/environment.txt" 2>&1
-step install 150 $PY -m pip install --no-build-isolation --no-deps -e .
+# Extensions built in place first: an old pip's legacy "develop" path would skip them.
+step install 150 bash -c "$PY setup.py -q build_ext --inplace && $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import fastpref; print(fastpref.available_backends(\"cuda\"))'"
 step tests 150 $PY -m pytest -q -x tests/test_token_stats.py tests/test_token_kl.py tests/test_inputs.py -p no:cacheprovider
 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_smoke.py
 # The benchmark runner's GPU mode (it subsumes bench/primitive.py): every implementation, D=4096, V=128256,
