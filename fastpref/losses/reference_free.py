@@ -1,4 +1,4 @@
-"""Reference-free pairwise losses (no π_ref): SimPO, CPO (+AlphaPO), ORPO, ASFT, SLiC-HF.
+"""Reference-free pairwise losses (no π_ref): SimPO, CPO (+AlphaPO), ORPO, R-ORPO, ASFT, SLiC-HF.
 
 Inputs are keyword-only per-sequence *summed* completion log-probs [B] (``chosen_logps``, ``rejected_logps``)
 and, where a length-normalised log-prob ℓ̄ = ℓ/|y| is needed, token counts ``chosen_lengths`` /
@@ -85,6 +85,25 @@ def orpo(
     lo_w = log_odds(_avg(chosen_logps, chosen_lengths, "chosen"))
     lo_l = log_odds(_avg(rejected_logps, rejected_lengths, "rejected"))
     return f32(chosen_nll) - beta * logsigmoid(lo_w - lo_l)
+
+
+@register("rorpo")
+def rorpo(
+    *, chosen_logps: Tensor = None, rejected_logps: Tensor = None,
+    chosen_lengths: Tensor = None, rejected_lengths: Tensor = None,
+    chosen_nll: Tensor = None, rationale_logps: Tensor = None, beta: float = 0.1, gamma: float = 1.0,
+) -> Tensor:
+    """R-ORPO, rationale-augmented ORPO (Just+24, official ``SimpleRORPOTrainer``):
+    L = NLL(y_w) - [λ·logσ(logodds(y_w) - logodds(y_l)) + γ·ℓ_θ(r | x, y_w, y_l)].
+
+    ``rationale_logps`` [B]: summed log-prob of a machine-generated rationale r conditioned on the prompt and
+    both responses. ``beta`` λ = 0.1, ``gamma`` γ = 1.0 (official config). The official code uses the naive
+    log1p(-exp); this uses log1mexp, as ORPO here does.
+    """
+    require(chosen_nll=chosen_nll, rationale_logps=rationale_logps)
+    lo_w = log_odds(_avg(chosen_logps, chosen_lengths, "chosen"))
+    lo_l = log_odds(_avg(rejected_logps, rejected_lengths, "rejected"))
+    return f32(chosen_nll) - (beta * logsigmoid(lo_w - lo_l) + gamma * f32(rationale_logps))
 
 
 @register("asft")

@@ -1,4 +1,5 @@
-"""SimPO, CPO (+AlphaPO), ORPO, ASFT, SLiC vs naive float64 formulas (catalog L05, L21-L24)."""
+"""SimPO, CPO (+AlphaPO), ORPO, R-ORPO, ASFT, SLiC vs naive float64 formulas (catalog L05, L21-L24, L33)."""
+import pytest
 import torch
 
 from _ref import B, check, gen, lengths, logsig, relu
@@ -68,6 +69,20 @@ def test_orpo_and_asft():
 
         check(L.orpo, orpo, x, P + ("chosen_nll",), hp=dict(beta=0.2), rtol=1e-6)
         check(L.asft, asft, x, P + ("chosen_nll",), hp=dict(beta=0.5), rtol=1e-6)
+
+
+def test_rorpo():
+    x = inputs(5)
+    x["rationale_logps"] = x["chosen_logps"] * 0.3 - 2.0
+
+    def ref(beta=0.1, gamma=1.0, chosen_nll=None, chosen_lengths=None, rejected_lengths=None, rationale_logps=None,
+            **kw):
+        lo = logodds(kw["chosen_logps"] / chosen_lengths) - logodds(kw["rejected_logps"] / rejected_lengths)
+        return chosen_nll - (beta * logsig(lo) + gamma * rationale_logps)
+
+    check(L.get("rorpo"), ref, x, P + ("chosen_nll", "rationale_logps"), hp=dict(beta=0.2, gamma=0.5), rtol=1e-6)
+    with pytest.raises(ValueError, match="rationale_logps"):
+        L.get("rorpo")(**{k: x[k] for k in P + ("chosen_nll",)})
 
 
 def test_orpo_fp32_near_zero_avg_logp_is_finite():

@@ -55,6 +55,7 @@ def extreme(name: str, m: float) -> tuple[dict, tuple, dict]:
         "simpo": ({**pol, **lens}, PAIR, {}), "slic": (pol, PAIR, {}),
         "cpo": ({**pol, "chosen_nll": ones}, PAIR, dict(alpha=0.1)),
         "orpo": ({**neg, **lens, "chosen_nll": ones}, PAIR, {}),
+        "rorpo": ({**neg, **lens, "chosen_nll": ones, "rationale_logps": ones * -3.0}, PAIR, {}),
         "asft": ({**neg, **lens, "chosen_nll": ones}, PAIR, {}),
         "kto": (unp, ("logps",), dict(kl=0.5)), "bco": (unp, ("logps",), {}), "apo_zero_unpaired": (unp, ("logps",), {}),
         "tdpo1": ({**tok, "chosen_token_kl": torch.full((B, T), abs(m)), "rejected_token_kl": torch.zeros(B, T)},
