@@ -22,13 +22,13 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to OUT/NAME.l
 { nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
   > "$OUT/environment.txt" 2>&1
 # Extensions built in place first: an old pip's legacy "develop" path would skip them.
-step install 120 bash -c "$PY setup.py -q build_ext --inplace && $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import fastpref; print(fastpref.available_backends(\"cuda\"))'"
-step tests 140 $PY -m pytest -q -x tests/test_token_stats.py tests/test_token_kl.py tests/test_inputs.py -p no:cacheprovider
-step memcheck 50 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_smoke.py
+step install 150 bash -c "$PY setup.py -q build_ext --inplace && $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import fastpref; print(fastpref.available_backends(\"cuda\"))'"
+step tests 130 $PY -m pytest -q -x tests/test_token_stats.py tests/test_token_kl.py tests/test_inputs.py -p no:cacheprovider
+step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_smoke.py
 # The benchmark runner's GPU mode (it subsumes bench/primitive.py): every implementation, D=4096, V=128256,
-# N=4096/16384, bf16. It starts no new measurement after 110 s, so it ends inside its 150 s limit.
+# N=4096/16384, bf16. It starts no new measurement after 100 s, so it ends inside its 140 s limit.
 # Results land in bench/results/cuda/ (commit them, then `python -m bench.readme`) and are copied to OUT.
-step bench 150 $PY -m bench --device cuda --quick --budget-s 110 --timeout-s 100
+step bench 140 $PY -m bench --device cuda --quick --budget-s 100 --timeout-s 90
 cp bench/results/cuda/bench.json bench/results/cuda/bench.md "$OUT/" 2>/dev/null
 
 echo
