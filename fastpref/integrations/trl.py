@@ -148,9 +148,7 @@ def _fastpref_head(module):
 # --------------------------------------------------------------------------------------------------------------------
 # DPO
 # --------------------------------------------------------------------------------------------------------------------
-# TRL's DPO f-divergence scores vanish at h = 0 (forward_kl: 1 - e^{-h}, js: log 2 + logσ(h), alpha:
-# (e^{(α-1)h} - 1)/(α-1)). The constant cancels in Δ = s_w - s_l but not in the length-normalised losses (ipo,
-# sigmoid_norm), so scores are taken as s(h) - s(0): TRL's convention whatever constant fastpref.losses uses.
+# f-divergences are applied by the losses themselves (those that take ``f_divergence_type``, as in TRL).
 # The losses that read ``label_smoothing`` in TRL's DPOTrainer (``sigmoid`` ignores it there).
 _SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
 
@@ -189,20 +187,11 @@ def dpo_loss(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, *, lo
         ref_chosen_logps, ref_rejected_logps = ref.chunk(2, dim=0)
     lengths = completion_mask.sum(dim=1)
     chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
-    if f_divergence_type == "reverse_kl":
-        pair = dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
-                    ref_rejected_logps=ref_rejected_logps)
-    else:
-        def score(h):
-            s = L.f_divergence_scores(torch.cat([h, h.new_zeros(1)]), f_divergence_type, f_alpha_divergence_coef)
-            return s[:-1] - s[-1]
-
-        s_w = score(chosen_logps.float() - ref_chosen_logps.float())
-        s_l = score(rejected_logps.float() - ref_rejected_logps.float())
-        pair = dict(chosen_logps=s_w, rejected_logps=s_l, ref_chosen_logps=torch.zeros_like(s_w),
-                    ref_rejected_logps=torch.zeros_like(s_l))
+    pair = dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                ref_rejected_logps=ref_rejected_logps)
     hparams = dict(beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                   discopop_tau=discopop_tau)
+                   discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+                   f_alpha_divergence_coef=f_alpha_divergence_coef)
     weights = None
     if log_sum_sq_probs is not None:
         w = L.wpo_weights(per_token_logps.detach(), log_sum_sq_probs[:, -seq_len:], shift_mask)
