@@ -30,6 +30,8 @@ from torch import Tensor
 
 from .. import kl as _kl
 from .. import stats as _stats
+from ..backends.torch_backend import logits_tile
+from ..options import LogitOptions
 
 __all__ = [
     "CausalLMStats", "CausalLMKL", "LMHead", "LogProbsOutput", "PatchHandle", "backbone_hidden_states",
@@ -315,6 +317,7 @@ def logit_summaries(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
     N, V = hidden.shape[0], weight.shape[0]
     h, w = hidden.float(), weight.float()
     b = None if bias is None else bias.float()
+    opts = LogitOptions(temperature, softcap)
     lab = labels.long().clamp(0, V - 1)
     top1 = torch.zeros(N, dtype=torch.bool, device=h.device)
     mean = torch.zeros(N, dtype=torch.float32, device=h.device)
@@ -324,12 +327,7 @@ def logit_summaries(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
         arg = torch.zeros(hr.shape[0], dtype=torch.long, device=h.device)
         zsum = torch.zeros(hr.shape[0], device=h.device)
         for v0 in range(0, V, vocab_chunk):
-            z = hr @ w[v0:v0 + vocab_chunk].T
-            if b is not None:
-                z += b[v0:v0 + vocab_chunk]
-            if softcap is not None:
-                z = softcap * torch.tanh(z / softcap)
-            z /= temperature
+            z, _ = logits_tile(hr, w[v0:v0 + vocab_chunk], None if b is None else b[v0:v0 + vocab_chunk], opts)
             if softcap is not None:
                 zsum += z.sum(-1)
             m, i = z.max(-1)  # first maximum within the tile
