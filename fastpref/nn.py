@@ -30,7 +30,8 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _params(fn) -> set[str]:
+def loss_params(fn) -> set[str]:
+    """The keyword inputs a loss function takes (its signature's parameter names)."""
     return set(inspect.signature(fn).parameters)
 
 
@@ -76,18 +77,17 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"layout='list' needs num_responses K >= 2, got {num_responses!r}")
         if use_weighting and layout != "pairs":
             raise ValueError("use_weighting (WPO) is defined for layout='pairs'")
-        accepted = set().union(*(_params(f) for f in self.fns.values()))
-        unknown = sorted(set(hparams) - accepted)
+        self.params = {name: loss_params(fn) for name, fn in self.fns.items()}
+        self.accepted = set().union(*self.params.values())
+        unknown = sorted(set(hparams) - self.accepted)
         if unknown:
             raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
         self.layout, self.K, self.hparams = layout, num_responses, hparams
         self.opts = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
         self.use_weighting = use_weighting
-        self.needs_kl = any("chosen_token_kl" in _params(f) for f in self.fns.values())
-        self.needs_tokens = any(p.endswith(("_token_logps", "_shared_logps")) for f in self.fns.values()
-                                for p in _params(f))
-        self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for f in self.fns.values()
-                             for p in _params(f))
+        self.needs_kl = "chosen_token_kl" in self.accepted
+        self.needs_tokens = any(p.endswith(("_token_logps", "_shared_logps")) for p in self.accepted)
+        self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in self.accepted)
         self.beta = float(hparams.get("beta", 0.1))
 
     # ---------------------------------------------------------------------------------------------
@@ -102,16 +102,17 @@ class PreferenceLoss(torch.nn.Module):
         like labels, or the reference model's ``ref_hidden`` / ``ref_weight`` (/ ``ref_bias``), needed for
         token-level KL losses. Extra inputs a loss takes (soft_labels, scores, rewards, kl, ...) pass as keywords.
         """
-        tok, ref_tok, kl_tok, p2_tok = self._token_stats(hidden, weight, labels, bias, ref_token_logps,
-                                                         ref_hidden, ref_weight, ref_bias, ref_softcap)
-        lab = labels.reshape(-1) if cu_seqlens is not None else labels
-        pad = (lambda x: None if x is None else unpack(x.reshape(-1), cu_seqlens)) if cu_seqlens is not None \
-            else (lambda x: x)
+        ignore = self.opts["ignore_index"]
         if cu_seqlens is None and labels.dim() != 2:
             raise ValueError(f"labels must be [S, T] (or packed with cu_seqlens), got {tuple(labels.shape)}")
-        mask = pad(lab) != self.opts["ignore_index"] if cu_seqlens is None else \
-            unpack(lab, cu_seqlens, fill=self.opts["ignore_index"]) != self.opts["ignore_index"]
-        tok, ref_tok, kl_tok, p2_tok = pad(tok), pad(ref_tok), pad(kl_tok), pad(p2_tok)
+        tok, ref_tok, kl_tok, p2_tok = self._token_stats(hidden, weight, labels, bias, ref_token_logps,
+                                                         ref_hidden, ref_weight, ref_bias, ref_softcap)
+        if cu_seqlens is None:
+            mask = labels != ignore
+        else:  # packed: per-token results to padded [S, T_max]
+            mask = unpack(labels.reshape(-1), cu_seqlens, fill=ignore) != ignore
+            tok, ref_tok, kl_tok, p2_tok = (None if x is None else unpack(x.reshape(-1), cu_seqlens)
+                                            for x in (tok, ref_tok, kl_tok, p2_tok))
         sums, counts = L.masked_sums(tok, mask)
         ref_sums = self._ref_sums(ref_logps, ref_tok, mask, sums.shape[0])
         ctx = self._context(sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable)
@@ -192,13 +193,12 @@ class PreferenceLoss(torch.nn.Module):
         return ctx
 
     def _apply(self, ctx: dict, loss_inputs: dict) -> Tensor:
-        accepted = set().union(*(_params(f) for f in self.fns.values()))
-        unknown = sorted(set(loss_inputs) - accepted)
+        unknown = sorted(set(loss_inputs) - self.accepted)
         if unknown:
             raise ValueError(f"input(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
         terms = {}
         for name, fn in self.fns.items():
-            params = _params(fn)
+            params = self.params[name]
             kwargs = {k: v for k, v in ctx.items() if k in params and v is not None}
             kwargs.update({k: v for k, v in {**self.hparams, **loss_inputs}.items() if k in params})
             terms[name] = fn(**kwargs)

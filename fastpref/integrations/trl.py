@@ -23,7 +23,6 @@ Requires TRL with ``add_fused_lm_head`` (1.10+; tested with 1.16).
 from __future__ import annotations
 
 import functools
-import inspect
 import threading
 import types
 from contextlib import contextmanager, nullcontext
@@ -36,6 +35,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from .. import losses as L
 from .. import stats as _stats
+from ..nn import loss_params
 from . import transformers as fi
 
 __all__ = ["DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "add_fused_lm_head", "dpo_loss"]
@@ -204,7 +204,7 @@ def dpo_loss(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, *, lo
             per_seq = L.sft(chosen_logps=L.masked_sums(c_tok, c_mask)[0], chosen_lengths=c_mask.sum(-1))
         else:
             fn = L.get(loss_type)
-            params = set(inspect.signature(fn).parameters)
+            params = loss_params(fn)
             kw = {k: v for k, v in {**pair, **hparams}.items() if k in params}
             if loss_type in _SMOOTHED:
                 kw["label_smoothing"] = label_smoothing

@@ -1,7 +1,6 @@
 """Policy + fused loss as one module (what DDP / FSDP2 wrap), the loss set-up, and evaluation metrics."""
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 
@@ -9,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as L
-from ..nn import PreferenceLoss
+from ..nn import PreferenceLoss, loss_params
 from ..stats import token_logprobs
 from . import data as D
 from .dist import Dist
@@ -65,15 +64,11 @@ def call(module: nn.Module, b: D.Batch, **kw) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- loss set-up
-def _params(fn) -> set[str]:
-    return set(inspect.signature(fn).parameters)
-
-
 def make_loss(weights: dict[str, float], hparams: dict, layout: str, k: int | None, softcap: float | None,
               backend: str) -> PreferenceLoss:
     """PreferenceLoss for the data layout; beta defaults to 0.1 where a loss takes it."""
     fns = [L.get(n) for n in weights]  # ValueError listing the known names
-    accepted = set().union(*map(_params, fns))
+    accepted = set().union(*map(loss_params, fns))
     hp = dict(hparams)
     if "beta" not in hp and "beta" in accepted:
         hp["beta"] = 0.1
@@ -85,7 +80,7 @@ def make_loss(weights: dict[str, float], hparams: dict, layout: str, k: int | No
 def loss_inputs(loss: PreferenceLoss, layout: str, inputs: dict[str, Tensor]) -> dict:
     """The extra inputs the data provides, for the losses that take them: listwise scores / ranks (also as
     graded ``rewards`` / ``labels``), unpaired ``desirable`` (KTO gets ``kl=0``, TRL's calculate_KL=False)."""
-    acc = set().union(*map(_params, loss.fns.values()))
+    acc = loss.accepted
     out: dict = {}
     if layout == "list":
         s, r = inputs.get("scores"), inputs.get("ranks")
