@@ -77,14 +77,15 @@ def check_labels(labels: object, hidden: torch.Tensor, ignore_index: object) -> 
     return lab
 
 
-def valid_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor | None:
+def valid_rows(labels: torch.Tensor, vocab: int | None, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows to compute (label != ignore_index), or None when every row counts.
 
-    Raises ValueError when a label outside [0, V) is not ignore_index.
+    Raises ValueError when a label outside [0, V) is not ignore_index (vocab None: V unknown here, as for a
+    vocabulary split over ranks; only negative labels are checked).
     """
     flat = labels.reshape(-1)
     valid = flat != ignore_index
-    bad = valid & ((flat < 0) | (flat >= vocab))
+    bad = valid & ((flat < 0) | (flat >= vocab)) if vocab is not None else valid & (flat < 0)
     n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
     if n_bad:
         first = int(flat[bad][0])

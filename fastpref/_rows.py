@@ -22,7 +22,8 @@ class Rows:
     keep: torch.Tensor | None = None
 
     @classmethod
-    def for_labels(cls, labels: torch.Tensor | None, shape: tuple[int, ...], vocab: int, ignore_index: int) -> "Rows":
+    def for_labels(cls, labels: torch.Tensor | None, shape: tuple[int, ...], vocab: int | None,
+                   ignore_index: int) -> "Rows":
         if labels is None:
             return cls(shape)
         if torch.compiler.is_compiling():

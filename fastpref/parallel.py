@@ -178,10 +178,9 @@ def vocab_parallel_token_stats(
     lab = check_labels(labels, h, ignore_index)
     start, stop = _slice(vocab_range, w)
     impl = backends.resolve(backend, h.device, h.dtype)
-    flat = lab.reshape(-1)
-    rows = Rows(tuple(lab.shape), index=(flat != ignore_index).nonzero().squeeze(1))
+    rows = Rows.for_labels(lab, tuple(lab.shape), None, ignore_index)  # global V: checked across ranks
     outs = _VocabParallelStats.apply(rows.take(h), w.contiguous(), None if b is None else b.contiguous(),
-                                     rows.take(lab).long(), start, stop, group, impl, opts, entropy, log_sum_p2)
+                                     rows.take_labels(lab), start, stop, group, impl, opts, entropy, log_sum_p2)
     return TokenStats(*(None if o is None else rows.put(o) for o in outs))
 
 
@@ -205,10 +204,10 @@ def vocab_parallel_token_kl(
         lab, rows = None, Rows(tuple(h.shape[:-1]))
     else:
         lab = check_labels(labels, h, ignore_index)
-        rows = Rows(tuple(lab.shape), index=(lab.reshape(-1) != ignore_index).nonzero().squeeze(1))
+        rows = Rows.for_labels(lab, tuple(lab.shape), None, ignore_index)
     rdet = [None if x is None else x.detach() for x in (rh, rw, rb)]
     outs = _VocabParallelKL.apply(
         rows.take(h), w.contiguous(), None if b is None else b.contiguous(), rows.take(rdet[0]),
         rdet[1].contiguous(), None if rdet[2] is None else rdet[2].contiguous(),
-        None if lab is None else rows.take(lab).long(), start, stop, group, impl, opts, ref_opts, direction)
+        None if lab is None else rows.take_labels(lab), start, stop, group, impl, opts, ref_opts, direction)
     return TokenKL(*(None if o is None else rows.put(o) for o in outs))
