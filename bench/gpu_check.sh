@@ -25,7 +25,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to OUT/NAME.l
 step install 150 bash -c "$PY setup.py -q build_ext --inplace && $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import fastpref; print(fastpref.available_backends(\"cuda\"))'"
 step tests 130 $PY -m pytest -q -x tests/test_token_stats.py tests/test_token_kl.py tests/test_inputs.py -p no:cacheprovider
 step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_smoke.py
-# The benchmark runner's GPU mode (it subsumes bench/primitive.py): every implementation, D=4096, V=128256,
+# The benchmark runner's GPU mode: every implementation, D=4096, V=128256,
 # N=4096/16384, bf16. It starts no new measurement after 100 s, so it ends inside its 140 s limit.
 # Results land in bench/results/cuda/ (commit them, then `python -m bench.readme`) and are copied to OUT.
 step bench 140 $PY -m bench --device cuda --quick --budget-s 100 --timeout-s 90
