@@ -104,8 +104,9 @@ class _GradAccumulator:
         self.db_c = torch.zeros(w.shape[0], device=w.device, dtype=torch.float32) if self.db is not None else None
 
     def add(self, dx: Tensor, h: Tensor, w: Tensor, r0: int, r1: int) -> None:
+        """Fold in one tile: dx [rows, chunk], h [rows, D] and w [chunk, D], all float32."""
         if self.dh is not None:
-            self.dh[r0:r1] += dx @ w.float()
+            self.dh[r0:r1] += dx @ w
         if self.dw_c is not None:
             self.dw_c += dx.T @ h
         if self.db_c is not None:
@@ -159,7 +160,7 @@ class TorchBackend:
         h32 = hidden.float()
         grads = _GradAccumulator(hidden, weight, bias, needs)
         for c0, c1 in _blocks(V, chunk):
-            w = weight[c0:c1]
+            w = weight[c0:c1].float()  # once per chunk, not per row block
             b = None if bias is None else bias[c0:c1]
             grads.start_chunk(w)
             for r0, r1 in _blocks(M, rows):
@@ -226,7 +227,7 @@ class TorchBackend:
         g_logp = zero if (grad_logp is None or labels is None) else grad_logp
         grads = _GradAccumulator(hidden, weight, bias, needs)
         for c0, c1 in _blocks(V, chunk):
-            w = weight[c0:c1]
+            w = weight[c0:c1].float()  # once per chunk, not per row block
             grads.start_chunk(w)
             for r0, r1 in _blocks(M, rows):
                 z, dzdx = logits_tile(h32[r0:r1], w, None if bias is None else bias[c0:c1], opts)
