@@ -36,6 +36,26 @@ def test_cuda_kernels_compile_without_spills():
         assert arch in p.stdout
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_row_loops_use_avx2_where_the_cpu_has_it():
+    """The vectorized row loops are picked at load time; a CPU with AVX2+FMA (Intel or AMD) must get them."""
+    mod = _cpu_module()
+    flags = _cpu_flags()
+    if not {"avx2", "fma", "bmi2", "movbe"} <= flags:
+        pytest.skip("this CPU lacks x86-64-v3 features (or /proc/cpuinfo is unreadable)")
+    assert mod.simd_path() == "x86-64-v3"
+
+
 @pytest.fixture
 def small_tiles():
     mod = _cpu_module()

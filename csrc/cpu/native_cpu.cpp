@@ -34,6 +34,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "rowmath.h"
@@ -521,4 +522,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return 4 * scratch_bound_elems(t.threads, t.rows, t.chunk, D, D_ref);
   }, "documented bound on the scratch bytes of one call (excludes outputs, gradients and dH)");
   m.def("last_scratch_bytes", []() { return g_last_scratch.load(); });
+  m.def("simd_path", []() { return std::string(simd_path()); },
+        "the instruction-set level of the row loops picked at load time: 'x86-64-v3' or 'baseline'");
 }

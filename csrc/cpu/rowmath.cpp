@@ -145,4 +145,13 @@ FP_HOT void kl_grad_row(float* x, const float* bias, const float* rz, int64_t n,
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Two versions of one function, dispatched by the same ifunc rule as the target_clones of FP_HOT.
+__attribute__((target("arch=x86-64-v3"))) static const char* simd_path_impl() { return "x86-64-v3"; }
+__attribute__((target("default"))) static const char* simd_path_impl() { return "baseline"; }
+const char* simd_path() { return simd_path_impl(); }
+#else
+const char* simd_path() { return "baseline"; }
+#endif
+
 }  // namespace fastpref_cpu

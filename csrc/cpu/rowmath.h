@@ -1,7 +1,9 @@
 // Per-row epilogue math for the CPU backend: float32 only, plain loops that GCC vectorizes.
 //
-// The hot functions are compiled twice (AVX2+FMA and baseline x86-64) through target_clones and picked at
-// load time, so the extension runs on any x86-64 CPU and uses AVX2 where it exists. exp and tanh are
+// The hot functions are compiled twice (x86-64-v3, i.e. AVX2+FMA, and baseline x86-64) through target_clones
+// and picked at load time, so the extension runs on any x86-64 CPU and uses AVX2 where it exists. The clone
+// is named by ISA level, not by processor: GCC resolves "arch=haswell" with __builtin_cpu_is, so AMD CPUs
+// (Zen) got the baseline SSE2 clone; "arch=x86-64-v3" is resolved by feature. simd_path() reports the pick. exp and tanh are
 // branch-free polynomial versions (a few ulp) so that the loops vectorize; the reductions use
 // `omp simd reduction`, which allows reordering the sums across lanes. Compile with -fopenmp
 // -fno-trapping-math (setup.py does): under GCC's default -ftrapping-math the selects below are not
@@ -14,7 +16,7 @@
 #include <limits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FP_HOT __attribute__((target_clones("arch=haswell", "default")))
+#define FP_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FP_HOT
 #endif
@@ -94,5 +96,8 @@ inline float dzdx_at(float raw, Transform tr) {
 inline float z_at(float raw, Transform tr) {
   return tr.softcap ? ftanh(raw * tr.inv_cap) * tr.cap_t : raw * tr.inv_t;
 }
+
+// Which clone the loader picked for this CPU: "x86-64-v3" or "baseline" (same resolver as FP_HOT).
+const char* simd_path();
 
 }  // namespace fastpref_cpu
