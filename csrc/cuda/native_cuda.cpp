@@ -6,15 +6,23 @@
 // recomputes each tile, turns it into dL/dx in place and runs dH_block += dx·W_chunk (float32 [N, D]) and
 // dW_chunk += dxᵀ·H_block (float32 [C, D] accumulator, written to dW once per chunk).
 //
-// Scratch (float32 elements), R rows × C vocabulary entries per tile (R = C = 4096 by default):
-//     2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 2·C  (+ 9·N per-row state)
-// — logits tiles (two for token_kl), float32 copies of non-float32 hidden blocks / weight chunks / bias
-// chunks, the dW/db chunk accumulators. Half inputs are upcast per block, so GEMMs run in float32 (no
-// tensor cores; the Triton backend is the fast GPU path, this one the portable reference-speed path).
+// GEMM dtypes: float16/bfloat16 hidden and weight of one dtype are multiplied as they are, on tensor cores,
+// with float32 accumulation and float32 output (aten::mm.dtype_out, torch >= 2.9): the logits tile is the
+// same float32 tile as with upcast operands up to summation order, since half·half products are exact in
+// float32. In the backward the float32 dL/dx tile is rounded to that dtype for the dH/dW products, as the
+// Triton backend does (accumulation stays float32). Other combinations (float32, or a half hidden with a
+// float32 master weight) read the half operands through float32 copies and run float32 GEMMs.
+//
+// Scratch (elements), R rows × C vocabulary entries per tile (R = C = 4096 by default):
+//     float32: 2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 2·C + max(R, C)·D  (+ 9·N per-row state)
+//     half:    R·C (the rounded dL/dx tile, backward only)
+// — logits tiles (two for token_kl), float32 copies of upcast hidden blocks / weight chunks (none for half
+// GEMMs) / bias chunks, the dW/db chunk accumulators, a product buffer for accumulating half GEMMs.
 #include <torch/extension.h>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/version.h>
 
 #include <algorithm>
 
@@ -66,6 +74,53 @@ static void check_head(const Tensor& h, const Tensor& w, const OptTensor& b, con
   if (has(b)) TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0) && b->is_contiguous(), who, ": bias [V]");
 }
 
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define FASTPREF_HALF_GEMM 1
+#else
+#define FASTPREF_HALF_GEMM 0
+#endif
+
+// Whether the GEMMs of x with y run in their own (half) dtype; otherwise both are read as float32.
+static bool half_pair(const Tensor& x, const Tensor& y) {
+  const auto t = x.scalar_type();
+  return FASTPREF_HALF_GEMM && t == y.scalar_type() && (t == at::kHalf || t == at::kBFloat16);
+}
+
+// Rows [r0, r0 + n) of x as a GEMM operand: a view for half GEMMs, else as float32 (see f32_rows).
+static Tensor operand_rows(const Tensor& x, int64_t r0, int64_t n, bool half, Tensor& buf, int64_t cap) {
+  return half ? x.narrow(0, r0, n) : f32_rows(x, r0, n, buf, cap);
+}
+
+// out (float32) = a·b, or out += a·b. a and b share one dtype; for half operands the product is formed
+// in float32 by cuBLAS (into `tmp`, grown on demand, when accumulating).
+static void gemm_f32(Tensor out, const Tensor& a, const Tensor& b, bool accumulate, Tensor& tmp) {
+  if (a.scalar_type() == at::kFloat) {
+    if (accumulate) out.addmm_(a, b); else at::mm_out(out, a, b);
+    return;
+  }
+#if FASTPREF_HALF_GEMM
+  if (!accumulate) {
+    at::mm_out(out, a, b, at::kFloat);
+    return;
+  }
+  if (!tmp.defined() || tmp.numel() < out.numel()) tmp = at::empty({out.numel()}, out.options());
+  Tensor prod = tmp.narrow(0, 0, out.numel()).view(out.sizes());
+  at::mm_out(prod, a, b, at::kFloat);
+  out.add_(prod);
+#else
+  TORCH_CHECK(false, "internal: half GEMM operands need torch >= 2.9");
+#endif
+}
+
+// The dL/dx tile as the left operand of the dH/dW products: itself, or rounded to `dtype` in `buf`.
+static Tensor grad_operand(const Tensor& tile, bool half, at::ScalarType dtype, Tensor& buf, int64_t cap) {
+  if (!half) return tile;
+  if (!buf.defined()) buf = at::empty({cap}, tile.options().dtype(dtype));
+  Tensor out = buf.narrow(0, 0, tile.numel()).view(tile.sizes());
+  out.copy_(tile);
+  return out;
+}
+
 static const int64_t* lab_ptr(const OptTensor& labels, int64_t N) {
   if (!has(labels)) return nullptr;
   TORCH_CHECK(labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == N,
@@ -93,16 +148,17 @@ std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, co
   Tensor ent = want_ent ? at::empty({N}, f32) : Tensor(), p2 = want_p2 ? at::empty({N}, f32) : Tensor();
   Tensor m = at::full({N}, -INFINITY, f32), s = at::zeros({N}, f32), zl = at::zeros({N}, f32);
   Tensor t = want_ent ? at::zeros({N}, f32) : Tensor(), s2 = want_p2 ? at::zeros({N}, f32) : Tensor();
-  Tensor tilebuf = at::empty({R * C}, f32), hbuf, wbuf, bbuf;
+  const bool half = half_pair(hidden, weight);
+  Tensor tilebuf = at::empty({R * C}, f32), hbuf, wbuf, bbuf, tmp;
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);
-    Tensor H = f32_rows(hidden, r0, rows, hbuf, R * D);
+    Tensor H = operand_rows(hidden, r0, rows, half, hbuf, R * D);
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t cols = std::min(C, V - c0);
-      Tensor W = f32_rows(weight, c0, cols, wbuf, C * D);
+      Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
       const float* bp = f32_vec(bias, c0, cols, bbuf, C);
       Tensor tile = tile_view(tilebuf, rows, cols);
-      at::mm_out(tile, H, W.t());
+      gemm_f32(tile, H, W.t(), false, tmp);
       stats_fwd_tile(tile.data_ptr<float>(), rows, cols, bp, tr, lab + r0, c0, ptr(m) + r0, ptr(s) + r0,
                      want_ent ? ptr(t) + r0 : nullptr, want_p2 ? ptr(s2) + r0 : nullptr, ptr(zl) + r0, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -128,12 +184,10 @@ struct ChunkGrads {
       dbc = at::empty({C}, f32);
     }
   }
-  void add(const Tensor& dx, const Tensor& H, bool first) {
+  // dx: the float32 dL/dx tile (for db); gx: dx as the GEMM operand (dx itself or its half rounding).
+  void add(const Tensor& dx, const Tensor& gx, const Tensor& H, bool first, Tensor& tmp) {
     const int64_t cols = dx.size(1), D = H.size(1);
-    if (need_w) {
-      Tensor p = dwc.narrow(0, 0, cols * D).view({cols, D});
-      if (first) at::mm_out(p, dx.t(), H); else p.addmm_(dx.t(), H);
-    }
+    if (need_w) gemm_f32(dwc.narrow(0, 0, cols * D).view({cols, D}), gx.t(), H, !first, tmp);
     if (need_b) {
       Tensor p = dbc.narrow(0, 0, cols);
       if (first) at::sum_out(p, dx, {0}); else p.add_(dx.sum(0));
@@ -162,16 +216,17 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
   TORCH_CHECK(!ge || has(entropy), "stats_backward: grad_entropy needs entropy");
   Tensor dH = need_h ? at::zeros({N, D}, f32) : Tensor();
   ChunkGrads grads(need_w, need_b, weight, bias, C);
-  Tensor tilebuf = at::empty({R * C}, f32), hbuf, wbuf, bbuf;
+  const bool half = half_pair(hidden, weight);
+  Tensor tilebuf = at::empty({R * C}, f32), hbuf, wbuf, bbuf, gbuf, tmp;
   for (int64_t c0 = 0; c0 < V; c0 += C) {
     const int64_t cols = std::min(C, V - c0);
-    Tensor W = f32_rows(weight, c0, cols, wbuf, C * D);
+    Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
     const float* bp = f32_vec(bias, c0, cols, bbuf, C);
     for (int64_t r0 = 0; r0 < N; r0 += R) {
       const int64_t rows = std::min(R, N - r0);
-      Tensor H = f32_rows(hidden, r0, rows, hbuf, R * D);
+      Tensor H = operand_rows(hidden, r0, rows, half, hbuf, R * D);
       Tensor tile = tile_view(tilebuf, rows, cols);
-      at::mm_out(tile, H, W.t());
+      gemm_f32(tile, H, W.t(), false, tmp);
       const float* gl = ptr(grad_logp);
       const float* gs = ptr(grad_lse);
       const float* gen = ptr(grad_entropy);
@@ -180,8 +235,9 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
                      lse.data_ptr<float>() + r0, ge ? en + r0 : nullptr, gl ? gl + r0 : nullptr,
                      gs ? gs + r0 : nullptr, ge ? gen + r0 : nullptr, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (need_h) dH.narrow(0, r0, rows).addmm_(tile, W);
-      grads.add(tile, H, r0 == 0);
+      const Tensor gx = grad_operand(tile, half, hidden.scalar_type(), gbuf, R * C);
+      if (need_h) gemm_f32(dH.narrow(0, r0, rows), gx, W, true, tmp);
+      grads.add(tile, gx, H, r0 == 0, tmp);
     }
     grads.finish(c0, cols, D);
   }
@@ -208,21 +264,22 @@ std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const
   Tensor m = at::full({N}, -INFINITY, f32), rm = at::full({N}, -INFINITY, f32);
   Tensor st = at::zeros({5, N}, f32);  // s, rs, cross, zl, rzl
   float *s = ptr(st), *rs = s + N, *cross = s + 2 * N, *zl = s + 3 * N, *rzl = s + 4 * N;
+  const bool half = half_pair(hidden, weight), rhalf = half_pair(ref_hidden, ref_weight);
   Tensor zbuf = at::empty({R * C}, f32), rzbuf = at::empty({R * C}, f32);
-  Tensor hbuf, rhbuf, wbuf, rwbuf, bbuf, rbbuf;
+  Tensor hbuf, rhbuf, wbuf, rwbuf, bbuf, rbbuf, tmp;
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);
-    Tensor H = f32_rows(hidden, r0, rows, hbuf, R * D);
-    Tensor RH = f32_rows(ref_hidden, r0, rows, rhbuf, R * Dr);
+    Tensor H = operand_rows(hidden, r0, rows, half, hbuf, R * D);
+    Tensor RH = operand_rows(ref_hidden, r0, rows, rhalf, rhbuf, R * Dr);
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t cols = std::min(C, V - c0);
-      Tensor W = f32_rows(weight, c0, cols, wbuf, C * D);
-      Tensor RW = f32_rows(ref_weight, c0, cols, rwbuf, C * Dr);
+      Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
+      Tensor RW = operand_rows(ref_weight, c0, cols, rhalf, rwbuf, C * Dr);
       const float* bp = f32_vec(bias, c0, cols, bbuf, C);
       const float* rbp = f32_vec(ref_bias, c0, cols, rbbuf, C);
       Tensor zt = tile_view(zbuf, rows, cols), rzt = tile_view(rzbuf, rows, cols);
-      at::mm_out(zt, H, W.t());
-      at::mm_out(rzt, RH, RW.t());
+      gemm_f32(zt, H, W.t(), false, tmp);
+      gemm_f32(rzt, RH, RW.t(), false, tmp);
       kl_fwd_tile(zt.data_ptr<float>(), rzt.data_ptr<float>(), rows, cols, bp, rbp, tr, rtr, lab ? lab + r0 : nullptr,
                   c0, reverse ? 1 : 0, ptr(m) + r0, s + r0, ptr(rm) + r0, rs + r0, cross + r0, zl + r0, rzl + r0,
                   stream);
@@ -254,28 +311,30 @@ std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, cons
   const float* gk = ptr(grad_kl);
   Tensor dH = need_h ? at::zeros({N, D}, f32) : Tensor();
   ChunkGrads grads(need_w, need_b, weight, bias, C);
+  const bool half = half_pair(hidden, weight), rhalf = half_pair(ref_hidden, ref_weight);
   Tensor zbuf = at::empty({R * C}, f32), rzbuf = at::empty({R * C}, f32);
-  Tensor hbuf, rhbuf, wbuf, rwbuf, bbuf, rbbuf;
+  Tensor hbuf, rhbuf, wbuf, rwbuf, bbuf, rbbuf, gbuf, tmp;
   for (int64_t c0 = 0; c0 < V; c0 += C) {
     const int64_t cols = std::min(C, V - c0);
-    Tensor W = f32_rows(weight, c0, cols, wbuf, C * D);
-    Tensor RW = f32_rows(ref_weight, c0, cols, rwbuf, C * Dr);
+    Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
+    Tensor RW = operand_rows(ref_weight, c0, cols, rhalf, rwbuf, C * Dr);
     const float* bp = f32_vec(bias, c0, cols, bbuf, C);
     const float* rbp = f32_vec(ref_bias, c0, cols, rbbuf, C);
     for (int64_t r0 = 0; r0 < N; r0 += R) {
       const int64_t rows = std::min(R, N - r0);
-      Tensor H = f32_rows(hidden, r0, rows, hbuf, R * D);
-      Tensor RH = f32_rows(ref_hidden, r0, rows, rhbuf, R * Dr);
+      Tensor H = operand_rows(hidden, r0, rows, half, hbuf, R * D);
+      Tensor RH = operand_rows(ref_hidden, r0, rows, rhalf, rhbuf, R * Dr);
       Tensor zt = tile_view(zbuf, rows, cols), rzt = tile_view(rzbuf, rows, cols);
-      at::mm_out(zt, H, W.t());
-      at::mm_out(rzt, RH, RW.t());
+      gemm_f32(zt, H, W.t(), false, tmp);
+      gemm_f32(rzt, RH, RW.t(), false, tmp);
       kl_bwd_tile(zt.data_ptr<float>(), rzt.data_ptr<float>(), rows, cols, bp, rbp, tr, rtr,
                   gl ? lab + r0 : nullptr, c0, reverse ? 1 : 0, lse.data_ptr<float>() + r0,
                   ref_lse.data_ptr<float>() + r0, kl.data_ptr<float>() + r0, gk ? gk + r0 : nullptr,
                   gl ? gl + r0 : nullptr, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (need_h) dH.narrow(0, r0, rows).addmm_(zt, W);
-      grads.add(zt, H, r0 == 0);
+      const Tensor gx = grad_operand(zt, half, hidden.scalar_type(), gbuf, R * C);
+      if (need_h) gemm_f32(dH.narrow(0, r0, rows), gx, W, true, tmp);
+      grads.add(zt, gx, H, r0 == 0, tmp);
     }
     grads.finish(c0, cols, D);
   }

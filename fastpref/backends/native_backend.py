@@ -12,8 +12,10 @@ thread at D = D_ref = 512; float32 token_stats allocates only its 8 MiB tile and
 independent of V and N; the backward adds a float32 [N, D] dH accumulator and the gradients themselves (dW in the weight's dtype). ``scratch_bound_bytes()`` / ``last_scratch_bytes()``
 of the CPU module evaluate the bound and report what the last call allocated.
 
-Dtypes: float32, float16 and bfloat16 (non-float32 blocks are upcast to float32 scratch before each GEMM;
-accumulation is float32). float64 is rejected by ``supports()`` (use backend="torch"); a float64
+Dtypes: float32, float16 and bfloat16; accumulation is always float32. On the CPU, half blocks are upcast
+to float32 scratch before each GEMM. On CUDA (torch >= 2.9), a half hidden and weight of one dtype go to
+cuBLAS as they are (tensor cores, float32 output), and the backward rounds dL/dlogits to that dtype for the
+dH/dW products, as the Triton backend does; mixed dtypes (e.g. a float32 master weight) are upcast. float64 is rejected by ``supports()`` (use backend="torch"); a float64
 reference model in token_kl is read through float32 copies, as the torch backend does.
 """
 from __future__ import annotations
