@@ -3,8 +3,9 @@
     python -m bench.readme [--readme README.md] [--results bench/results] [--check]
 
 Rewrites only the text between ``<!-- perf:begin -->`` and ``<!-- perf:end -->``. Sources:
-``bench/results/<device>/bench.json`` (``python -m bench``), plus any other ``*.json`` there that carries a
-``rows`` list (e.g. bench/cpu_native.py's results), shown with its own markdown file when one sits beside it.
+``bench/results/<folder>/bench.json`` (``python -m bench``; folders ``cpu`` and ``cuda`` first, then any other,
+e.g. ``cpu-8192`` for a run at another shape), plus any other ``*.json`` there that carries a ``rows`` list,
+shown with its own markdown file when one sits beside it.
 --check exits 1 when the section is out of date (nothing written).
 """
 from __future__ import annotations
@@ -93,9 +94,10 @@ def device_section(device: str, folder: str, rel: str) -> list[str]:
         with open(path) as f:
             res = json.load(f)
         env, rows = res["environment"], res["rows"]
-        gpu = device == "cuda"
+        gpu = device.split("-")[0] == "cuda"
         what = env.get("gpu") if gpu else env.get("cpu") or "CPU"
-        lines += [f"### {'GPU' if gpu else 'CPU'}: {what}", ""]
+        extra = "" if device in DEVICE_ORDER else f" (`{device}`)"
+        lines += [f"### {'GPU' if gpu else 'CPU'}: {what}{extra}", ""]
         soft = ", ".join(f"{k} {env[k]}" for k in SOFTWARE if env.get(k))
         lines += [f"Measured {env['date']} on {env['machine']}" + (f" ({env['gpu']})" if gpu else "") +
                   f" with {soft}" + (f", at commit {env['git_commit']}" if env.get("git_commit") else "") +
@@ -121,7 +123,7 @@ def device_section(device: str, folder: str, rel: str) -> list[str]:
         if pngs:
             lines += [" ".join(f"![{p[:-4]}]({rel}/{p})" for p in pngs), ""]
         lines += [res["memory_method"], ""]
-    # other result files in the same folder (e.g. bench/cpu_native.py's)
+    # other result files in the same folder
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".json") or name == "bench.json":
             continue
@@ -147,15 +149,6 @@ def device_section(device: str, folder: str, rel: str) -> list[str]:
             # demote headings so they nest under this section
             body = "\n".join(("###" + ln) if ln.startswith("#") else ln for ln in body.splitlines())
             lines += [body, ""]
-        elif all("seconds_median" in r for r in orows):   # bench/cpu_native.py
-            lines += ["| implementation | pass | seconds, median (min–max) | peak MiB above inputs, median (min–max) |",
-                      "|---|---|---|---|"]
-            for r in sorted(orows, key=lambda r: (r.get("mode", ""), r["seconds_median"])):
-                lines.append(f"| {r.get('what') or r.get('impl')} | {r.get('mode', '')} | "
-                             f"{r['seconds_median']:.2f} ({r['seconds_min']:.2f}–{r['seconds_max']:.2f}) | "
-                             f"{r.get('peak_mib_median', 0):.0f} ({r.get('peak_mib_min', 0):.0f}–"
-                             f"{r.get('peak_mib_max', 0):.0f}) |")
-            lines += [""]
         else:
             keys = [k for k in orows[0] if not isinstance(orows[0][k], (list, dict))]
             lines += ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]

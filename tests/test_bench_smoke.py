@@ -48,16 +48,17 @@ def test_readme_generator(run_dir, tmp_path):
     (results / "cpu").mkdir(parents=True)
     for name in ("bench.json", "bench.md"):
         (results / "cpu" / name).write_text((run_dir / name).read_text())
-    (results / "cpu" / "native.json").write_text(json.dumps({"meta": {"N": 8}, "results": [
-        {"impl": "native", "mode": "fwd", "what": "native backend", "seconds_median": 1.5, "seconds_min": 1.0,
-         "seconds_max": 2.0, "peak_mib_median": 3.0, "peak_mib_min": 3.0, "peak_mib_max": 3.0}]}))
+    (results / "cpu-8192").mkdir()   # a run at another shape gets its own, labelled section
+    for name in ("bench.json", "bench.md"):
+        (results / "cpu-8192" / name).write_text((run_dir / name).read_text())
     (results / "cpu" / "other.json").write_text(json.dumps({"rows": [{"impl": "x", "ms": 1.5}]}))
     md = tmp_path / "README.md"
     md.write_text("# t\n\n## Performance\n\n<!-- perf:begin -->\nold\n<!-- perf:end -->\n\n## After\n")
     assert readme.main(["--readme", str(md), "--results", str(results)]) == 0
     text = md.read_text()
     assert "old" not in text and text.endswith("<!-- perf:end -->\n\n## After\n")
-    assert "### CPU" in text and "fastpref (torch)" in text and "native.json" in text and "native backend" in text
+    assert "### CPU" in text and "fastpref (torch)" in text and "(`cpu-8192`)" in text
+    assert text.index("(`cpu-8192`)") > text.index("results/cpu/bench.json")
     assert "other.json" in text
     assert "```python" not in text   # the README's python blocks are executed by tests/test_readme.py
     assert readme.main(["--readme", str(md), "--results", str(results), "--check"]) == 0
