@@ -13,7 +13,15 @@ def check_tensor(name: str, x: object) -> torch.Tensor:
 
 
 def gathered(x: object) -> object:
-    """A DTensor (e.g. an lm_head sharded by FSDP2) as its full tensor, differentiably; anything else as is."""
+    """A sharded parameter as its full tensor inside the op, differentiably; anything else as is.
+
+    A DTensor (FSDP2) becomes its ``full_tensor()``; a DeepSpeed ZeRO-3 partitioned parameter (it carries
+    ``ds_id``) is gathered by :func:`fastpref._zero3.full`, its gradient left to ZeRO-3's reduce-scatter.
+    """
+    if isinstance(x, torch.Tensor) and hasattr(x, "ds_id"):
+        from ._zero3 import full  # imports deepspeed, which is loaded already when such a parameter exists
+
+        return full(x)
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -27,8 +35,8 @@ def check_head(
     """Check one model's hidden [..., D], weight [V, D] and bias [V]; cast weight/bias to hidden's dtype.
 
     The logits are computed in hidden's dtype (as autocast would); the cast is differentiable,
-    so a float32 master weight still receives its gradient. Sharded DTensors are gathered here, inside
-    the op, so FSDP2 callers pass their parameters as they are.
+    so a float32 master weight still receives its gradient. Sharded DTensors (FSDP2) and ZeRO-3 partitioned
+    parameters are gathered here, inside the op, so their callers pass their parameters as they are.
     """
     h = check_tensor(f"{prefix}hidden", gathered(hidden))
     w = check_tensor(f"{prefix}weight", gathered(weight))

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .. import kl as _kl
 from .. import stats as _stats
+from .._checks import gathered
 from ..backends.torch_backend import logits_tile
 from ..options import LogitOptions
 
@@ -147,7 +148,7 @@ class LMHead:
 def _peft_lora_head(layer) -> tuple[Tensor, Tensor | None, tuple]:
     """(weight, bias, lora) of a PEFT LoRA ``Linear`` on the output layer, following its forward exactly."""
     base = layer.get_base_layer()
-    weight, bias = base.weight, getattr(base, "bias", None)
+    weight, bias = gathered(base.weight), gathered(getattr(base, "bias", None))
     if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
         return weight, bias, ()
     if getattr(layer, "fan_in_fan_out", False):
@@ -163,10 +164,11 @@ def _peft_lora_head(layer) -> tuple[Tensor, Tensor | None, tuple]:
         a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
         if not isinstance(a, torch.nn.Linear) or not isinstance(b, torch.nn.Linear):
             raise NotImplementedError(f"fastpref: LoRA on lm_head with {type(a).__name__} adapters is not supported")
-        lora.append((a.weight, s, layer.lora_dropout[name]))
-        extra_w.append(b.weight.to(weight.dtype))
+        lora.append((gathered(a.weight), s, layer.lora_dropout[name]))
+        extra_w.append(gathered(b.weight).to(weight.dtype))
         if b.bias is not None:
-            extra_b = (b.bias * s) if extra_b is None else extra_b + b.bias * s
+            b_bias = gathered(b.bias)
+            extra_b = (b_bias * s) if extra_b is None else extra_b + b_bias * s
     if extra_w:
         weight = torch.cat([weight, *extra_w], dim=1)
     if extra_b is not None:
@@ -174,8 +176,17 @@ def _peft_lora_head(layer) -> tuple[Tensor, Tensor | None, tuple]:
     return weight, bias, tuple(lora)
 
 
+def _shape(param: Tensor) -> tuple:
+    """A parameter's shape; ``ds_shape`` for a ZeRO-3 partitioned one (its local ``.data`` is empty)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def lm_head(model) -> LMHead:
-    """Resolve ``model``'s output layer (PEFT-aware) and logit transform. Gradients flow to every parameter used."""
+    """Resolve ``model``'s output layer (PEFT-aware) and logit transform. Gradients flow to every parameter used.
+
+    Sharded parameters (an FSDP2 DTensor, a DeepSpeed ZeRO-3 partitioned parameter) come back gathered, see
+    :func:`fastpref._checks.gathered`.
+    """
     hf = unwrap_model(model)
     cfg = _text_config(hf)
     head = hf.get_output_embeddings()
@@ -188,11 +199,11 @@ def lm_head(model) -> LMHead:
     elif hasattr(head, "modules_to_save") and hasattr(head, "original_module"):  # peft ModulesToSaveWrapper
         active = [a for a in head.active_adapters if a in head.modules_to_save]
         mod = head.original_module if head.disable_adapters or not active else head.modules_to_save[active[0]]
-        weight, bias = mod.weight, getattr(mod, "bias", None)
+        weight, bias = gathered(mod.weight), gathered(getattr(mod, "bias", None))
     elif hasattr(head, "get_base_layer"):  # another PEFT tuner on lm_head
         raise NotImplementedError(f"fastpref: PEFT layer {kind} on lm_head is not supported")
-    elif isinstance(getattr(head, "weight", None), Tensor) and head.weight.dim() == 2:
-        weight, bias = head.weight, getattr(head, "bias", None)
+    elif isinstance(getattr(head, "weight", None), Tensor) and len(_shape(head.weight)) == 2:
+        weight, bias = gathered(head.weight), gathered(getattr(head, "bias", None))
     else:
         raise NotImplementedError(f"fastpref: output layer {kind} is not a linear layer")
     softcap = getattr(cfg, "final_logit_softcapping", None)
