@@ -119,7 +119,7 @@ def measure_entry(step: Callable[[], object], device: torch.device, *, repeats: 
         peak = peak_rss_mib() - base
         method = "VmHWM-reset" if resettable else "ru_maxrss"
     return {
-        "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+        "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "times_ms": times,
         "repeats": repeats, "warmup": warmup, "peak_mib": peak,
         "peak_incl_warmup_mib": max(peak, peak_warm) if warmup else peak, "mem_method": method,
         "sample": sample,

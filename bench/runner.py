@@ -11,6 +11,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -412,6 +413,68 @@ def plots(result: dict, out_dir: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def run_round(entries: list[Entry], a, isolate: str, t_start: float, out_dir: str, env: dict,
+              rnd: int) -> tuple[list[dict], int]:
+    """One pass over the plan: a row per entry (measured, skipped or failed), and how many the budget cut."""
+    rows, done = [], {}
+    skipped_budget = 0
+    tag = f" r{rnd + 1}/{a.rounds}" if a.rounds > 1 else ""
+    for n, e in enumerate(entries):
+        lab = label(e)
+        row = {**asdict(e), "label": lab, "flops": flops(e), "valid_tokens": valid_tokens(e)}
+        fk = _flat_key(e)
+        if e.workload in FLAT and fk in done:  # same measurement already made in another workload
+            src = done[fk]
+            row.update({k: v for k, v in src.items() if k not in asdict(e) and k not in ("label", "flops")})
+            rows.append(row)
+            continue
+        if a.budget_s is not None and time.perf_counter() - t_start > a.budget_s:
+            row["note"] = "not run: time budget exhausted"
+            skipped_budget += 1
+            rows.append(row)
+            continue
+        t0 = time.perf_counter()
+        r = run_isolated(e, a.device, a.timeout_s) if isolate == "fork" else run_inprocess(e, a.device)
+        r["entry_s"] = time.perf_counter() - t0
+        if "skipped" in r:
+            r["note"] = "skipped: " + r.pop("skipped")
+        elif "error" in r:
+            r["note"] = "failed: " + r["error"]
+        row.update(r)
+        rows.append(row)
+        if e.workload in FLAT and r.get("median_ms") is not None:
+            done[fk] = r
+        if a.device == "cuda":  # a run killed from outside (gpu_check's limit) still leaves what it measured
+            with open(os.path.join(out_dir, "bench.partial.json"), "w") as f:
+                json.dump({"environment": env, "rows": rows}, f, indent=1, default=str)
+        status = (f"{r['median_ms']:9.1f} ms  peak {r.get('peak_mib') or 0:8.0f} MiB" if r.get("median_ms")
+                  is not None else r.get("note", ""))
+        print(f"[{n + 1:3d}/{len(entries)}{tag} {time.perf_counter() - t_start:6.0f}s] {e.workload:9s} {e.mode:16s} "
+              f"N={e.N:<6d} V={e.V:<7d} {lab[:48]:48s} {status}", flush=True)
+    return rows, skipped_budget
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """Rows of several rounds (same plan, same order) as one: all repeats pooled, the largest peak memory."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    for same in zip(*rounds):
+        row = dict(same[0])
+        ok = [r for r in same if r.get("median_ms") is not None]
+        if len(ok) == len(same):
+            times = [t for r in ok for t in r["times_ms"]]
+            row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), times_ms=times,
+                       repeats=len(times), round_medians_ms=[r["median_ms"] for r in ok], rounds=len(ok))
+            peaks = [r["peak_mib"] for r in ok if r.get("peak_mib") is not None]
+            row["peak_mib"] = max(peaks) if peaks else None
+        elif ok:  # some round failed: report that round's note
+            bad = next(r for r in same if r.get("median_ms") is None)
+            row = dict(bad)
+        merged.append(row)
+    return merged
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -428,6 +491,8 @@ def main(argv=None) -> int:
                    help="run each measurement in a forked process (auto: on the CPU, where RSS is the measure)")
     p.add_argument("--shape", default=None, help="N,D,V of the headline workloads instead of the preset")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole plan this many times in turn and pool the repeats (fairer on a shared machine)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
@@ -469,42 +534,20 @@ def main(argv=None) -> int:
     if a.device == "cuda":
         peak = bf16_peak_tflops()
 
-    rows, done = [], {}
-    skipped_budget = 0
-    for n, e in enumerate(entries):
-        lab = label(e)
-        row = {**asdict(e), "label": lab, "flops": flops(e), "valid_tokens": valid_tokens(e)}
-        fk = _flat_key(e)
-        if e.workload in FLAT and fk in done:  # same measurement already made in another workload
-            src = done[fk]
-            row.update({k: v for k, v in src.items() if k not in asdict(e) and k not in ("label", "flops")})
-            rows.append(row)
-            continue
-        if a.budget_s is not None and time.perf_counter() - t_start > a.budget_s:
-            row["note"] = "not run: time budget exhausted"
-            skipped_budget += 1
-            rows.append(row)
-            continue
-        t0 = time.perf_counter()
-        r = run_isolated(e, a.device, a.timeout_s) if isolate == "fork" else run_inprocess(e, a.device)
-        r["entry_s"] = time.perf_counter() - t0
-        if "skipped" in r:
-            r["note"] = "skipped: " + r.pop("skipped")
-        elif "error" in r:
-            r["note"] = "failed: " + r["error"]
-        row.update(r)
-        rows.append(row)
-        if e.workload in FLAT and r.get("median_ms") is not None:
-            done[fk] = r
-        if a.device == "cuda":  # a run killed from outside (gpu_check's limit) still leaves what it measured
-            with open(os.path.join(out_dir, "bench.partial.json"), "w") as f:
-                json.dump({"environment": env, "rows": rows}, f, indent=1, default=str)
-        status = (f"{r['median_ms']:9.1f} ms  peak {r.get('peak_mib') or 0:8.0f} MiB" if r.get("median_ms")
-                  is not None else r.get("note", ""))
-        print(f"[{n + 1:3d}/{len(entries)} {time.perf_counter() - t_start:6.0f}s] {e.workload:9s} {e.mode:16s} "
-              f"N={e.N:<6d} V={e.V:<7d} {lab[:48]:48s} {status}", flush=True)
-    if skipped_budget:
-        notes.append(f"{skipped_budget} measurements not run: the --budget-s {a.budget_s:.0f} s was spent.")
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
+    rounds, skipped = [], 0
+    for rnd in range(a.rounds):
+        rows, cut = run_round(entries, a, isolate, t_start, out_dir, env, rnd)
+        rounds.append(rows)
+        skipped += cut
+    rows = merge_rounds(rounds)
+    if skipped:
+        notes.append(f"{skipped} measurements not run: the --budget-s {a.budget_s:.0f} s was spent.")
+    if a.rounds > 1:
+        notes.append(f"{a.rounds} rounds: the whole plan ran {a.rounds} times in turn, so that a slow phase of a "
+                     "shared machine falls on every implementation; times are the median (min–max) over all "
+                     "rounds' repeats, peak memory the largest of the rounds.")
     finish_rows(rows, peak)
     for r in rows:
         if "traceback" in r:
