@@ -17,6 +17,10 @@ log_sum_sq_probs, mean_logits, is_top1, aux_loss). The trainers here replace onl
   with ``fastpref.losses`` (every TRL ``loss_type``, lists with ``loss_weights``, f-divergences, ``ld_alpha``,
   ``use_weighting``, ``label_smoothing``, precomputed reference log-probs) and returns that. TRL's own value of the
   same loss, from the same tensors, is kept in ``trainer.fastpref_last["trl_loss"]`` as a built-in cross-check.
+* ``RewardTrainer`` is ``trl.RewardTrainer`` whose ``compute_loss`` runs TRL's method unchanged (forward, metrics)
+  and returns the Bradley-Terry loss recomputed from the same rewards by the registry loss ``bt`` (``margin``
+  column, ``center_rewards_coefficient``). A reward model has a scalar head, so there is no fused-head memory gain
+  there: what it buys is one loss implementation shared by every trainer.
 
 Requires TRL with ``add_fused_lm_head`` (1.10+; tested with 1.16).
 """
@@ -38,10 +42,12 @@ from .. import stats as _stats
 from ..nn import loss_params
 from . import transformers as fi
 
-__all__ = ["DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "add_fused_lm_head", "dpo_loss"]
+__all__ = ["DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "RewardConfig", "RewardTrainer",
+           "add_fused_lm_head", "dpo_loss", "reward_loss"]
 
 DPOConfig = trl.DPOConfig
 KTOConfig = getattr(trl, "KTOConfig", None)
+RewardConfig = getattr(trl, "RewardConfig", None)
 
 if not hasattr(_dpo_module, "add_fused_lm_head"):  # pragma: no cover - older TRL
     raise ImportError(f"fastpref.integrations.trl needs TRL with trl.trainer.utils.add_fused_lm_head (>= 1.10); "
@@ -266,3 +272,45 @@ if _kto_module is not None and hasattr(_kto_module, "add_fused_lm_head") and has
                 super().__init__(*args, **kwargs)
 else:  # pragma: no cover
     KTOTrainer = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reward modelling: stable TRL API (trl.RewardTrainer); TRL's forward and metrics, fastpref's ``bt`` loss.
+# --------------------------------------------------------------------------------------------------------------------
+def reward_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
+                center_rewards_coefficient: float | None = None) -> torch.Tensor:
+    """TRL RewardTrainer's loss (TRL 1.16 semantics) computed by the registry loss ``bt``, mean over the batch:
+    mean(-logσ(r_w - r_l - m)) + c·mean((r_w + r_l)²), ``margin`` m [B] (the dataset's "margin" column; None = 0),
+    c = ``center_rewards_coefficient`` (None = off). ``rewards_chosen`` / ``rewards_rejected`` [B]."""
+    return L.get("bt")(chosen_rewards=rewards_chosen, rejected_rewards=rewards_rejected, margin=margin,
+                       center_rewards_coefficient=center_rewards_coefficient).mean()
+
+
+if hasattr(trl, "RewardTrainer"):
+
+    class RewardTrainer(trl.RewardTrainer):
+        """``trl.RewardTrainer`` whose loss is fastpref's ``bt``; same arguments, ``RewardConfig``, datasets (with or
+        without a ``margin`` column), model (``AutoModelForSequenceClassification``, ``num_labels=1``) and metrics.
+
+        ``compute_loss`` runs TRL's method unchanged (the forward and every metric it logs: ``num_tokens``,
+        ``min_reward`` / ``mean_reward`` / ``max_reward``, ``accuracy``, ``margin``), then returns
+        :func:`reward_loss` of the same rewards; TRL's own value is kept in ``fastpref_last["trl_loss"]`` as a
+        cross-check. The model's head is a scalar score, not the vocabulary ``lm_head``: there is no fused-head
+        memory gain here, only one loss implementation shared with every other trainer.
+        """
+
+        def __init__(self, *args, **kwargs):
+            self.fastpref_last: dict[str, Any] = {}
+            super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            trl_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                     num_items_in_batch=num_items_in_batch)
+            rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = reward_loss(rewards_chosen, rewards_rejected, margin=inputs.get("margin"),
+                               center_rewards_coefficient=self.args.center_rewards_coefficient)
+            loss = loss.to(trl_loss.dtype)
+            self.fastpref_last = {"loss": loss.detach(), "trl_loss": trl_loss.detach()}
+            return (loss, outputs) if return_outputs else loss
+else:  # pragma: no cover
+    RewardTrainer = None
