@@ -109,7 +109,8 @@ def device_section(device: str, folder: str, rel: str) -> list[str]:
         if res.get("bf16_peak_tflops"):
             lines += [f"Measured bf16 matmul peak: {res['bf16_peak_tflops']:.0f} TFLOP/s.", ""]
         dtype = rows[0]["dtype"] if rows else ""
-        lines += [f"{dtype}. Each cell: median time over {rows[0]['repeats'] if rows else '?'} timed repeats after "
+        timed = next((r for r in rows if r.get("median_ms") is not None), None)
+        lines += [f"{dtype}. Each cell: median time over {timed['repeats'] if timed else '?'} timed repeats after "
                   "warm-up (speed-up against plain torch with materialized logits, on the same inputs in the same "
                   "run), then peak memory above the inputs (as a fraction of plain torch's). DPO and listwise rows "
                   "of a per-token implementation add the loss in torch on its per-sequence sums.", ""]
