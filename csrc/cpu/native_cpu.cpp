@@ -200,22 +200,26 @@ std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, co
   return {logp, lse, ent, p2};
 }
 
-// Per-chunk float32 partials of dW / db, one per thread, summed into the outputs once per chunk.
-struct ChunkGrads {
-  bool need_w, need_b;
-  Tensor dW, db;  // outputs (weight / bias dtype), or undefined
+// The gradients of one backward: dH (float32 [N, D]; its rows belong to the thread of their block) and
+// dW / db from per-chunk float32 partials, one per thread, summed into the outputs once per chunk.
+struct HeadGrads {
+  bool need_h, need_w, need_b;
+  Tensor dH, dW, db;  // outputs (float32 / weight / bias dtype), or undefined
   std::vector<Tensor> dwp, dbp;
   std::vector<char> used;
-  ChunkGrads(int64_t T, bool nw, bool nb, const Tensor& weight, const OptTensor& bias)
-      : need_w(nw), need_b(nb && bias.has_value() && bias->defined()), dwp(T), dbp(T), used(T, 0) {
+  HeadGrads(int64_t T, bool nh, bool nw, bool nb, const Tensor& hidden, const Tensor& weight, const OptTensor& bias)
+      : need_h(nh), need_w(nw), need_b(nb && bias.has_value() && bias->defined()), dwp(T), dbp(T), used(T, 0) {
+    if (need_h) dH = at::zeros({hidden.size(0), hidden.size(1)}, hidden.options().dtype(at::kFloat));
     if (need_w) dW = at::empty_like(weight);
     if (need_b) db = at::empty_like(*bias);
   }
   void start() { std::fill(used.begin(), used.end(), 0); }
-  // After a block's dx tile [rows, cols] is ready: dW partial += dxᵀ·H, db partial += Σ_rows dx.
-  void add(int tid, const Tensor& tile, const Tensor& H, int64_t C, int64_t D, Counter& cnt) {
-    const int64_t rows = tile.size(0), cols = tile.size(1);
+  // After the dx tile [rows, cols] of rows r0 + [0, rows) is ready (W: the chunk's weight rows):
+  // dH rows += dx·W, dW partial += dxᵀ·H, db partial += Σ_rows dx.
+  void add(int tid, const Tensor& tile, const Tensor& H, const Tensor& W, int64_t r0, int64_t C, Counter& cnt) {
+    const int64_t rows = tile.size(0), cols = tile.size(1), D = H.size(1);
     const bool first = !used[tid];
+    if (need_h) dH.narrow(0, r0, rows).addmm_(tile, W);
     if (need_w) {
       if (!dwp[tid].defined()) dwp[tid] = cnt.alloc(C * D, tile.options());
       Tensor p = dwp[tid].narrow(0, 0, cols * D).view({cols, D});
@@ -282,8 +286,7 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
   const float* g_lse = ptr_or_null(grad_lse);
   const float* g_ent = ptr_or_null(grad_entropy);
   Counter cnt;
-  Tensor dH = need_h ? at::zeros({N, D}, f32) : Tensor();
-  ChunkGrads grads(T, need_w, need_b, weight, bias);
+  HeadGrads grads(T, need_h, need_w, need_b, hidden, weight, bias);
   std::vector<Tensor> tiles(T), hbufs(T);
   Tensor wbuf, bbuf;
 
@@ -312,14 +315,13 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
           stats_grad_row(x, bp, cols, tr, p_lse[g], coef, g_ent ? g_ent[g] : 0.f, p_ent ? p_ent[g] : 0.f);
           if (inside) x[l] += gl * dzdx_at(raw_l, tr);
         }
-        if (need_h) dH.narrow(0, r0, rows).addmm_(tile, W);
-        grads.add(tid, tile, H, C, D, cnt);
+        grads.add(tid, tile, H, W, r0, C, cnt);
       }
     });
     grads.finish(c0, cols, D);
   }
   g_last_scratch = cnt.bytes.load();
-  return {dH, grads.dW, grads.db};
+  return {grads.dH, grads.dW, grads.db};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -449,8 +451,7 @@ std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, cons
   const float* g_kl = ptr_or_null(grad_kl);
   const float* g_logp = has_lab ? ptr_or_null(grad_logp) : nullptr;  // without labels logp is not an output
   Counter cnt;
-  Tensor dH = need_h ? at::zeros({N, D}, f32) : Tensor();
-  ChunkGrads grads(T, need_w, need_b, weight, bias);
+  HeadGrads grads(T, need_h, need_w, need_b, hidden, weight, bias);
   std::vector<Tensor> ztiles(T), rztiles(T), hbufs(T), rhbufs(T), rbbufs(T);
   Tensor wbuf, rwbuf, bbuf;
 
@@ -488,14 +489,13 @@ std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, cons
           kl_grad_row(x, bp, rz, cols, tr, p_lse[g], p_rlse[g], p_kl[g], g_kl ? g_kl[g] : 0.f, gl, reverse);
           if (inside) x[l] += gl * dzdx_at(raw_l, tr);
         }
-        if (need_h) dH.narrow(0, r0, rows).addmm_(zt, W);
-        grads.add(tid, zt, H, C, D, cnt);
+        grads.add(tid, zt, H, W, r0, C, cnt);
       }
     });
     grads.finish(c0, cols, D);
   }
   g_last_scratch = cnt.bytes.load();
-  return {dH, grads.dW, grads.db};
+  return {grads.dH, grads.dW, grads.db};
 }
 
 }  // namespace fastpref_cpu

@@ -112,10 +112,11 @@ static void gemm_f32(Tensor out, const Tensor& a, const Tensor& b, bool accumula
 #endif
 }
 
-// The dL/dx tile as the left operand of the dH/dW products: itself, or rounded to `dtype` in `buf`.
-static Tensor grad_operand(const Tensor& tile, bool half, at::ScalarType dtype, Tensor& buf, int64_t cap) {
+// The dL/dx tile as the left operand of the dH/dW products: itself, or rounded to `dtype` in `buf` (grown on
+// demand).
+static Tensor grad_operand(const Tensor& tile, bool half, at::ScalarType dtype, Tensor& buf) {
   if (!half) return tile;
-  if (!buf.defined()) buf = at::empty({cap}, tile.options().dtype(dtype));
+  if (!buf.defined() || buf.numel() < tile.numel()) buf = at::empty({tile.numel()}, tile.options().dtype(dtype));
   Tensor out = buf.narrow(0, 0, tile.numel()).view(tile.sizes());
   out.copy_(tile);
   return out;
@@ -169,12 +170,17 @@ std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, co
   return {logp, lse, ent, p2};
 }
 
-struct ChunkGrads {
-  bool need_w, need_b;
-  Tensor dW, db, dwc, dbc;
-  ChunkGrads(bool nw, bool nb, const Tensor& weight, const OptTensor& bias, int64_t C)
-      : need_w(nw), need_b(nb && has(bias)) {
+// The gradients of one backward: dH (float32 [N, D]) and dW / db (weight / bias dtype), the latter written
+// once per vocabulary chunk from float32 chunk accumulators. `half`: the dH/dW products take dL/dx rounded to
+// the hidden dtype (see gemm_f32).
+struct HeadGrads {
+  bool need_h, need_w, need_b, half;
+  Tensor dH, dW, db, dwc, dbc, gbuf, tmp;
+  HeadGrads(bool nh, bool nw, bool nb, bool half_gemm, const Tensor& hidden, const Tensor& weight,
+            const OptTensor& bias, int64_t C)
+      : need_h(nh), need_w(nw), need_b(nb && has(bias)), half(half_gemm) {
     const auto f32 = weight.options().dtype(at::kFloat);
+    if (need_h) dH = at::zeros({hidden.size(0), hidden.size(1)}, f32);
     if (need_w) {
       dW = at::empty_like(weight);
       dwc = at::empty({C * weight.size(1)}, f32);
@@ -184,9 +190,12 @@ struct ChunkGrads {
       dbc = at::empty({C}, f32);
     }
   }
-  // dx: the float32 dL/dx tile (for db); gx: dx as the GEMM operand (dx itself or its half rounding).
-  void add(const Tensor& dx, const Tensor& gx, const Tensor& H, bool first, Tensor& tmp) {
+  // One row block's float32 dL/dx tile [rows, cols] (rows r0 + [0, rows) of the current chunk, whose weight
+  // rows are W): dH rows += dx·W, chunk accumulators of dW (dxᵀ·H) and db (Σ_rows dx), set by the first block.
+  void add(const Tensor& dx, const Tensor& H, const Tensor& W, int64_t r0, bool first) {
     const int64_t cols = dx.size(1), D = H.size(1);
+    const Tensor gx = grad_operand(dx, half, H.scalar_type(), gbuf);
+    if (need_h) gemm_f32(dH.narrow(0, r0, dx.size(0)), gx, W, true, tmp);
     if (need_w) gemm_f32(dwc.narrow(0, 0, cols * D).view({cols, D}), gx.t(), H, !first, tmp);
     if (need_b) {
       Tensor p = dbc.narrow(0, 0, cols);
@@ -197,6 +206,7 @@ struct ChunkGrads {
     if (need_w) dW.narrow(0, c0, cols).copy_(dwc.narrow(0, 0, cols * D).view({cols, D}));
     if (need_b) db.narrow(0, c0, cols).copy_(dbc.narrow(0, 0, cols));
   }
+  std::vector<Tensor> result() const { return {dH, dW, db}; }
 };
 
 std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
@@ -214,10 +224,9 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
   const int64_t* lab = lab_ptr(labels, N);
   const bool ge = has(grad_entropy);
   TORCH_CHECK(!ge || has(entropy), "stats_backward: grad_entropy needs entropy");
-  Tensor dH = need_h ? at::zeros({N, D}, f32) : Tensor();
-  ChunkGrads grads(need_w, need_b, weight, bias, C);
   const bool half = half_pair(hidden, weight);
-  Tensor tilebuf = at::empty({R * C}, f32), hbuf, wbuf, bbuf, gbuf, tmp;
+  HeadGrads grads(need_h, need_w, need_b, half, hidden, weight, bias, C);
+  Tensor tilebuf = at::empty({R * C}, f32), hbuf, wbuf, bbuf, tmp;
   for (int64_t c0 = 0; c0 < V; c0 += C) {
     const int64_t cols = std::min(C, V - c0);
     Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
@@ -235,13 +244,11 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
                      lse.data_ptr<float>() + r0, ge ? en + r0 : nullptr, gl ? gl + r0 : nullptr,
                      gs ? gs + r0 : nullptr, ge ? gen + r0 : nullptr, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const Tensor gx = grad_operand(tile, half, hidden.scalar_type(), gbuf, R * C);
-      if (need_h) gemm_f32(dH.narrow(0, r0, rows), gx, W, true, tmp);
-      grads.add(tile, gx, H, r0 == 0, tmp);
+      grads.add(tile, H, W, r0, r0 == 0);
     }
     grads.finish(c0, cols, D);
   }
-  return {dH, grads.dW, grads.db};
+  return grads.result();
 }
 
 // ---- token_kl -----------------------------------------------------------------------------------
@@ -309,11 +316,10 @@ std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, cons
   const int64_t* lab = lab_ptr(labels, N);
   const float* gl = lab ? ptr(grad_logp) : nullptr;
   const float* gk = ptr(grad_kl);
-  Tensor dH = need_h ? at::zeros({N, D}, f32) : Tensor();
-  ChunkGrads grads(need_w, need_b, weight, bias, C);
   const bool half = half_pair(hidden, weight), rhalf = half_pair(ref_hidden, ref_weight);
+  HeadGrads grads(need_h, need_w, need_b, half, hidden, weight, bias, C);
   Tensor zbuf = at::empty({R * C}, f32), rzbuf = at::empty({R * C}, f32);
-  Tensor hbuf, rhbuf, wbuf, rwbuf, bbuf, rbbuf, gbuf, tmp;
+  Tensor hbuf, rhbuf, wbuf, rwbuf, bbuf, rbbuf, tmp;
   for (int64_t c0 = 0; c0 < V; c0 += C) {
     const int64_t cols = std::min(C, V - c0);
     Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
@@ -332,13 +338,11 @@ std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, cons
                   ref_lse.data_ptr<float>() + r0, kl.data_ptr<float>() + r0, gk ? gk + r0 : nullptr,
                   gl ? gl + r0 : nullptr, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const Tensor gx = grad_operand(zt, half, hidden.scalar_type(), gbuf, R * C);
-      if (need_h) gemm_f32(dH.narrow(0, r0, rows), gx, W, true, tmp);
-      grads.add(zt, gx, H, r0 == 0, tmp);
+      grads.add(zt, H, W, r0, r0 == 0);
     }
     grads.finish(c0, cols, D);
   }
-  return {dH, grads.dW, grads.db};
+  return grads.result();
 }
 
 }  // namespace fastpref_cuda
