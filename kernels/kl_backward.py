@@ -56,7 +56,7 @@ def kernel(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, dH,
         back = d_hi - zf
         d_lo = (zf - (d_hi - back)) - (zrf + back)  # two-sum: z − zr = d_hi + d_lo exactly
         bracket = tl.where(valid, (d_hi - c_hi[:, None]) + (d_lo - c_lo[:, None]), 0.0)
-        dz = g_kl[:, None] * p * bracket
+        dz = g_kl[:, None] * tl.where(p > 0, p * bracket, 0.0)  # 0 at banned tokens, not 0·NaN
     else:
         dz = g_kl[:, None] * (p - tl.where(valid, tl.exp(logq), 0.0))
     dz -= g_logp[:, None] * p

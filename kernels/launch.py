@@ -85,7 +85,8 @@ def combine_stats(part: torch.Tensor):
     top, total, scale, shift = _merge(m, s)
     if scale is None:
         return top, total, t[0], s2[0], zl[0]
-    t = ((t + shift * s) * scale).sum(0)
+    # a split of banned (−inf) tokens only has m = −inf, s = 0: its share is 0, not (−inf·0)·0
+    t = torch.where(s > 0, (t + shift * s) * scale, 0.0).sum(0)
     s2 = (s2 * scale * scale).sum(0)
     return top, total, t, s2, zl.sum(0)
 

@@ -39,7 +39,8 @@ def kernel(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, dH, dW, dB,
     valid = rmask[:, None] & (cols < V)[None, :]
     logp = tl.where(valid, z - lse[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
-    dz = p * (g_lse - g_logp)[:, None] - (g_ent[:, None] * p) * (logp + ent[:, None])
+    # p = 0 at banned (−inf) tokens, where logp = −inf: the entropy term is 0 there, not 0·(−inf)
+    dz = p * (g_lse - g_logp)[:, None] - tl.where(p > 0, (g_ent[:, None] * p) * (logp + ent[:, None]), 0.0)
     dz += tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0)
     dx = tl.where(valid, dz * dzdx, 0.0)
     scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)
