@@ -55,8 +55,12 @@ FP_INLINE float ftanh(float x) {
   return x < 0.0f ? -t : t;
 }
 
-// e·x, or 0 where e = 0: a banned token (bias −inf) has e = 0 and x = ±inf or NaN, and 0·(±inf) is NaN.
-FP_INLINE float weighted(float e, float x) { return e > 0.0f ? e * x : 0.0f; }
+// e·x, or 0 where that is NaN: a banned token (bias −inf) has e = 0 and x = ±inf or NaN, and 0·(±inf) is NaN.
+// (A NaN test rather than e > 0: GCC then keeps every load unconditional and vectorizes the baseline clone too.)
+FP_INLINE float weighted(float e, float x) {
+  const float ex = e * x;
+  return ex == ex ? ex : 0.0f;
+}
 
 // The max to subtract from a row's logits: 0 while all of them are −inf (banned tokens), where
 // exp(−inf − (−inf)) would be NaN; the exps are then 0 as they should be.
