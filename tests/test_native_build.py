@@ -197,3 +197,29 @@ def test_unavailable_reasons():
     assert ok.supports(torch.device("cpu"), torch.float32) is None
     assert ok.supports(torch.device("cpu"), torch.bfloat16) is None
     assert "float64" in ok.supports(torch.device("cpu"), torch.float64)
+
+
+def test_cuda_support_is_probed_per_device(monkeypatch):
+    """supports() asks the extension whether each GPU can run its kernels (once per device): a build for
+    sm_80/sm_90 without usable PTX imports on sm_120 and then fails at every launch. Fake devices here."""
+    from fastpref.backends.native_backend import NativeBackend
+
+    class FakeCudaModule:
+        def __init__(self):
+            self.probed = []
+
+        def kernel_image_error(self, index):
+            self.probed.append(index)
+            return "" if index == 0 else "no kernel image is available for execution on the device"
+
+    caps = {0: (9, 0), 1: (12, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: caps[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    mod = FakeCudaModule()
+    backend = NativeBackend(None, "no CPU module", mod, None)
+    assert backend.supports(torch.device("cuda", 0), torch.float16) is None
+    why = backend.supports(torch.device("cuda", 1), torch.float32)
+    assert why is not None and "sm_120" in why and "no kernel image" in why and "rebuild" in why
+    assert backend.supports(torch.device("cuda"), torch.float32) == why  # the current device, cuda:1
+    backend.supports(torch.device("cuda", 0))
+    assert mod.probed == [0, 1], "each device is probed once and the answer cached"

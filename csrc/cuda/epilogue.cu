@@ -216,6 +216,13 @@ inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned
 
 }  // namespace
 
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, stats_fwd_kernel);
+  if (err != cudaSuccess) cudaGetLastError();
+  return err;
+}
+
 void stats_fwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, Transform tr,
                     const int64_t* labels, int64_t c0, float* m, float* s, float* t, float* s2, float* zl,
                     cudaStream_t stream) {
