@@ -24,12 +24,14 @@ where ψ is the loss's surrogate, N the ``loss_type`` normalisation (:func:`norm
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
 from ._math import clamped_exp, f32, require
 from .kl_estimators import k1, k2, k3
-from .registry import register
+from .registry import get, register
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -271,3 +273,55 @@ def cispo(
 
 for _fn in (grpo, gspo, cispo):
     _fn.__doc__ += _COMMON
+
+
+@torch.no_grad()
+def policy_metrics(token_logps: Tensor, advantages: Tensor, old_token_logps: Tensor | None = None,
+                   mask: Tensor | None = None, *, loss: str = "grpo", epsilon: float | None = None,
+                   epsilon_high: float | None = None, delta: float | None = None, entropies: Tensor | None = None,
+                   ref_token_logps: Tensor | None = None, token_kl: Tensor | None = None, kl_estimator: str = "k3",
+                   use_bias_correction_kl: bool = True) -> dict[str, float]:
+    """The diagnostics TRL's ``GRPOTrainer`` logs, under its names (one device): ``entropy`` and ``kl`` (token means
+    over the batch; ``kl`` only with ``ref_token_logps`` / ``token_kl``), and for ``loss`` grpo / ppo_clip / gspo
+    the clipped fractions ``clip_ratio/low_mean`` (r < 1-ε, A < 0), ``clip_ratio/high_mean`` (r > 1+ε_high, A > 0),
+    ``clip_ratio/region_mean`` (either), ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (min / max over sequences
+    of the per-sequence fraction); for cispo ``cispo_clip_ratio`` (r > ε_max, A > 0). ε / ε_high default to the
+    named loss's defaults. With ``delta`` the clip fractions are, as
+    in TRL, those of the δ-capped ratio min(r, δ); ``kl`` is measured on the uncapped one."""
+    defaults = {k: p.default for k, p in inspect.signature(get(loss)).parameters.items()}
+    epsilon = defaults.get("epsilon") if epsilon is None else epsilon
+    epsilon_high = defaults.get("epsilon_high") if epsilon_high is None else epsilon_high
+    m = _bool_mask(mask, token_logps)
+    level = "sequence" if loss == "gspo" else "token"
+    ratio = clamped_exp(log_ratio(token_logps, old_token_logps, m, level))
+    a = _advantages(advantages, token_logps)
+    count = m.sum().clamp(min=1)
+
+    def token_mean(x: Tensor) -> float:
+        if x.shape[-1] == 1:  # one value per sequence (GSPO): a mean over sequences, as TRL
+            return float(x.float().mean())
+        return float(torch.where(m, f32(x), 0.0).sum() / count)
+
+    def seq_means(x: Tensor) -> Tensor:
+        return x.float().squeeze(-1) if x.shape[-1] == 1 else torch.where(m, x.float(), 0.0).sum(-1) / m.sum(-1)
+
+    out: dict[str, float] = {}
+    if ref_token_logps is not None or token_kl is not None:
+        lp = _zeroed(token_logps, m)
+        kl = kl_penalty(lp, None if ref_token_logps is None else _zeroed(ref_token_logps, m),
+                        None if token_kl is None else _zeroed(token_kl, m), kl_estimator)
+        out["kl"] = token_mean(kl * ratio if use_bias_correction_kl and token_kl is None else kl)
+    if entropies is not None:
+        out["entropy"] = token_mean(_zeroed(entropies, m))
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if loss == "cispo":
+        out["cispo_clip_ratio"] = token_mean((ratio > eps_high) & (a > 0))
+        return out
+    if delta is not None:
+        ratio = ratio.clamp(max=delta)
+    low, high = (ratio < 1 - epsilon) & (a < 0), (ratio > 1 + eps_high) & (a > 0)
+    out.update({"clip_ratio/low_mean": token_mean(low), "clip_ratio/high_mean": token_mean(high),
+                "clip_ratio/region_mean": token_mean(low | high),
+                "clip_ratio/low_min": float(seq_means(low).nan_to_num(float("inf")).min()),
+                "clip_ratio/high_max": float(seq_means(high).nan_to_num(-float("inf")).max())})
+    return out
