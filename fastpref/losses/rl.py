@@ -226,7 +226,8 @@ def gspo(
     *, token_logps: Tensor = None, advantages: Tensor = None, old_token_logps: Tensor | None = None,
     mask: Tensor | None = None, importance_sampling_ratio: Tensor | None = None,
     ref_token_logps: Tensor | None = None, token_kl: Tensor | None = None, entropies: Tensor | None = None,
-    epsilon: float = 3e-4, epsilon_high: float | None = 4e-4, beta: float = 0.0, kl_estimator: str = "k3",
+    epsilon: float = 3e-4, epsilon_high: float | None = 4e-4, delta: float | None = None, beta: float = 0.0,
+    kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True, entropy_coef: float = 0.0, loss_type: str = "grpo",
     max_completion_length: int | None = None, num_items_in_batch=None,
 ) -> Tensor:
@@ -234,12 +235,13 @@ def gspo(
     every token), ψ_i = -min(s_i·A_i, clip(s_i, 1-ε, 1+ε_high)·A_i) for every token of sequence i.
 
     Defaults are the paper's (and TRL's GSPO recipe: ``importance_sampling_level="sequence"``): ε = 3e-4,
-    ε_high = 4e-4, β = 0, ``loss_type="grpo"`` (a per-sequence mean, i.e. the paper's (1/G)·Σ_i ψ_i).
+    ε_high = 4e-4, β = 0, ``loss_type="grpo"`` (a per-sequence mean, i.e. the paper's (1/G)·Σ_i ψ_i); ``delta``
+    caps s_i as in :func:`grpo`.
     """
     require(token_logps=token_logps)
     lr = log_ratio(token_logps, old_token_logps, mask, level="sequence")
     ratio = clamped_exp(lr)
-    surrogate = clipped_surrogate(ratio, _advantages(advantages, token_logps), epsilon, epsilon_high)
+    surrogate = clipped_surrogate(ratio, _advantages(advantages, token_logps), epsilon, epsilon_high, delta)
     return _objective(surrogate, ratio, token_logps, mask, importance_sampling_ratio, ref_token_logps, token_kl,
                       entropies, beta, kl_estimator, use_bias_correction_kl, entropy_coef, loss_type,
                       max_completion_length, num_items_in_batch)
