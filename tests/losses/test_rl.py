@@ -217,3 +217,14 @@ def test_user_errors_name_the_argument(kw, match):
         L.grpo(**{**base, **kw})
     with pytest.raises(ValueError, match="importance_sampling_level"):
         L.log_ratio(b["token_logps"], None, b["mask"], level="seq")
+
+
+@pytest.mark.parametrize("name", ["grpo", "gspo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_no_mask_equals_all_ones_mask(name, loss_type):
+    b = batch(5)
+    full = torch.ones(B, T, dtype=torch.bool)
+    kw = dict(token_logps=b["token_logps"].nan_to_num(-1.0, neginf=-1.0), advantages=b["advantages"],
+              old_token_logps=b["old_token_logps"].nan_to_num(-1.0), loss_type=loss_type, max_completion_length=13,
+              num_items_in_batch=57)
+    torch.testing.assert_close(L.get(name)(**kw), L.get(name)(**kw, mask=full))
