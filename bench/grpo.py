@@ -1,6 +1,6 @@
 """One GRPO step's loss (forward + backward) on long completions: fastpref against TRL's own path.
 
-    python -m bench.grpo                               # B=8, T=4096, V=32000, D=256 (CPU), results in bench/results/grpo
+    python -m bench.grpo --rounds 2                    # B=8, T=4096, V=32000, D=256 (CPU) -> bench/results/grpo
     python -m bench.grpo --batch 2 --seq 256 --out /tmp/grpo   # a quick look
 
 The policy's last hidden states [B, T, D] and lm_head [V, D] are given (the backbone is the same for every path and
@@ -15,7 +15,8 @@ the per-token log-probs and entropies of the sampled tokens, then TRL's default 
   log_softmax → gather / entropy, then TRL's formula.
 
 Each path runs in its own fresh process (``--rounds`` times, interleaved with the other paths): one warm-up step on a
-short batch, then ``--repeats`` timed steps on the measured batch; peak memory is the growth of ``ru_maxrss`` over the process's peak after building the inputs.
+short batch, then ``--repeats`` timed steps on the measured batch; peak memory is the growth of ``ru_maxrss`` over
+the process's peak after building the inputs.
 Writes ``bench.json`` (raw rows, environment) and ``bench.md`` (table) under ``--out``.
 """
 from __future__ import annotations
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p in args.paths.split(",") if p] + (["naive"] if args.naive else [])
     bad = [p for p in paths if p not in PATHS]
     if bad or min(args.repeats, args.rounds) < 1 or min(args.batch, args.seq, args.vocab, args.hidden) < 1:
-        print(f"error: paths must come from {PATHS} (got {bad}); sizes, --repeats and --rounds must be >= 1", file=sys.stderr)
+        print(f"error: paths must come from {PATHS} (got {bad}); sizes, --repeats and --rounds must be >= 1",
+              file=sys.stderr)
         return 2
     env = _environment()
     runs: dict[str, list[dict]] = {p: [] for p in paths}

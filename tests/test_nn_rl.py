@@ -1,4 +1,4 @@
-"""fastpref.nn.PolicyLoss equals the naive path (full float64 logits → log_softmax → gather / entropy / KL → loss)."""
+"""fastpref.nn.PolicyLoss equals the naive path (full float64 logits → log_softmax → gather / entropy / KL)."""
 from __future__ import annotations
 
 import pytest

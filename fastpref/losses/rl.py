@@ -158,7 +158,7 @@ def _objective(surrogate: Tensor, ratio: Tensor, token_logps: Tensor, mask: Tens
                entropies: Tensor | None, beta: float, kl_estimator: str, use_bias_correction_kl: bool,
                entropy_coef: float, loss_type: str, max_completion_length: int | None,
                num_items_in_batch) -> Tensor:
-    """ℓ = w·ψ + β·KL (KL·r with ``use_bias_correction_kl``, sampled estimators only), normalised, minus c_H·H."""
+    """ℓ = w·ψ + β·KL (KL·r with ``use_bias_correction_kl``, sampled estimators only), normalised, − c_H·H."""
     mask = _bool_mask(mask, token_logps)  # [B, T] even when ψ is per sequence (GSPO): token counts normalise
     per_token = surrogate
     if importance_sampling_ratio is not None:

@@ -48,9 +48,9 @@ def _run(trainer_cls, tmp_path, config):
         ref_model.save_pretrained(tmp_path / "ref")
         model.config._name_or_path = str(tmp_path / "ref")
     cfg = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-               max_steps=2, num_iterations=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
-               report_to="none", seed=0, save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False,
-               dataloader_num_workers=0, gradient_checkpointing=False, temperature=1.3)
+               max_steps=2, num_iterations=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+               logging_steps=1, report_to="none", seed=0, save_strategy="no", disable_tqdm=True, use_cpu=True,
+               bf16=False, dataloader_num_workers=0, gradient_checkpointing=False, temperature=1.3)
     cfg.update(config)
     args = trl.GRPOConfig(**cfg)
     trainer = trainer_cls(model=model, reward_funcs=reward_len_and_words, args=args, train_dataset=prompts(),
@@ -90,7 +90,8 @@ CASES = {
     "grpo+entropy": dict(loss_type="grpo", entropy_coef=0.05, epsilon_high=0.28),
     "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
     "cispo": dict(loss_type="cispo", epsilon_high=5.0),
-    "bnpo+delta/accum2": dict(loss_type="bnpo", delta=1.5, gradient_accumulation_steps=2, per_device_train_batch_size=2),
+    "bnpo+delta/accum2": dict(loss_type="bnpo", delta=1.5, gradient_accumulation_steps=2,
+                              per_device_train_batch_size=2),
 }
 
 
