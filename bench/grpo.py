@@ -159,19 +159,21 @@ def _markdown(rows: list[dict], args, env: dict) -> str:
     lines = [f"# One GRPO step (loss + backward), B={args.batch} x T={args.seq} completion tokens, V={args.vocab}, "
              f"D={args.hidden}, CPU", "",
              f"`python -m bench.grpo --batch {args.batch} --seq {args.seq} --vocab {args.vocab} --hidden {args.hidden} "
-             f"--repeats {args.repeats} --rounds {args.rounds}`; time: median over every timed step of every round; "
+             f"--repeats {args.repeats} --rounds {args.rounds}`; time: median (upper) and best over every timed step of every round; "
              "peak: largest growth of the process's peak RSS over its inputs.", "",
              f"Machine: {env['cpu']}, {env['cores']} cores (load average at start {env['load_avg'][0]:.1f}); "
              f"torch {env['torch']}, TRL {env['trl']}.", "",
-             "| path | time (s) | peak memory (MiB) | loss | time / TRL | memory / TRL |", "|---|---|---|---|---|---|"]
+             "| path | time (s), median | best (s) | peak memory (MiB) | loss | time / TRL | memory / TRL |",
+             "|---|---|---|---|---|---|---|"]
     trl = by.get("trl")
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['path']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['path']} | failed: {r['error']} | | | | | |")
             continue
         ratio_t = f"{r['time_s'] / trl['time_s']:.2f}x" if trl else "-"
         ratio_m = f"{r['peak_mib'] / trl['peak_mib']:.2f}x" if trl and trl["peak_mib"] > 0 else "-"
-        lines.append(f"| {r['path']} | {r['time_s']:.2f} | {r['peak_mib']:.0f} | {r['loss']:.6f} | {ratio_t} | "
+        lines.append(f"| {r['path']} | {r['time_s']:.2f} | {min(r['times_s']):.2f} | {r['peak_mib']:.0f} | "
+                     f"{r['loss']:.6f} | {ratio_t} | "
                      f"{ratio_m} |")
     return "\n".join(lines) + "\n"
 
