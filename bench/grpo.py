@@ -17,7 +17,8 @@ the per-token log-probs and entropies of the sampled tokens, then TRL's default 
 Each path runs in its own fresh process (``--rounds`` times, interleaved with the other paths): one warm-up step on a
 short batch, then ``--repeats`` timed steps on the measured batch; peak memory is the growth of ``ru_maxrss`` over
 the process's peak after building the inputs.
-Writes ``bench.json`` (raw rows, environment) and ``bench.md`` (table) under ``--out``.
+Writes ``grpo.json`` (raw rows, environment) and ``grpo.md`` (table) under ``--out``; ``python -m bench.readme``
+lists them in the README's performance section (a folder's ``bench.json`` is reserved for ``python -m bench``).
 """
 from __future__ import annotations
 
@@ -218,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     rows = [_pool(r) for r in runs.values()]
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
+    with open(os.path.join(args.out, "grpo.json"), "w") as f:
         json.dump(dict(args=vars(args), environment=env, rows=rows), f, indent=1)
     md = _markdown(rows, args, env)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
+    with open(os.path.join(args.out, "grpo.md"), "w") as f:
         f.write(md)
     print(md)
     return 0 if all("error" not in r for r in rows) else 1
