@@ -105,7 +105,7 @@ def _step(path: str, hidden, weight, labels, old, ref, adv):
         ent = -(lsm.exp() * lsm).sum(-1)
         loss = _trl_loss(lp, ent, labels, old, ref, adv)
     loss.backward()
-    return float(loss), h.grad, w.grad
+    return float(loss.detach()), h.grad, w.grad
 
 
 def _child(path: str, B: int, T: int, V: int, D: int, repeats: int) -> dict:
