@@ -164,16 +164,15 @@ def _objective(surrogate: Tensor, ratio: Tensor, token_logps: Tensor, mask: Tens
     if importance_sampling_ratio is not None:
         per_token = per_token * f32(importance_sampling_ratio).detach()
     if beta != 0.0:
-        m = _bool_mask(mask, token_logps)
-        ref, exact = (None if x is None else _zeroed(x, m) for x in (ref_token_logps, token_kl))
-        kl = kl_penalty(_zeroed(token_logps, m), ref, exact, kl_estimator)
+        ref, exact = (None if x is None else _zeroed(x, mask) for x in (ref_token_logps, token_kl))
+        kl = kl_penalty(_zeroed(token_logps, mask), ref, exact, kl_estimator)
         if use_bias_correction_kl and token_kl is None:
             kl = kl * ratio
         per_token = per_token + beta * kl
     per_seq = normalise(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
     if entropy_coef != 0.0:
         require(entropies=entropies)
-        per_seq = per_seq - entropy_coef * entropy_bonus(_zeroed(entropies, _bool_mask(mask, entropies)), mask)
+        per_seq = per_seq - entropy_coef * entropy_bonus(_zeroed(entropies, mask), mask)
     return per_seq
 
 
