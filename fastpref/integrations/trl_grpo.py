@@ -95,7 +95,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 entropy_coef = 0.0
         with _record() as rec:
             trl_loss = super()._compute_loss(model, inputs)
-        if not self._fastpref_recomputes():
+        if not rec or not self._fastpref_recomputes():  # no fused forward seen (a custom model forward): TRL's
             self.fastpref_last = {"loss": trl_loss.detach(), "trl_loss": trl_loss.detach(), "loss_from": "trl"}
             return trl_loss
         T = inputs["completion_ids"].size(1)
