@@ -35,6 +35,13 @@ def loss_params(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
+def check_hparams(hparams: Mapping, accepted: set[str], losses: list[str]) -> None:
+    """ValueError naming the hyper-parameters that none of ``losses`` takes."""
+    unknown = sorted(set(hparams) - accepted)
+    if unknown:
+        raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {losses}")
+
+
 def unpack(values: Tensor, cu_seqlens: Tensor, fill: float | int = 0) -> Tensor:
     """Packed [N] (sequences concatenated, boundaries ``cu_seqlens`` [S+1]) → padded [S, T_max] (differentiable)."""
     cu = cu_seqlens.to(device=values.device, dtype=torch.int64)
@@ -79,9 +86,7 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError("use_weighting (WPO) is defined for layout='pairs'")
         self.params = {name: loss_params(fn) for name, fn in self.fns.items()}
         self.accepted = set().union(*self.params.values())
-        unknown = sorted(set(hparams) - self.accepted)
-        if unknown:
-            raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
+        check_hparams(hparams, self.accepted, sorted(self.fns))
         self.layout, self.K, self.hparams = layout, num_responses, hparams
         self.opts = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
         self.use_weighting = use_weighting
@@ -230,3 +235,127 @@ class PreferenceLoss(torch.nn.Module):
             if (~lab).any():
                 m["rewards/rejected"] = float(self.beta * r[~lab].mean())
         return m
+
+
+KL_MODES = ("k1", "k2", "k3", "exact")
+
+
+class PolicyLoss(torch.nn.Module):
+    """On-policy RL loss (``grpo`` / ``ppo_clip``, ``gspo``, ``cispo``: ``fastpref.losses.rl``) from the policy's
+    last hidden states and lm_head, without [N, V] logits.
+
+    Per-token log-probs and (when ``entropy_coef`` is set, or for the ``entropy`` metric with ``entropy=True``)
+    entropies of the sampled tokens come from the fused primitive, with gradients.
+    kl (used when ``beta`` != 0): "k3" (TRL, GRPO), "k1" or "k2" estimate KL(π_θ‖π_ref) on the sampled tokens
+    from ``ref_token_logps`` or the reference's hidden states; "exact" takes the full-vocabulary
+    KL(π_θ‖π_ref) per position from ``fastpref.token_kl`` (needs ``ref_hidden`` / ``ref_weight``).
+    importance_sampling_mode / _clip_min / _clip_max: how ``sampler_token_logps`` (log-probs from another
+    inference engine) become the importance weight π_old/π_sampler (``fastpref.losses.sampler_importance_ratio``;
+    TRL's ``vllm_importance_sampling_*``). Hyper-parameters (epsilon, epsilon_high, delta, beta, loss_type,
+    entropy_coef, ...) go to the loss.
+    """
+
+    def __init__(self, loss: str = "grpo", *, kl: str = "k3", entropy: bool = True,
+                 importance_sampling_mode: str = "token_truncate", importance_sampling_clip_min: float | None = None,
+                 importance_sampling_clip_max: float | None = 3.0, temperature: float = 1.0,
+                 softcap: float | None = None, ignore_index: int = -100, backend: str = "auto", **hparams):
+        super().__init__()
+        self.fn = L.get(loss)
+        params = loss_params(self.fn)
+        if "advantages" not in params:
+            raise ValueError(f"loss {loss!r} is not a policy-gradient loss; use one of 'grpo', 'ppo_clip', 'gspo', "
+                             "'cispo' (preference losses: PreferenceLoss)")
+        if kl not in KL_MODES:
+            raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
+        if "kl_estimator" in hparams:
+            raise ValueError("pass the KL estimator as kl=..., not kl_estimator")
+        check_hparams(hparams, params, [loss])
+        if importance_sampling_mode not in L.rl.IMPORTANCE_SAMPLING_MODES:
+            raise ValueError(f"importance_sampling_mode must be one of {L.rl.IMPORTANCE_SAMPLING_MODES}, "
+                             f"got {importance_sampling_mode!r}")
+        self.loss, self.kl, self.hparams = loss, kl, hparams
+        self.beta = float(hparams.get("beta", 0.0))
+        self.want_entropy = entropy or float(hparams.get("entropy_coef", 0.0)) != 0.0
+        self.is_opts = dict(mode=importance_sampling_mode, clip_min=importance_sampling_clip_min,
+                            clip_max=importance_sampling_clip_max)
+        self.opts = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
+
+    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: Tensor,
+                bias: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                old_token_logps: Tensor | None = None, sampler_token_logps: Tensor | None = None,
+                ref_token_logps: Tensor | None = None, ref_hidden: Tensor | None = None,
+                ref_weight: Tensor | None = None, ref_bias: Tensor | None = None, ref_softcap: float | None = None,
+                num_items_in_batch: Tensor | float | None = None) -> LossOutput:
+        """hidden [S, T, D] with labels [S, T] (shifted: labels[s, t] is the token sampled after hidden[s, t]; prompt
+        and padding = ignore_index), or packed hidden [N, D] / [1, N, D], labels [N] / [1, N] and ``cu_seqlens``
+        [S+1]. advantages: [S] per sequence or shaped like labels (per token). old / sampler / reference per-token
+        log-probs are shaped like labels (detached; old None = one update per batch). Returns the loss (mean of
+        ``losses`` [S], each sequence's share) and TRL-named metrics (``fastpref.losses.policy_metrics``).
+        """
+        ignore = self.opts["ignore_index"]
+        if cu_seqlens is None and labels.dim() != 2:
+            raise ValueError(f"labels must be [S, T] (or packed with cu_seqlens), got {tuple(labels.shape)}")
+        for name, x in (("old_token_logps", old_token_logps), ("sampler_token_logps", sampler_token_logps),
+                        ("ref_token_logps", ref_token_logps)):
+            if x is not None and x.shape != labels.shape:
+                raise ValueError(f"{name} must be shaped like labels {tuple(labels.shape)}, got {tuple(x.shape)}")
+        logp, entropies, token_kl, ref_tok = self._token_stats(hidden, weight, labels, bias, ref_token_logps,
+                                                               ref_hidden, ref_weight, ref_bias, ref_softcap)
+        per_token = dict(token_logps=logp, entropies=entropies, token_kl=token_kl, ref_token_logps=ref_tok,
+                         old_token_logps=old_token_logps, sampler_token_logps=sampler_token_logps)
+        per_seq_adv = advantages.dim() == 1 and advantages.shape != labels.shape
+        if cu_seqlens is None:
+            mask = labels != ignore
+        else:  # packed: per-token tensors to padded [S, T_max]
+            mask = unpack(labels.reshape(-1), cu_seqlens, fill=ignore) != ignore
+            per_token = {k: None if x is None else unpack(x.reshape(-1), cu_seqlens) for k, x in per_token.items()}
+            if not per_seq_adv:
+                advantages = unpack(advantages.reshape(-1), cu_seqlens)
+        if per_seq_adv and advantages.shape != (mask.shape[0],):
+            raise ValueError(f"advantages must be [S]=[{mask.shape[0]}] or shaped like labels, "
+                             f"got {tuple(advantages.shape)}")
+        sampler = per_token.pop("sampler_token_logps")
+        ratio = None
+        if sampler is not None:
+            old = per_token["old_token_logps"]
+            ratio = L.sampler_importance_ratio(per_token["token_logps"].detach() if old is None else old, sampler,
+                                               mask, **self.is_opts)
+        kw = {k: v for k, v in per_token.items() if v is not None}
+        losses = self.fn(**kw, advantages=advantages, mask=mask, importance_sampling_ratio=ratio,
+                         num_items_in_batch=num_items_in_batch, **self.hparams,
+                         **({} if self.kl == "exact" else {"kl_estimator": self.kl}))
+        metric_hp = {k: self.hparams[k] for k in ("epsilon", "epsilon_high", "delta", "use_bias_correction_kl")
+                     if k in self.hparams}
+        metrics = L.policy_metrics(kw["token_logps"], advantages, kw.get("old_token_logps"), mask, loss=self.loss,
+                                   entropies=kw.get("entropies"), ref_token_logps=kw.get("ref_token_logps"),
+                                   token_kl=kw.get("token_kl"), **({} if self.kl == "exact" else
+                                                                   {"kl_estimator": self.kl}), **metric_hp)
+        return LossOutput(losses.mean(), losses, metrics)
+
+    def _token_stats(self, hidden, weight, labels, bias, ref_token_logps, ref_hidden, ref_weight, ref_bias,
+                     ref_softcap):
+        """(log-probs, entropies or None, exact KL or None, reference log-probs or None), shaped like labels."""
+        have_model = ref_hidden is not None and ref_weight is not None
+        need_ref = self.beta != 0.0
+        if need_ref and self.kl == "exact" and not have_model:
+            raise ValueError("kl='exact' needs the reference model's ref_hidden and ref_weight (last hidden states "
+                             "and lm_head)")
+        if need_ref and ref_token_logps is None and not have_model:
+            raise ValueError(f"beta={self.beta} needs reference log-probs: pass ref_token_logps, or ref_hidden and "
+                             "ref_weight")
+        entropies = ref_tok = None
+        if need_ref and self.kl == "exact":
+            out = token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=bias, ref_bias=ref_bias,
+                           ref_softcap=ref_softcap, direction="reverse", **self.opts)
+            if self.want_entropy:
+                entropies = token_stats(hidden, weight, labels, bias=bias, entropy=True, **self.opts).entropy
+            return out.logp, entropies, out.kl, None
+        st = token_stats(hidden, weight, labels, bias=bias, entropy=self.want_entropy, **self.opts)
+        if need_ref:
+            ref_tok = ref_token_logps
+            if ref_tok is None:
+                with torch.no_grad():
+                    ref_tok = token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias,
+                                             **{**self.opts, "softcap": ref_softcap})
+            ref_tok = ref_tok.detach()
+        return st.logp, st.entropy, None, ref_tok

@@ -3,5 +3,5 @@
 * :mod:`fastpref.integrations.transformers`: per-token log-probs / statistics / KL straight from a Hugging Face
   causal LM (or a PEFT-wrapped one), and a patch that makes ``model(input_ids, labels=...)`` return log-probs.
 * :mod:`fastpref.integrations.trl`: drop-in TRL trainers (``DPOTrainer``, ``KTOTrainer``,
-  ``RewardTrainer``) computing through fastpref.
+  ``RewardTrainer``, ``GRPOTrainer`` from :mod:`fastpref.integrations.trl_grpo`) computing through fastpref.
 """

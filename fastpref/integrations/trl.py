@@ -21,6 +21,8 @@ log_sum_sq_probs, mean_logits, is_top1, aux_loss). The trainers here replace onl
   and returns the Bradley-Terry loss recomputed from the same rewards by the registry loss ``bt`` (``margin``
   column, ``center_rewards_coefficient``). A reward model has a scalar head, so there is no fused-head memory gain
   there: what it buys is one loss implementation shared by every trainer.
+* ``GRPOTrainer`` (:mod:`fastpref.integrations.trl_grpo`, re-exported here): TRL's GRPO with every log-prob and
+  entropy from the fused head and the loss recomputed by ``fastpref.losses`` (``grpo`` / ``gspo`` / ``cispo``).
 
 Requires TRL with ``add_fused_lm_head`` (1.10+; tested with 1.16).
 """
@@ -42,8 +44,17 @@ from .. import stats as _stats
 from ..nn import loss_params
 from . import transformers as fi
 
-__all__ = ["DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "RewardConfig", "RewardTrainer",
-           "add_fused_lm_head", "dpo_loss", "reward_loss"]
+__all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KTOConfig", "KTOTrainer", "RewardConfig",
+           "RewardTrainer", "add_fused_lm_head", "dpo_loss", "grpo_loss", "reward_loss"]
+_GRPO_NAMES = ("GRPOConfig", "GRPOTrainer", "grpo_loss")  # defined in .trl_grpo (which imports this module)
+
+
+def __getattr__(name: str):
+    if name in _GRPO_NAMES:
+        from . import trl_grpo
+
+        return getattr(trl_grpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DPOConfig = trl.DPOConfig
 KTOConfig = getattr(trl, "KTOConfig", None)

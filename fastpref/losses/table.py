@@ -9,7 +9,7 @@ from .registry import get, names
 FAMILIES = {
     "pairwise": "pairwise, with reference", "variants": "pairwise variants", "reference_free": "reference-free",
     "unpaired": "unpaired", "token_level": "token-level", "listwise": "listwise (K per prompt)",
-    "reward": "reward model", "kl_estimators": "token-KL estimator",
+    "reward": "reward model", "kl_estimators": "token-KL estimator", "rl": "on-policy RL (token-level)",
 }
 
 

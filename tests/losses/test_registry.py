@@ -78,6 +78,9 @@ def extreme(name: str, m: float) -> tuple[dict, tuple, dict]:
         "micro": ({**{k: v[:, None].expand(B, 3) for k, v in rw.items()}, "router_logits": m * torch.eye(B, 3)},
                   ("chosen_rewards", "router_logits"), {}),
         **{k: (kl, ("logps",), {}) for k in ("k1", "k2", "k3")},
+        **{k: (dict(token_logps=tokp + m / T, old_token_logps=tokp, ref_token_logps=tokp - m / T,
+                    advantages=torch.linspace(-1, 1, B), entropies=torch.full((B, T), abs(m))), ("token_logps",),
+                dict(beta=0.04, entropy_coef=0.01)) for k in ("grpo", "ppo_clip", "gspo", "cispo")},
     }
     table["tdpo2"] = table["tdpo1"]
     table["egpo"] = table["online_ipo"]
