@@ -58,7 +58,8 @@ class PreferenceLoss(torch.nn.Module):
     layout: how sequences are arranged along the batch
       - "pairs":    2B sequences, the B chosen first, then the B rejected;
       - "list":     B·K sequences, prompt-major (K = ``num_responses`` per prompt);
-      - "unpaired": S sequences with a ``desirable`` bool [S] passed to forward (KTO/BCO).
+      - "unpaired": S sequences, one per example, with a ``desirable`` bool [S] passed to forward (KTO/BCO);
+        token-level losses of one sequence (Nash-MD) get ``token_logps`` / ``ref_token_logps`` / ``mask``.
     use_weighting: WPO weights w(y_w)·w(y_l) from log Σp² (TRL's ``use_weighting``), pairs only.
     """
 
@@ -86,7 +87,7 @@ class PreferenceLoss(torch.nn.Module):
         self.opts = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
         self.use_weighting = use_weighting
         self.needs_kl = "chosen_token_kl" in self.accepted
-        self.needs_tokens = any(p.endswith(("_token_logps", "_shared_logps")) for p in self.accepted)
+        self.needs_tokens = any(p.endswith(("token_logps", "_shared_logps")) for p in self.accepted)
         self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in self.accepted)
         self.beta = float(hparams.get("beta", 0.1))
 
@@ -162,9 +163,12 @@ class PreferenceLoss(torch.nn.Module):
         """Every quantity a loss may name, for this layout."""
         S = sums.shape[0]
         if self.layout == "unpaired":
+            if desirable is None and "desirable" not in self.accepted:  # e.g. Nash-MD samples with `probability`
+                desirable = torch.ones(S, dtype=torch.bool, device=sums.device)
             if desirable is None or desirable.shape != (S,):
                 raise ValueError(f"layout='unpaired' needs desirable: bool [S]=[{S}]")
-            return dict(logps=sums, ref_logps=ref_sums, lengths=counts, labels=desirable.bool())
+            ctx = dict(logps=sums, ref_logps=ref_sums, lengths=counts, desirable=desirable.bool())
+            return ctx if not self.needs_tokens else dict(ctx, token_logps=tok, ref_token_logps=ref_tok, mask=mask)
         if self.layout == "list":
             if S % self.K:
                 raise ValueError(f"layout='list' with K={self.K} needs a multiple of K sequences, got {S}")
@@ -224,7 +228,7 @@ class PreferenceLoss(torch.nn.Module):
             r = lp - ctx["ref_logps"] if ctx["ref_logps"] is not None else lp
             m.update({"rewards/mean": float(self.beta * r.mean()), "logps/mean": float(lp.mean())})
         else:
-            lab, r = ctx["labels"], ctx["logps"] - (ctx["ref_logps"] if ctx["ref_logps"] is not None else 0)
+            lab, r = ctx["desirable"], ctx["logps"] - (ctx["ref_logps"] if ctx["ref_logps"] is not None else 0)
             if lab.any():
                 m["rewards/chosen"] = float(self.beta * r[lab].mean())
             if (~lab).any():

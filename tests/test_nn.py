@@ -1,6 +1,8 @@
 """fastpref.nn.PreferenceLoss equals the naive path (full logits → log_softmax → gather → sums → loss)."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -139,7 +141,7 @@ def test_unpaired_kto():
     hg = h.double().requires_grad_()
     lp = naive_tokens(hg, w, labels)[0].sum(-1)
     ref = naive_tokens(rh, rw, labels)[0].sum(-1)
-    gold = L.get("kto")(logps=lp, ref_logps=ref, labels=desirable, kl=torch.tensor(0.3)).double().mean()
+    gold = L.get("kto")(logps=lp, ref_logps=ref, desirable=desirable, kl=torch.tensor(0.3)).double().mean()
     close(out.loss, gold)
     close(grads(out.loss, [hh])[0], grads(gold, [hg])[0])
     assert "rewards/chosen" in out.metrics and "rewards/rejected" in out.metrics
@@ -197,3 +199,16 @@ def test_errors():
         PreferenceLoss("sigmoid", backend="torch")(h, w, labels, ref_logps=torch.zeros(S), scores=torch.zeros(3))
     with pytest.raises(ValueError, match="even"):
         PreferenceLoss("sigmoid", backend="torch")(h[:5], w, labels[:5], ref_logps=torch.zeros(5))
+
+
+# Loss inputs that share a name with a PreferenceLoss argument must mean the same thing: the module hands the
+# loss what it computed from that argument (reference sums / token log-probs, the unpaired desirable flags).
+SAME_MEANING = {"ref_logps", "ref_token_logps", "desirable"}
+
+
+@pytest.mark.parametrize("name", L.names())
+def test_no_loss_input_shadows_a_module_argument(name):
+    module_args = (set(inspect.signature(PreferenceLoss.forward).parameters) |
+                   set(inspect.signature(PreferenceLoss.__init__).parameters)) - {"self", "loss_inputs", "hparams"}
+    clash = (set(inspect.signature(L.get(name)).parameters) & module_args) - SAME_MEANING
+    assert not clash, f"loss {name!r} takes {sorted(clash)}, also an argument of PreferenceLoss"

@@ -79,13 +79,13 @@ def make_loss(weights: dict[str, float], hparams: dict, layout: str, k: int | No
 
 def loss_inputs(loss: PreferenceLoss, layout: str, inputs: dict[str, Tensor]) -> dict:
     """The extra inputs the data provides, for the losses that take them: listwise scores / ranks (also as
-    graded ``rewards`` / ``labels``), unpaired ``desirable`` (KTO gets ``kl=0``, TRL's calculate_KL=False)."""
+    graded ``rewards`` / ``relevance``), unpaired ``desirable`` (KTO gets ``kl=0``, TRL's calculate_KL=False)."""
     acc = loss.accepted
     out: dict = {}
     if layout == "list":
         s, r = inputs.get("scores"), inputs.get("ranks")
         graded = s if s is not None else -r
-        for name, v in (("scores", s), ("ranks", r), ("rewards", graded), ("labels", graded)):
+        for name, v in (("scores", s), ("ranks", r), ("rewards", graded), ("relevance", graded)):
             if name in acc and v is not None:
                 out[name] = v
     elif layout == "unpaired":
