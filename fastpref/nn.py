@@ -61,7 +61,13 @@ class PreferenceLoss(torch.nn.Module):
       - "unpaired": S sequences, one per example, with a ``desirable`` bool [S] passed to forward (KTO/BCO);
         token-level losses of one sequence (Nash-MD) get ``token_logps`` / ``ref_token_logps`` / ``mask``.
     use_weighting: WPO weights w(y_w)·w(y_l) from log Σp² (TRL's ``use_weighting``), pairs only.
+    delta="running" (BCO, ``bco`` / ``bco_pair``): δ is the running mean of the batch-mean implicit reward
+    β·(ℓ_θ - ℓ_ref) over the training steps so far, updated with the current batch before use and averaged
+    over processes (Jung+24; TRL's ``BCOTrainer`` ``RunningMoments``). Kept in the non-persistent buffers
+    ``delta_mean`` / ``delta_count`` (the trainer saves them with its checkpoints).
     """
+
+    RUNNING_DELTA_LOSSES = ("bco", "bco_pair")
 
     def __init__(self, loss: str | Mapping[str, float] = "sigmoid", *, layout: str = "pairs",
                  num_responses: int | None = None, temperature: float = 1.0, softcap: float | None = None,
@@ -83,6 +89,14 @@ class PreferenceLoss(torch.nn.Module):
         unknown = sorted(set(hparams) - self.accepted)
         if unknown:
             raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
+        self.running_delta = hparams.get("delta") == "running"
+        if self.running_delta:
+            if not set(self.fns) & set(self.RUNNING_DELTA_LOSSES):
+                raise ValueError(f"delta='running' is BCO's running reward mean: use it with "
+                                 f"{' or '.join(self.RUNNING_DELTA_LOSSES)}")
+            hparams = {k: v for k, v in hparams.items() if k != "delta"}
+        self.register_buffer("delta_mean", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("delta_count", torch.zeros((), dtype=torch.float64), persistent=False)
         self.layout, self.K, self.hparams = layout, num_responses, hparams
         self.opts = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
         self.use_weighting = use_weighting
@@ -200,19 +214,43 @@ class PreferenceLoss(torch.nn.Module):
         unknown = sorted(set(loss_inputs) - self.accepted)
         if unknown:
             raise ValueError(f"input(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
+        delta = self._running_delta(ctx) if self.running_delta else None
         terms = {}
         for name, fn in self.fns.items():
             params = self.params[name]
             kwargs = {k: v for k, v in ctx.items() if k in params and v is not None}
             kwargs.update({k: v for k, v in {**self.hparams, **loss_inputs}.items() if k in params})
+            if delta is not None and name in self.RUNNING_DELTA_LOSSES:
+                kwargs["delta"] = delta
             terms[name] = fn(**kwargs)
         return L.combine(terms, self.weights)
+
+    @torch.no_grad()
+    def _running_delta(self, ctx: dict) -> Tensor:
+        """BCO's δ: update the running mean with this batch's mean reward (all processes), return it."""
+        if self.layout == "pairs":
+            pol, ref = torch.cat([ctx["chosen_logps"], ctx["rejected_logps"]]), ctx["ref_chosen_logps"]
+            ref = None if ref is None else torch.cat([ref, ctx["ref_rejected_logps"]])
+        else:
+            pol, ref = ctx["logps"].reshape(-1), ctx["ref_logps"]
+        if ref is None:
+            raise ValueError("delta='running' needs reference log-probs")
+        if self.training:
+            batch_mean = (self.beta * (pol.double() - ref.reshape(-1).double())).mean()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(batch_mean)
+                batch_mean /= torch.distributed.get_world_size()
+            self.delta_count += 1
+            self.delta_mean += (batch_mean - self.delta_mean) / self.delta_count
+        return self.delta_mean.float()
 
     @torch.no_grad()
     def _metrics(self, ctx: dict, kl_tok: Tensor | None, mask: Tensor) -> dict[str, float]:
         m: dict[str, float] = {}
         if kl_tok is not None:
             m["kl/mean_token"] = float((kl_tok * mask).sum() / mask.sum().clamp(min=1))
+        if self.running_delta:
+            m["delta"] = float(self.delta_mean)
         if self.layout == "pairs":
             w, l = ctx["chosen_logps"], ctx["rejected_logps"]  # noqa: E741
             rw = w - ctx["ref_chosen_logps"] if ctx["ref_chosen_logps"] is not None else w

@@ -17,7 +17,9 @@ from . import data as D
 from .config import Config
 from .dist import Dist, load_model_state, load_optim_state, model_state, optim_state, setup, wrap
 from .model import decoder, final_softcap, head, hidden_states, load_model, packing_supported, tiny_model
-from .objective import Objective, call, dataset_logps, dry_run, loss_inputs, make_loss, metrics, needs_token_ref
+from .objective import (Objective, call, dataset_logps, dry_run, loss_inputs, make_loss, metrics, needs_kto_kl,
+                        needs_token_ref)
+from .unpaired import kto_kl
 
 
 def lr_at(step: int, total: int, base: float, warmup_ratio: float, min_ratio: float) -> float:
@@ -260,9 +262,13 @@ class Run:
                 ref["ref_hidden"] = hidden_states(self.ref, b.input_ids, b.position_ids, b.attention_mask)
             ref["ref_weight"], ref["ref_bias"] = head(self.ref)
             ref["ref_softcap"] = final_softcap(self.ref)
+        inputs = loss_inputs(self.loss, self.train.layout, b.inputs)
+        if needs_kto_kl(self.loss):
+            inputs["kl"] = kto_kl(self.module, self.ref_obj, self.train, idx, max_length=cfg.max_length, d=d,
+                                  device=d.device, autocast=self.autocast, packed=self.packed, pad_id=self.pad_id,
+                                  pack_length=self.pack_length)
         with self.autocast():
-            out = call(self.module, b, mode="pref", ref=ref,
-                       inputs=loss_inputs(self.loss, self.train.layout, b.inputs))
+            out = call(self.module, b, mode="pref", ref=ref, inputs=inputs)
         (out["loss"] / cfg.grad_accum).backward()
         return {"loss": float(out["loss"].detach()), **out["metrics"]}
 
@@ -288,7 +294,8 @@ class Run:
         d = self.d
         state = _strip(model_state(self.objective, d))
         trainer = {"step": self.step, "phase": phase, "optimizer": optim_state(self.objective, opt, d),
-                   "rng": torch.get_rng_state(), "world": d.world}
+                   "rng": torch.get_rng_state(), "world": d.world,
+                   "loss_state": {k: getattr(self.loss, k).cpu() for k in ("delta_mean", "delta_count")}}
         if torch.cuda.is_available():
             trainer["cuda_rng"] = torch.cuda.get_rng_state(d.device)
         if d.main:
@@ -315,6 +322,9 @@ class Run:
             raise SystemExit(f"cannot resume: {e}") from None
         load_model_state(self.objective, {f"model.{k}": v for k, v in mstate.items()}, self.d)
         torch.set_rng_state(trainer["rng"])
+        if "loss_state" in trainer:  # running statistics of the loss (BCO's δ)
+            for k, v in trainer["loss_state"].items():
+                getattr(self.loss, k).copy_(v)
         if "cuda_rng" in trainer and torch.cuda.is_available():
             torch.cuda.set_rng_state(trainer["cuda_rng"], self.d.device)
         self.step = int(trainer["step"])

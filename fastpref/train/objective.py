@@ -73,13 +73,16 @@ def make_loss(weights: dict[str, float], hparams: dict, layout: str, k: int | No
     if "beta" not in hp and "beta" in accepted:
         hp["beta"] = 0.1
     hp = {k_: v for k_, v in hp.items() if k_ != "beta" or "beta" in accepted}
+    if "bco" in weights and "delta" not in hp:  # BCO's δ: the running reward mean (Jung+24, TRL's BCOTrainer)
+        hp["delta"] = "running"
     return PreferenceLoss(weights, layout=layout, num_responses=k if layout == "list" else None,
                           softcap=softcap, backend=backend, **hp)
 
 
 def loss_inputs(loss: PreferenceLoss, layout: str, inputs: dict[str, Tensor]) -> dict:
     """The extra inputs the data provides, for the losses that take them: listwise scores / ranks (also as
-    graded ``rewards`` / ``relevance``), unpaired ``desirable`` (KTO gets ``kl=0``, TRL's calculate_KL=False)."""
+    graded ``rewards`` / ``relevance``), unpaired ``desirable``. KTO's reference point ``kl`` comes from the
+    loop (:func:`fastpref.train.unpaired.kto_kl`) unless set with --loss-args kl=..."""
     acc = loss.accepted
     out: dict = {}
     if layout == "list":
@@ -90,9 +93,12 @@ def loss_inputs(loss: PreferenceLoss, layout: str, inputs: dict[str, Tensor]) ->
                 out[name] = v
     elif layout == "unpaired":
         out["desirable"] = inputs["desirable"]
-        if "kl" in acc:
-            out["kl"] = 0.0
     return out
+
+
+def needs_kto_kl(loss: PreferenceLoss) -> bool:
+    """Whether the loop must estimate KTO's reference point (a loss takes ``kl`` and no constant was set)."""
+    return "kl" in loss.accepted and "kl" not in loss.hparams
 
 
 def needs_token_ref(loss: PreferenceLoss) -> bool:
@@ -113,12 +119,17 @@ def dry_run(loss: PreferenceLoss, layout: str, k: int | None, ref_mode: str) -> 
         ref = {"ref_logps": torch.randn(S, generator=g)}
     elif ref_mode == "online":
         ref = {"ref_hidden": torch.randn(S, 3, 8, generator=g), "ref_weight": torch.randn(8, 8, generator=g)}
+    extra = {"kl": torch.tensor(0.1)} if needs_kto_kl(loss) else {}
+    was = loss.training
+    loss.eval()  # no running statistics from the test batch
     try:
-        out = loss(h, w, labels, **ref, **loss_inputs(loss, layout, inputs))
+        out = loss(h, w, labels, **ref, **loss_inputs(loss, layout, inputs), **extra)
         if not torch.isfinite(out.loss):
             raise ValueError("non-finite loss on a test batch")
     except (ValueError, TypeError, KeyError) as e:
         raise SystemExit(f"--loss {','.join(loss.fns)} cannot be trained on {layout!r} data here: {e}") from None
+    finally:
+        loss.train(was)
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
