@@ -65,13 +65,18 @@ class PreferenceLoss(torch.nn.Module):
     β·(ℓ_θ - ℓ_ref) over the training steps so far, updated with the current batch before use and averaged
     over processes (Jung+24; TRL's ``BCOTrainer`` ``RunningMoments``). Kept in the non-persistent buffers
     ``delta_mean`` / ``delta_count`` (the trainer saves them with its checkpoints).
+    nll_tokens: the token set of the ``chosen_nll`` term (ORPO, CPO, RPO, ASFT, R-ORPO), as TRL defines it by
+    default: "sequence" (prompt + completion) for ``orpo`` (TRL's ORPOTrainer; forward then needs
+    ``nll_labels``), "completion" for the others (TRL's CPOTrainer, DPO ``rpo_alpha``). Either can be forced.
     """
 
     RUNNING_DELTA_LOSSES = ("bco", "bco_pair")
+    NLL_TOKENS = {"orpo": "sequence"}  # the rest: "completion"
 
     def __init__(self, loss: str | Mapping[str, float] = "sigmoid", *, layout: str = "pairs",
                  num_responses: int | None = None, temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, use_weighting: bool = False, backend: str = "auto", **hparams):
+                 ignore_index: int = -100, use_weighting: bool = False, backend: str = "auto",
+                 nll_tokens: str | None = None, **hparams):
         super().__init__()
         weights = {loss: 1.0} if isinstance(loss, str) else dict(loss)
         if not weights:
@@ -104,33 +109,52 @@ class PreferenceLoss(torch.nn.Module):
         self.needs_tokens = any(p.endswith(("token_logps", "_shared_logps")) for p in self.accepted)
         self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in self.accepted)
         self.beta = float(hparams.get("beta", 0.1))
+        if nll_tokens not in (None, "sequence", "completion"):
+            raise ValueError(f"nll_tokens must be 'sequence' or 'completion', got {nll_tokens!r}")
+        default = "sequence" if any(self.NLL_TOKENS.get(n) == "sequence" for n in self.fns) else "completion"
+        self.nll_tokens = (nll_tokens or default) if "chosen_nll" in self.accepted else None
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                 cu_seqlens: Tensor | None = None, ref_logps: Tensor | None = None,
                 ref_token_logps: Tensor | None = None, ref_hidden: Tensor | None = None,
                 ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
-                ref_softcap: float | None = None, desirable: Tensor | None = None, **loss_inputs) -> LossOutput:
+                ref_softcap: float | None = None, desirable: Tensor | None = None,
+                nll_labels: Tensor | None = None, **loss_inputs) -> LossOutput:
         """hidden [S, T, D] with labels [S, T] (already shifted: labels[s, t] is predicted from hidden[s, t]),
         or packed hidden [N, D] / [1, N, D] with labels [N] / [1, N] and ``cu_seqlens`` [S+1].
         Reference: ``ref_logps`` [S] (per-sequence sums, e.g. precomputed once), ``ref_token_logps`` shaped
         like labels, or the reference model's ``ref_hidden`` / ``ref_weight`` (/ ``ref_bias``), needed for
         token-level KL losses. Extra inputs a loss takes (soft_labels, scores, rewards, kl, ...) pass as keywords.
+        ``nll_labels`` (shaped like labels, the prompt tokens labelled too): the token set of ``chosen_nll`` when
+        ``nll_tokens="sequence"``; the fused pass then scores these labels (still one pass).
         """
         ignore = self.opts["ignore_index"]
         if cu_seqlens is None and labels.dim() != 2:
             raise ValueError(f"labels must be [S, T] (or packed with cu_seqlens), got {tuple(labels.shape)}")
-        tok, ref_tok, kl_tok, p2_tok = self._token_stats(hidden, weight, labels, bias, ref_token_logps,
-                                                         ref_hidden, ref_weight, ref_bias, ref_softcap)
-        if cu_seqlens is None:
-            mask = labels != ignore
-        else:  # packed: per-token results to padded [S, T_max]
-            mask = unpack(labels.reshape(-1), cu_seqlens, fill=ignore) != ignore
+        stat_labels = labels
+        if self.nll_tokens == "sequence":
+            if nll_labels is None or nll_labels.shape != labels.shape:
+                raise ValueError(f"nll_tokens='sequence' (the default of {sorted(self.fns)}) needs nll_labels shaped "
+                                 f"like labels {tuple(labels.shape)} with the prompt tokens labelled too, or "
+                                 "nll_tokens='completion'")
+            stat_labels = torch.where(labels != ignore, labels, nll_labels)
+        tok, ref_tok, kl_tok, p2_tok = self._token_stats(hidden, weight, stat_labels, labels, bias,
+                                                         ref_token_logps, ref_hidden, ref_weight, ref_bias,
+                                                         ref_softcap)
+        to_padded = (lambda x: x) if cu_seqlens is None else \
+            (lambda x: unpack(x.reshape(-1), cu_seqlens, fill=ignore))  # noqa: E731
+        mask = to_padded(labels) != ignore
+        if cu_seqlens is not None:  # packed: per-token results to padded [S, T_max]
             tok, ref_tok, kl_tok, p2_tok = (None if x is None else unpack(x.reshape(-1), cu_seqlens)
                                             for x in (tok, ref_tok, kl_tok, p2_tok))
+        nll = None
+        if stat_labels is not labels:  # sequence NLL sums, then the prompt tokens out of everything else
+            nll = L.masked_sums(tok, to_padded(stat_labels) != ignore)
+            tok, kl_tok, p2_tok = (None if x is None else x.masked_fill(~mask, 0.0) for x in (tok, kl_tok, p2_tok))
         sums, counts = L.masked_sums(tok, mask)
         ref_sums = self._ref_sums(ref_logps, ref_tok, mask, sums.shape[0])
-        ctx = self._context(sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable)
+        ctx = self._context(sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable, nll)
         per_example = self._apply(ctx, loss_inputs)
         if self.use_weighting:
             w = L.wpo_weights(tok, p2_tok, mask)
@@ -138,18 +162,20 @@ class PreferenceLoss(torch.nn.Module):
             per_example = per_example * (w[:B] * w[B:])
         return LossOutput(per_example.mean(), per_example, self._metrics(ctx, kl_tok, mask))
 
-    def _token_stats(self, hidden, weight, labels, bias, ref_token_logps, ref_hidden, ref_weight, ref_bias,
-                     ref_softcap):
+    def _token_stats(self, hidden, weight, stat_labels, labels, bias, ref_token_logps, ref_hidden, ref_weight,
+                     ref_bias, ref_softcap):
+        """Policy statistics on ``stat_labels`` (labels, or labels plus the prompt for a sequence NLL);
+        reference statistics on ``labels``."""
         have_model = ref_hidden is not None and ref_weight is not None
         kl_tok = p2_tok = None
         if self.needs_kl:
             if not have_model:
                 raise ValueError(f"loss(es) {sorted(self.fns)} need the full-vocabulary token KL: pass ref_hidden "
                                  "and ref_weight (the reference model's last hidden states and lm_head)")
-            out = token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=bias, ref_bias=ref_bias,
+            out = token_kl(hidden, weight, ref_hidden, ref_weight, stat_labels, bias=bias, ref_bias=ref_bias,
                            ref_softcap=ref_softcap, **self.opts)
             return out.logp, out.ref_logp, out.kl, None
-        st = token_stats(hidden, weight, labels, bias=bias, log_sum_p2=self.use_weighting, **self.opts)
+        st = token_stats(hidden, weight, stat_labels, bias=bias, log_sum_p2=self.use_weighting, **self.opts)
         tok, p2_tok = st.logp, st.log_sum_p2
         ref_tok = ref_token_logps
         if ref_tok is None and have_model:
@@ -173,7 +199,7 @@ class PreferenceLoss(torch.nn.Module):
                              "ref_token_logps, or ref_hidden and ref_weight")
         return None
 
-    def _context(self, sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable) -> dict:
+    def _context(self, sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable, nll=None) -> dict:
         """Every quantity a loss may name, for this layout."""
         S = sums.shape[0]
         if self.layout == "unpaired":
@@ -195,8 +221,10 @@ class PreferenceLoss(torch.nn.Module):
         half = lambda x, s: None if x is None else x[s]  # noqa: E731
         ctx = dict(chosen_logps=sums[w], rejected_logps=sums[l], chosen_lengths=counts[w],
                    rejected_lengths=counts[l], ref_chosen_logps=half(ref_sums, w),
-                   ref_rejected_logps=half(ref_sums, l), sft_target_logps=sums[w],
-                   chosen_nll=(-sums[w].sum() / counts[w].sum().clamp(min=1)).expand(B))
+                   ref_rejected_logps=half(ref_sums, l), sft_target_logps=sums[w])
+        if self.nll_tokens is not None:  # TRL's batch token mean over the chosen sequences' NLL token set
+            nll_sums, nll_counts = (sums[w], counts[w]) if nll is None else (nll[0][w], nll[1][w])
+            ctx["chosen_nll"] = (-nll_sums.sum() / nll_counts.sum().clamp(min=1)).expand(B)
         if self.needs_tokens:
             ctx.update(chosen_token_logps=tok[w], rejected_token_logps=tok[l], chosen_mask=mask[w],
                        rejected_mask=mask[l], ref_chosen_token_logps=half(ref_tok, w),

@@ -298,8 +298,10 @@ def sequences(ds: Dataset, index: list[int], which: str = "all") -> list[tuple[l
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: int = 0, pack_length: int = 0,
-            index: list[int] | None = None, inputs: dict | None = None) -> Batch:
+            index: list[int] | None = None, inputs: dict | None = None, sequence_labels: bool = False) -> Batch:
     """Labels are already shifted: labels[t] = token t+1 when that token is part of the completion, else -100.
+    ``sequence_labels``: also ``inputs["nll_labels"]``, shaped like labels, with the prompt's tokens labelled
+    too (a prompt + completion NLL, as TRL's ORPO).
 
     Packed: sequences go, in order, into rows of at most ``pack_length`` tokens (one row if 0; a longer
     sequence gets a row of its own). Attention is block-diagonal inside a row, so bounded rows keep the
@@ -310,6 +312,15 @@ def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: in
         ids.append(toks)
         labs.append([-100] * (len(p) - 1) + c + [-100])
     idx = torch.tensor(index or [], dtype=torch.long)
+    inputs = dict(inputs or {})
+    if sequence_labels:
+        full = [t[1:] + [-100] for t in ids]
+        if packed:
+            inputs["nll_labels"] = torch.tensor([t for s in full for t in s])
+        else:
+            inputs["nll_labels"] = torch.full((len(ids), max(map(len, ids))), -100, dtype=torch.long)
+            for i, f in enumerate(full):
+                inputs["nll_labels"][i, : len(f)] = torch.tensor(f)
     if packed:
         lengths = torch.tensor([len(t) for t in ids])
         cu = torch.zeros(len(ids) + 1, dtype=torch.int32)
@@ -331,7 +342,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: in
                 keep.extend(range(r * L + off, r * L + off + len(t)))
                 off += len(t)
             pos[r, off:] = torch.arange(L - off)  # the tail is a separate (ignored) sequence
-        return Batch(inp, pos, torch.tensor([t for s in labs for t in s]), cu, None, idx, inputs or {},
+        return Batch(inp, pos, torch.tensor([t for s in labs for t in s]), cu, None, idx, inputs,
                      torch.tensor(keep))
     T = max(len(t) for t in ids)
     inp = torch.full((len(ids), T), pad_id, dtype=torch.long)
@@ -340,10 +351,11 @@ def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: in
     for i, (t, lb) in enumerate(zip(ids, labs)):
         inp[i, : len(t)], lab[i, : len(lb)], att[i, : len(t)] = torch.tensor(t), torch.tensor(lb), 1
     pos = torch.arange(T)[None].expand(len(ids), T)
-    return Batch(inp, pos, lab, None, att, idx, inputs or {})
+    return Batch(inp, pos, lab, None, att, idx, inputs)
 
 
-def batch(ds: Dataset, index: list[int], *, packed: bool, pad_id: int = 0, pack_length: int = 0) -> Batch:
+def batch(ds: Dataset, index: list[int], *, packed: bool, pad_id: int = 0, pack_length: int = 0,
+          sequence_labels: bool = False) -> Batch:
     """A training micro-batch of examples ``index`` with the extra inputs their layout provides."""
     ex = [ds.examples[i] for i in index]
     inputs: dict[str, Tensor] = {}
@@ -355,7 +367,7 @@ def batch(ds: Dataset, index: list[int], *, packed: bool, pad_id: int = 0, pack_
     elif ds.layout == "unpaired":
         inputs["desirable"] = torch.tensor([bool(e.label) for e in ex])
     return collate(sequences(ds, index), packed=packed, pad_id=pad_id, pack_length=pack_length, index=index,
-                   inputs=inputs)
+                   inputs=inputs, sequence_labels=sequence_labels)
 
 
 def order(n: int, seed: int, start: int, count: int) -> list[int]:

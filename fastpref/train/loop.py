@@ -252,7 +252,8 @@ class Run:
             loss = out["loss"] * (1.0 if count else 0.0)
             (loss / cfg.grad_accum).backward()
             return {"loss": float(loss.detach()) * d.world}
-        b = D.batch(self.train, idx, packed=self.packed, pad_id=self.pad_id, pack_length=self.pack_length).to(d.device)
+        b = D.batch(self.train, idx, packed=self.packed, pad_id=self.pad_id, pack_length=self.pack_length,
+                    sequence_labels=self.loss.nll_tokens == "sequence").to(d.device)
         ref: dict = {}
         if self.ref_mode == "precompute":
             r = self.ref_train[torch.tensor(idx)]

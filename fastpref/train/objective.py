@@ -93,6 +93,8 @@ def loss_inputs(loss: PreferenceLoss, layout: str, inputs: dict[str, Tensor]) ->
                 out[name] = v
     elif layout == "unpaired":
         out["desirable"] = inputs["desirable"]
+    if loss.nll_tokens == "sequence":
+        out["nll_labels"] = inputs["nll_labels"]
     return out
 
 
@@ -114,6 +116,7 @@ def dry_run(loss: PreferenceLoss, layout: str, k: int | None, ref_mode: str) -> 
     labels = torch.randint(0, 8, (S, 3), generator=g)
     inputs = {"scores": torch.randn(2, k or 2, generator=g)} if layout == "list" else \
         {"desirable": torch.tensor([True, False])} if layout == "unpaired" else {}
+    inputs["nll_labels"] = torch.randint(0, 8, (S, 3), generator=g)
     ref = {}
     if ref_mode == "precompute":
         ref = {"ref_logps": torch.randn(S, generator=g)}
