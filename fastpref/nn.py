@@ -120,7 +120,8 @@ class PreferenceLoss(torch.nn.Module):
                 ref_token_logps: Tensor | None = None, ref_hidden: Tensor | None = None,
                 ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
                 ref_softcap: float | None = None, desirable: Tensor | None = None,
-                nll_labels: Tensor | None = None, **loss_inputs) -> LossOutput:
+                nll_labels: Tensor | None = None, rm_token_logps: Tensor | None = None,
+                **loss_inputs) -> LossOutput:
         """hidden [S, T, D] with labels [S, T] (already shifted: labels[s, t] is predicted from hidden[s, t]),
         or packed hidden [N, D] / [1, N, D] with labels [N] / [1, N] and ``cu_seqlens`` [S+1].
         Reference: ``ref_logps`` [S] (per-sequence sums, e.g. precomputed once), ``ref_token_logps`` shaped
@@ -128,6 +129,7 @@ class PreferenceLoss(torch.nn.Module):
         token-level KL losses. Extra inputs a loss takes (soft_labels, scores, rewards, kl, ...) pass as keywords.
         ``nll_labels`` (shaped like labels, the prompt tokens labelled too): the token set of ``chosen_nll`` when
         ``nll_tokens="sequence"``; the fused pass then scores these labels (still one pass).
+        ``rm_token_logps`` (shaped like labels): a third model's token log-probs (TGDPO's token-reward model).
         """
         ignore = self.opts["ignore_index"]
         if cu_seqlens is None and labels.dim() != 2:
@@ -145,9 +147,13 @@ class PreferenceLoss(torch.nn.Module):
         to_padded = (lambda x: x) if cu_seqlens is None else \
             (lambda x: unpack(x.reshape(-1), cu_seqlens, fill=ignore))  # noqa: E731
         mask = to_padded(labels) != ignore
+        if rm_token_logps is not None and rm_token_logps.shape != labels.shape:
+            raise ValueError(f"rm_token_logps must be shaped like labels {tuple(labels.shape)}, "
+                             f"got {tuple(rm_token_logps.shape)}")
+        rm_tok = None if rm_token_logps is None else rm_token_logps.detach()
         if cu_seqlens is not None:  # packed: per-token results to padded [S, T_max]
-            tok, ref_tok, kl_tok, p2_tok = (None if x is None else unpack(x.reshape(-1), cu_seqlens)
-                                            for x in (tok, ref_tok, kl_tok, p2_tok))
+            tok, ref_tok, kl_tok, p2_tok, rm_tok = (None if x is None else unpack(x.reshape(-1), cu_seqlens)
+                                                    for x in (tok, ref_tok, kl_tok, p2_tok, rm_tok))
         nll = None
         if stat_labels is not labels:  # sequence NLL sums, then the prompt tokens out of everything else
             nll = L.masked_sums(tok, to_padded(stat_labels) != ignore)
@@ -155,6 +161,9 @@ class PreferenceLoss(torch.nn.Module):
         sums, counts = L.masked_sums(tok, mask)
         ref_sums = self._ref_sums(ref_logps, ref_tok, mask, sums.shape[0])
         ctx = self._context(sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable, nll)
+        if rm_tok is not None and self.layout == "pairs":
+            B = rm_tok.shape[0] // 2
+            ctx.update(rm_chosen_token_logps=rm_tok[:B], rm_rejected_token_logps=rm_tok[B:])
         per_example = self._apply(ctx, loss_inputs)
         if self.use_weighting:
             w = L.wpo_weights(tok, p2_tok, mask)
@@ -221,7 +230,11 @@ class PreferenceLoss(torch.nn.Module):
         half = lambda x, s: None if x is None else x[s]  # noqa: E731
         ctx = dict(chosen_logps=sums[w], rejected_logps=sums[l], chosen_lengths=counts[w],
                    rejected_lengths=counts[l], ref_chosen_logps=half(ref_sums, w),
-                   ref_rejected_logps=half(ref_sums, l), sft_target_logps=sums[w])
+                   ref_rejected_logps=half(ref_sums, l), sft_target_logps=sums[w],
+                   # (y, y') losses (online IPO / EGPO) and per-sequence terms (k1-k3, VPO) see the pair as
+                   # y = chosen, y' = rejected
+                   logps=sums[w], other_logps=sums[l], ref_logps=half(ref_sums, w),
+                   ref_other_logps=half(ref_sums, l))
         if self.nll_tokens is not None:  # TRL's batch token mean over the chosen sequences' NLL token set
             nll_sums, nll_counts = (sums[w], counts[w]) if nll is None else (nll[0][w], nll[1][w])
             ctx["chosen_nll"] = (-nll_sums.sum() / nll_counts.sum().clamp(min=1)).expand(B)

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from . import fields as F
+
 FORMATS = {"pairs": ("prompt", "chosen", "rejected"), "list": ("prompt", "responses"),
            "unpaired": ("prompt", "completion", "label")}
 
@@ -29,6 +31,8 @@ class Example:
     ranks: list[float] | None = None
     label: bool | None = None
     prompt_key: str = ""
+    numbers: dict[str, float | list[float]] = field(default_factory=dict)  # see fields.NUMBERS
+    texts: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # (context ids, text ids)
 
 
 @dataclass
@@ -155,11 +159,15 @@ def validate(row: Any, layout: str, where: str) -> dict:
     else:
         out["completions"] = [_text_or_messages(row, "completion", where)]
         lab = row.get("label")
+        if lab is None and row.get("probability") is not None:  # Nash-MD rows: scored, not labelled
+            lab = True
         if lab is None:
             raise DataError(f"{where}: missing field 'label'")
         if not isinstance(lab, bool) and lab not in (0, 1):
             raise DataError(f"{where}: 'label' must be true/false (or 1/0), got {lab!r}")
         out["label"] = bool(lab)
+    out["numbers"] = F.read_numbers(row, layout, len(out["completions"]), where, DataError)
+    out["texts"] = F.read_texts(row, layout, where, DataError)
     return out
 
 
@@ -240,8 +248,20 @@ def load_dataset(path_or_rows, tokenize: Tokenize, *, layout: str | None = None,
                 elif len(seqs) != k:
                     raise DataError(f"{where}: {len(seqs)} responses, but earlier rows have {k} "
                                     "(listwise training needs the same number of responses in every row)")
+            texts = {}
+            for name, text in v["texts"].items():  # scored in the context fields.TEXTS names
+                if not isinstance(v["prompt"], str) or not all(isinstance(c, str) for c in v["completions"]):
+                    raise DataError(f"{where}: {name!r} needs string prompt and completions (not chat messages)")
+                ctx = v["prompt"] if name == "reference_sample" else "\n".join([v["prompt"], *v["completions"]])
+                p, c, cut = tokenize.ids(ctx, text, where)
+                texts[name] = (p, c)
+            if examples and (set(v["numbers"]) != set(examples[0].numbers) or set(texts) != set(examples[0].texts)):
+                have, first = set(v["numbers"]) | set(texts), set(examples[0].numbers) | set(examples[0].texts)
+                raise DataError(f"{where}: field(s) {sorted(have ^ first)} present in some rows but not in others "
+                                "(a per-example field must be in every row)")
             truncated += cut_any
-            examples.append(Example(seqs, v.get("scores"), v.get("ranks"), v.get("label"), json.dumps(v["prompt"])))
+            examples.append(Example(seqs, v.get("scores"), v.get("ranks"), v.get("label"), json.dumps(v["prompt"]),
+                                    v["numbers"], texts))
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -366,6 +386,8 @@ def batch(ds: Dataset, index: list[int], *, packed: bool, pad_id: int = 0, pack_
             inputs["ranks"] = torch.tensor([e.ranks for e in ex])
     elif ds.layout == "unpaired":
         inputs["desirable"] = torch.tensor([bool(e.label) for e in ex])
+    for name in ex[0].numbers:
+        inputs[name] = torch.tensor([e.numbers[name] for e in ex], dtype=torch.float32)
     return collate(sequences(ds, index), packed=packed, pad_id=pad_id, pack_length=pack_length, index=index,
                    inputs=inputs, sequence_labels=sequence_labels)
 

@@ -16,9 +16,11 @@ from . import checkpoint as C
 from . import data as D
 from .config import Config
 from .dist import Dist, load_model_state, load_optim_state, model_state, optim_state, setup, wrap
+from ..stats import token_logprobs
 from .model import decoder, final_softcap, head, hidden_states, load_model, packing_supported, tiny_model
 from .objective import (Objective, call, dataset_logps, dry_run, loss_inputs, make_loss, metrics, needs_kto_kl,
-                        needs_token_ref)
+                        needs_token_ref, tensors, unpad)
+from .fields import TEXTS
 from .unpaired import kto_kl
 
 
@@ -82,7 +84,10 @@ class Run:
         self.loss = make_loss(cfg.loss_weights(), cfg.loss_hparams(), self.train.layout,
                               self.train.num_responses, self.softcap, cfg.backend)
         self.ref_mode = self._ref_mode()
-        dry_run(self.loss, self.train.layout, self.train.num_responses, self.ref_mode)
+        ex0 = self.train.examples[0]
+        provided = set(ex0.numbers) | set(ex0.texts) | \
+            {name for name in ("prev_model", "token_reward_model") if getattr(cfg, name)}
+        dry_run(self.loss, self.train.layout, self.train.num_responses, self.ref_mode, provided)
         self.packed = self._packing()
         self.pack_length = cfg.pack_length if cfg.pack_length is not None else cfg.max_length
         if cfg.gradient_checkpointing:
@@ -102,6 +107,7 @@ class Run:
         self.step = 0
         self.ref = None
         self.ref_train = self.ref_eval = None
+        self.prev_train = self.token_rm = None
         self.eval_history: list[dict] = []
         self.use_cuda_amp = d.device.type == "cuda" and cfg.bf16 != "off"
 
@@ -173,6 +179,42 @@ class Run:
         if self.cfg.bf16 == "on":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------------------------- other models
+    def setup_other_models(self) -> None:
+        """--prev-model: its log-probs of the training data, once (SPPO / INPO / GPO); --token-reward-model:
+        loaded for per-step token log-probs (TGDPO)."""
+        cfg, d = self.cfg, self.d
+        if cfg.prev_model and any(p.startswith("prev_") for p in self.loss.accepted) and self.prev_train is None:
+            prev = load_model(cfg.prev_model).to(d.device).eval()
+            self.prev_train = dataset_logps(Objective(prev, self.loss, final_softcap(prev), cfg.backend), self.train,
+                                            packed=self.packed, pad_id=self.pad_id, batch_size=cfg.eval_batch_size,
+                                            d=d, device=d.device, autocast=self.autocast,
+                                            pack_length=self.pack_length).cpu()
+        if cfg.token_reward_model and any(p.startswith("rm_") for p in self.loss.accepted) and self.token_rm is None:
+            self.token_rm = load_model(cfg.token_reward_model).to(d.device).eval()
+            for p in self.token_rm.parameters():
+                p.requires_grad_(False)
+
+    def other_inputs(self, b: D.Batch, idx: list[int]) -> tuple[dict, dict]:
+        """(loss inputs from the other models, texts to score with the policy) for this micro-batch."""
+        d, out, scored = self.d, {}, {}
+        if self.prev_train is not None:
+            r = self.prev_train[torch.tensor(idx)].to(d.device)
+            out.update(prev_chosen_logps=r[:, 0], prev_rejected_logps=r[:, 1])
+        if self.token_rm is not None:
+            with torch.no_grad(), self.autocast():
+                h = hidden_states(self.token_rm, b.input_ids, b.position_ids, b.attention_mask)
+                h = unpad(h, b.keep) if b.cu_seqlens is not None else h
+                w, bias = head(self.token_rm)
+                out["rm_token_logps"] = token_logprobs(h, w, b.labels, bias=bias, softcap=final_softcap(self.token_rm),
+                                                       backend=self.cfg.backend).float()
+        for name, (_, _, feed) in TEXTS.items():
+            if feed in self.loss.accepted and name in self.train.examples[0].texts:
+                seqs = [self.train.examples[i].texts[name] for i in idx]
+                scored[feed] = tensors(D.collate(seqs, packed=self.packed, pad_id=self.pad_id,
+                                                 pack_length=self.pack_length).to(d.device))
+        return out, scored
 
     # ------------------------------------------------------------------------------------------- reference
     def setup_reference(self) -> None:
@@ -264,12 +306,14 @@ class Run:
             ref["ref_weight"], ref["ref_bias"] = head(self.ref)
             ref["ref_softcap"] = final_softcap(self.ref)
         inputs = loss_inputs(self.loss, self.train.layout, b.inputs)
+        others, scored = self.other_inputs(b, idx)
+        inputs.update(others)
         if needs_kto_kl(self.loss):
             inputs["kl"] = kto_kl(self.module, self.ref_obj, self.train, idx, max_length=cfg.max_length, d=d,
                                   device=d.device, autocast=self.autocast, packed=self.packed, pad_id=self.pad_id,
                                   pack_length=self.pack_length)
         with self.autocast():
-            out = call(self.module, b, mode="pref", ref=ref, inputs=inputs)
+            out = call(self.module, b, mode="pref", ref=ref, inputs=inputs, scored=scored)
         (out["loss"] / cfg.grad_accum).backward()
         return {"loss": float(out["loss"].detach()), **out["metrics"]}
 
@@ -358,6 +402,7 @@ class Run:
                 load_optim_state(self.objective, opt, trainer["optimizer"], d)
             if phase == "pref":
                 self.setup_reference()
+                self.setup_other_models()
                 if self.step == start:
                     before = self.evaluate()
             while self.step < start + n:
