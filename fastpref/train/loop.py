@@ -489,6 +489,10 @@ class Run:
 
 def train(cfg: Config) -> dict:
     """Run training with this configuration; returns the summary (also written to summary.json)."""
+    if cfg.task == "reward":
+        from .reward import train_reward
+
+        return train_reward(cfg)
     cfg = cfg.resolved()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
