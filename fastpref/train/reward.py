@@ -35,7 +35,7 @@ from .fields import source
 LOSSES = ("bt", "scaled_bt", "regression", "gpm", "micro")
 HELPSTEER = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 # The embedded default (the synthetic task): reaches held-out reward accuracy >= 0.9 on 2 CPU cores.
-SYNTHETIC = dict(SYNTHETIC_DEFAULTS, sft_steps=500, steps=600, batch_size=32, lr=1e-3, eval_every=200)
+SYNTHETIC = dict(SYNTHETIC_DEFAULTS, sft_steps=500, steps=1000, batch_size=32, lr=1e-3, eval_every=250)
 SYNTHETIC_TRAIN = 10_000  # the reward model overfits 2000 pairs
 REAL = dict(REAL_DEFAULTS, lr=1e-5)
 
@@ -288,7 +288,7 @@ def train_reward(cfg: Config) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % max(cfg.log_every, 1) == 0 or step == 0 or step + 1 == steps:
-            log({"step": step + 1, "loss": float(value), "accuracy": float((score > 0).float().mean()),
+            log({"step": step + 1, "loss": float(value.detach()), "accuracy": float((score > 0).float().mean()),
                  "grad_norm": float(gn), "time": time.time() - t0})
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
             ev(step + 1)
