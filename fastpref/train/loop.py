@@ -88,6 +88,9 @@ class Run:
         provided = set(ex0.numbers) | set(ex0.texts) | \
             {name for name in ("prev_model", "token_reward_model") if getattr(cfg, name)}
         dry_run(self.loss, self.train.layout, self.train.num_responses, self.ref_mode, provided)
+        if needs_kto_kl(self.loss) and cfg.batch_size < 2:
+            raise SystemExit("KTO's reference point pairs each prompt with another completion of its micro-batch: "
+                             "use --batch-size >= 2 (or --loss-args kl=0)")
         self.packed = self._packing()
         self.pack_length = cfg.pack_length if cfg.pack_length is not None else cfg.max_length
         if cfg.gradient_checkpointing:
