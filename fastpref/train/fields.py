@@ -5,6 +5,8 @@ A field is optional per data set, but all-or-none: when one row has it, every ro
 """
 from __future__ import annotations
 
+import math
+
 # canonical field: (layout, accepted aliases, loss inputs it feeds, what it is)
 NUMBERS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str]] = {
     "preference_probability": ("pairs", ("soft_label",), ("soft_labels", "pref_probs"),
@@ -53,8 +55,6 @@ def source(loss_input: str) -> str | None:
 def read_numbers(row: dict, layout: str, k: int, where: str, error) -> dict[str, float | list[float]]:
     """The row's numeric fields of this layout under their canonical names (validated: finite numbers; lists
     of K numbers on list rows)."""
-    import math
-
     out: dict = {}
     for name, (lay, aliases, _, _) in NUMBERS.items():
         if lay != layout or name in ("scores", "ranks"):

@@ -249,8 +249,9 @@ def train_reward(cfg: Config) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     train, held, attrs = load(cfg, tok)
     if (loss == "regression") != (attrs is not None):
-        raise SystemExit(f"--loss {loss} needs {'score rows {prompt, response, scores}' if loss == 'regression' else 'pairwise rows {prompt, chosen, rejected}'}"
-                         f" (got {'score' if attrs else 'pairwise'} rows)")
+        want = "score rows {prompt, response, scores}" if loss == "regression" else \
+            "pairwise rows {prompt, chosen, rejected}"
+        raise SystemExit(f"--loss {loss} needs {want} (got {'score' if attrs else 'pairwise'} rows)")
     if loss == "scaled_bt" and "strength" not in train.examples[0].numbers:
         raise SystemExit(f"--loss scaled_bt needs the preference strength: {source('strength')}")
     lm = sft_warmup(cfg, tok, train, device) if cfg.sft_steps and attrs is None else None
