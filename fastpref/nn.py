@@ -65,13 +65,25 @@ class PreferenceLoss(torch.nn.Module):
     layout: how sequences are arranged along the batch
       - "pairs":    2B sequences, the B chosen first, then the B rejected;
       - "list":     B·K sequences, prompt-major (K = ``num_responses`` per prompt);
-      - "unpaired": S sequences with a ``desirable`` bool [S] passed to forward (KTO/BCO).
+      - "unpaired": S sequences, one per example, with a ``desirable`` bool [S] passed to forward (KTO/BCO);
+        token-level losses of one sequence (Nash-MD) get ``token_logps`` / ``ref_token_logps`` / ``mask``.
     use_weighting: WPO weights w(y_w)·w(y_l) from log Σp² (TRL's ``use_weighting``), pairs only.
+    delta="running" (BCO, ``bco`` / ``bco_pair``): δ is the running mean of the batch-mean implicit reward
+    β·(ℓ_θ - ℓ_ref) over the training steps so far, updated with the current batch before use and averaged
+    over processes (Jung+24; TRL's ``BCOTrainer`` ``RunningMoments``). Kept in the non-persistent buffers
+    ``delta_mean`` / ``delta_count`` (the trainer saves them with its checkpoints).
+    nll_tokens: the token set of the ``chosen_nll`` term (ORPO, CPO, RPO, ASFT, R-ORPO), as TRL defines it by
+    default: "sequence" (prompt + completion) for ``orpo`` (TRL's ORPOTrainer; forward then needs
+    ``nll_labels``), "completion" for the others (TRL's CPOTrainer, DPO ``rpo_alpha``). Either can be forced.
     """
+
+    RUNNING_DELTA_LOSSES = ("bco", "bco_pair")
+    NLL_TOKENS = {"orpo": "sequence"}  # the rest: "completion"
 
     def __init__(self, loss: str | Mapping[str, float] = "sigmoid", *, layout: str = "pairs",
                  num_responses: int | None = None, temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, use_weighting: bool = False, backend: str = "auto", **hparams):
+                 ignore_index: int = -100, use_weighting: bool = False, backend: str = "auto",
+                 nll_tokens: str | None = None, **hparams):
         super().__init__()
         weights = {loss: 1.0} if isinstance(loss, str) else dict(loss)
         if not weights:
@@ -87,40 +99,76 @@ class PreferenceLoss(torch.nn.Module):
         self.params = {name: loss_params(fn) for name, fn in self.fns.items()}
         self.accepted = set().union(*self.params.values())
         check_hparams(hparams, self.accepted, sorted(self.fns))
+        self.running_delta = hparams.get("delta") == "running"
+        if self.running_delta:
+            if not set(self.fns) & set(self.RUNNING_DELTA_LOSSES):
+                raise ValueError(f"delta='running' is BCO's running reward mean: use it with "
+                                 f"{' or '.join(self.RUNNING_DELTA_LOSSES)}")
+            hparams = {k: v for k, v in hparams.items() if k != "delta"}
+        self.register_buffer("delta_mean", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("delta_count", torch.zeros((), dtype=torch.float64), persistent=False)
         self.layout, self.K, self.hparams = layout, num_responses, hparams
         self.opts = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
         self.use_weighting = use_weighting
         self.needs_kl = "chosen_token_kl" in self.accepted
-        self.needs_tokens = any(p.endswith(("_token_logps", "_shared_logps")) for p in self.accepted)
+        self.needs_tokens = any(p.endswith(("token_logps", "_shared_logps")) for p in self.accepted)
         self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in self.accepted)
         self.beta = float(hparams.get("beta", 0.1))
+        if nll_tokens not in (None, "sequence", "completion"):
+            raise ValueError(f"nll_tokens must be 'sequence' or 'completion', got {nll_tokens!r}")
+        default = "sequence" if any(self.NLL_TOKENS.get(n) == "sequence" for n in self.fns) else "completion"
+        self.nll_tokens = (nll_tokens or default) if "chosen_nll" in self.accepted else None
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                 cu_seqlens: Tensor | None = None, ref_logps: Tensor | None = None,
                 ref_token_logps: Tensor | None = None, ref_hidden: Tensor | None = None,
                 ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
-                ref_softcap: float | None = None, desirable: Tensor | None = None, **loss_inputs) -> LossOutput:
+                ref_softcap: float | None = None, desirable: Tensor | None = None,
+                nll_labels: Tensor | None = None, rm_token_logps: Tensor | None = None,
+                **loss_inputs) -> LossOutput:
         """hidden [S, T, D] with labels [S, T] (already shifted: labels[s, t] is predicted from hidden[s, t]),
         or packed hidden [N, D] / [1, N, D] with labels [N] / [1, N] and ``cu_seqlens`` [S+1].
         Reference: ``ref_logps`` [S] (per-sequence sums, e.g. precomputed once), ``ref_token_logps`` shaped
         like labels, or the reference model's ``ref_hidden`` / ``ref_weight`` (/ ``ref_bias``), needed for
         token-level KL losses. Extra inputs a loss takes (soft_labels, scores, rewards, kl, ...) pass as keywords.
+        ``nll_labels`` (shaped like labels, the prompt tokens labelled too): the token set of ``chosen_nll`` when
+        ``nll_tokens="sequence"``; the fused pass then scores these labels (still one pass).
+        ``rm_token_logps`` (shaped like labels): a third model's token log-probs (TGDPO's token-reward model).
         """
         ignore = self.opts["ignore_index"]
         if cu_seqlens is None and labels.dim() != 2:
             raise ValueError(f"labels must be [S, T] (or packed with cu_seqlens), got {tuple(labels.shape)}")
-        tok, ref_tok, kl_tok, p2_tok = self._token_stats(hidden, weight, labels, bias, ref_token_logps,
-                                                         ref_hidden, ref_weight, ref_bias, ref_softcap)
-        if cu_seqlens is None:
-            mask = labels != ignore
-        else:  # packed: per-token results to padded [S, T_max]
-            mask = unpack(labels.reshape(-1), cu_seqlens, fill=ignore) != ignore
-            tok, ref_tok, kl_tok, p2_tok = (None if x is None else unpack(x.reshape(-1), cu_seqlens)
-                                            for x in (tok, ref_tok, kl_tok, p2_tok))
+        stat_labels = labels
+        if self.nll_tokens == "sequence":
+            if nll_labels is None or nll_labels.shape != labels.shape:
+                raise ValueError(f"nll_tokens='sequence' (the default of {sorted(self.fns)}) needs nll_labels shaped "
+                                 f"like labels {tuple(labels.shape)} with the prompt tokens labelled too, or "
+                                 "nll_tokens='completion'")
+            stat_labels = torch.where(labels != ignore, labels, nll_labels)
+        tok, ref_tok, kl_tok, p2_tok = self._token_stats(hidden, weight, stat_labels, labels, bias,
+                                                         ref_token_logps, ref_hidden, ref_weight, ref_bias,
+                                                         ref_softcap)
+        to_padded = (lambda x: x) if cu_seqlens is None else \
+            (lambda x: unpack(x.reshape(-1), cu_seqlens, fill=ignore))  # noqa: E731
+        mask = to_padded(labels) != ignore
+        if rm_token_logps is not None and rm_token_logps.shape != labels.shape:
+            raise ValueError(f"rm_token_logps must be shaped like labels {tuple(labels.shape)}, "
+                             f"got {tuple(rm_token_logps.shape)}")
+        rm_tok = None if rm_token_logps is None else rm_token_logps.detach()
+        if cu_seqlens is not None:  # packed: per-token results to padded [S, T_max]
+            tok, ref_tok, kl_tok, p2_tok, rm_tok = (None if x is None else unpack(x.reshape(-1), cu_seqlens)
+                                                    for x in (tok, ref_tok, kl_tok, p2_tok, rm_tok))
+        nll = None
+        if stat_labels is not labels:  # sequence NLL sums, then the prompt tokens out of everything else
+            nll = L.masked_sums(tok, to_padded(stat_labels) != ignore)
+            tok, kl_tok, p2_tok = (None if x is None else x.masked_fill(~mask, 0.0) for x in (tok, kl_tok, p2_tok))
         sums, counts = L.masked_sums(tok, mask)
         ref_sums = self._ref_sums(ref_logps, ref_tok, mask, sums.shape[0])
-        ctx = self._context(sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable)
+        ctx = self._context(sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable, nll)
+        if rm_tok is not None and self.layout == "pairs":
+            B = rm_tok.shape[0] // 2
+            ctx.update(rm_chosen_token_logps=rm_tok[:B], rm_rejected_token_logps=rm_tok[B:])
         per_example = self._apply(ctx, loss_inputs)
         if self.use_weighting:
             w = L.wpo_weights(tok, p2_tok, mask)
@@ -128,18 +176,20 @@ class PreferenceLoss(torch.nn.Module):
             per_example = per_example * (w[:B] * w[B:])
         return LossOutput(per_example.mean(), per_example, self._metrics(ctx, kl_tok, mask))
 
-    def _token_stats(self, hidden, weight, labels, bias, ref_token_logps, ref_hidden, ref_weight, ref_bias,
-                     ref_softcap):
+    def _token_stats(self, hidden, weight, stat_labels, labels, bias, ref_token_logps, ref_hidden, ref_weight,
+                     ref_bias, ref_softcap):
+        """Policy statistics on ``stat_labels`` (labels, or labels plus the prompt for a sequence NLL);
+        reference statistics on ``labels``."""
         have_model = ref_hidden is not None and ref_weight is not None
         kl_tok = p2_tok = None
         if self.needs_kl:
             if not have_model:
                 raise ValueError(f"loss(es) {sorted(self.fns)} need the full-vocabulary token KL: pass ref_hidden "
                                  "and ref_weight (the reference model's last hidden states and lm_head)")
-            out = token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=bias, ref_bias=ref_bias,
+            out = token_kl(hidden, weight, ref_hidden, ref_weight, stat_labels, bias=bias, ref_bias=ref_bias,
                            ref_softcap=ref_softcap, **self.opts)
             return out.logp, out.ref_logp, out.kl, None
-        st = token_stats(hidden, weight, labels, bias=bias, log_sum_p2=self.use_weighting, **self.opts)
+        st = token_stats(hidden, weight, stat_labels, bias=bias, log_sum_p2=self.use_weighting, **self.opts)
         tok, p2_tok = st.logp, st.log_sum_p2
         ref_tok = ref_token_logps
         if ref_tok is None and have_model:
@@ -163,13 +213,16 @@ class PreferenceLoss(torch.nn.Module):
                              "ref_token_logps, or ref_hidden and ref_weight")
         return None
 
-    def _context(self, sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable) -> dict:
+    def _context(self, sums, counts, ref_sums, tok, ref_tok, kl_tok, mask, desirable, nll=None) -> dict:
         """Every quantity a loss may name, for this layout."""
         S = sums.shape[0]
         if self.layout == "unpaired":
+            if desirable is None and "desirable" not in self.accepted:  # e.g. Nash-MD samples with `probability`
+                desirable = torch.ones(S, dtype=torch.bool, device=sums.device)
             if desirable is None or desirable.shape != (S,):
                 raise ValueError(f"layout='unpaired' needs desirable: bool [S]=[{S}]")
-            return dict(logps=sums, ref_logps=ref_sums, lengths=counts, labels=desirable.bool())
+            ctx = dict(logps=sums, ref_logps=ref_sums, lengths=counts, desirable=desirable.bool())
+            return ctx if not self.needs_tokens else dict(ctx, token_logps=tok, ref_token_logps=ref_tok, mask=mask)
         if self.layout == "list":
             if S % self.K:
                 raise ValueError(f"layout='list' with K={self.K} needs a multiple of K sequences, got {S}")
@@ -183,7 +236,13 @@ class PreferenceLoss(torch.nn.Module):
         ctx = dict(chosen_logps=sums[w], rejected_logps=sums[l], chosen_lengths=counts[w],
                    rejected_lengths=counts[l], ref_chosen_logps=half(ref_sums, w),
                    ref_rejected_logps=half(ref_sums, l), sft_target_logps=sums[w],
-                   chosen_nll=(-sums[w].sum() / counts[w].sum().clamp(min=1)).expand(B))
+                   # (y, y') losses (online IPO / EGPO) and per-sequence terms (k1-k3, VPO) see the pair as
+                   # y = chosen, y' = rejected
+                   logps=sums[w], other_logps=sums[l], ref_logps=half(ref_sums, w),
+                   ref_other_logps=half(ref_sums, l))
+        if self.nll_tokens is not None:  # TRL's batch token mean over the chosen sequences' NLL token set
+            nll_sums, nll_counts = (sums[w], counts[w]) if nll is None else (nll[0][w], nll[1][w])
+            ctx["chosen_nll"] = (-nll_sums.sum() / nll_counts.sum().clamp(min=1)).expand(B)
         if self.needs_tokens:
             ctx.update(chosen_token_logps=tok[w], rejected_token_logps=tok[l], chosen_mask=mask[w],
                        rejected_mask=mask[l], ref_chosen_token_logps=half(ref_tok, w),
@@ -201,19 +260,43 @@ class PreferenceLoss(torch.nn.Module):
         unknown = sorted(set(loss_inputs) - self.accepted)
         if unknown:
             raise ValueError(f"input(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
+        delta = self._running_delta(ctx) if self.running_delta else None
         terms = {}
         for name, fn in self.fns.items():
             params = self.params[name]
             kwargs = {k: v for k, v in ctx.items() if k in params and v is not None}
             kwargs.update({k: v for k, v in {**self.hparams, **loss_inputs}.items() if k in params})
+            if delta is not None and name in self.RUNNING_DELTA_LOSSES:
+                kwargs["delta"] = delta
             terms[name] = fn(**kwargs)
         return L.combine(terms, self.weights)
+
+    @torch.no_grad()
+    def _running_delta(self, ctx: dict) -> Tensor:
+        """BCO's δ: update the running mean with this batch's mean reward (all processes), return it."""
+        if self.layout == "pairs":
+            pol, ref = torch.cat([ctx["chosen_logps"], ctx["rejected_logps"]]), ctx["ref_chosen_logps"]
+            ref = None if ref is None else torch.cat([ref, ctx["ref_rejected_logps"]])
+        else:
+            pol, ref = ctx["logps"].reshape(-1), ctx["ref_logps"]
+        if ref is None:
+            raise ValueError("delta='running' needs reference log-probs")
+        if self.training:
+            batch_mean = (self.beta * (pol.double() - ref.reshape(-1).double())).mean()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(batch_mean)
+                batch_mean /= torch.distributed.get_world_size()
+            self.delta_count += 1
+            self.delta_mean += (batch_mean - self.delta_mean) / self.delta_count
+        return self.delta_mean.float()
 
     @torch.no_grad()
     def _metrics(self, ctx: dict, kl_tok: Tensor | None, mask: Tensor) -> dict[str, float]:
         m: dict[str, float] = {}
         if kl_tok is not None:
             m["kl/mean_token"] = float((kl_tok * mask).sum() / mask.sum().clamp(min=1))
+        if self.running_delta:
+            m["delta"] = float(self.delta_mean)
         if self.layout == "pairs":
             w, l = ctx["chosen_logps"], ctx["rejected_logps"]  # noqa: E741
             rw = w - ctx["ref_chosen_logps"] if ctx["ref_chosen_logps"] is not None else w
@@ -229,7 +312,7 @@ class PreferenceLoss(torch.nn.Module):
             r = lp - ctx["ref_logps"] if ctx["ref_logps"] is not None else lp
             m.update({"rewards/mean": float(self.beta * r.mean()), "logps/mean": float(lp.mean())})
         else:
-            lab, r = ctx["labels"], ctx["logps"] - (ctx["ref_logps"] if ctx["ref_logps"] is not None else 0)
+            lab, r = ctx["desirable"], ctx["logps"] - (ctx["ref_logps"] if ctx["ref_logps"] is not None else 0)
             if lab.any():
                 m["rewards/chosen"] = float(self.beta * r[lab].mean())
             if (~lab).any():

@@ -1,6 +1,8 @@
 """fastpref.nn.PreferenceLoss equals the naive path (full logits → log_softmax → gather → sums → loss)."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -139,7 +141,7 @@ def test_unpaired_kto():
     hg = h.double().requires_grad_()
     lp = naive_tokens(hg, w, labels)[0].sum(-1)
     ref = naive_tokens(rh, rw, labels)[0].sum(-1)
-    gold = L.get("kto")(logps=lp, ref_logps=ref, labels=desirable, kl=torch.tensor(0.3)).double().mean()
+    gold = L.get("kto")(logps=lp, ref_logps=ref, desirable=desirable, kl=torch.tensor(0.3)).double().mean()
     close(out.loss, gold)
     close(grads(out.loss, [hh])[0], grads(gold, [hg])[0])
     assert "rewards/chosen" in out.metrics and "rewards/rejected" in out.metrics
@@ -197,3 +199,61 @@ def test_errors():
         PreferenceLoss("sigmoid", backend="torch")(h, w, labels, ref_logps=torch.zeros(S), scores=torch.zeros(3))
     with pytest.raises(ValueError, match="even"):
         PreferenceLoss("sigmoid", backend="torch")(h[:5], w, labels[:5], ref_logps=torch.zeros(5))
+
+
+# Loss inputs that share a name with a PreferenceLoss argument must mean the same thing: the module hands the
+# loss what it computed from that argument (reference sums / token log-probs, the unpaired desirable flags).
+SAME_MEANING = {"ref_logps", "ref_token_logps", "desirable"}
+
+
+@pytest.mark.parametrize("name", L.names())
+def test_no_loss_input_shadows_a_module_argument(name):
+    module_args = (set(inspect.signature(PreferenceLoss.forward).parameters) |
+                   set(inspect.signature(PreferenceLoss.__init__).parameters)) - {"self", "loss_inputs", "hparams"}
+    clash = (set(inspect.signature(L.get(name)).parameters) & module_args) - SAME_MEANING
+    assert not clash, f"loss {name!r} takes {sorted(clash)}, also an argument of PreferenceLoss"
+
+
+@pytest.mark.parametrize("name, nll_tokens", [("orpo", None), ("orpo", "completion"), ("cpo", None),
+                                              ("rpo", "sequence"), ("asft", None)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_chosen_nll_token_set(name, nll_tokens, packed):
+    """ORPO's NLL counts the prompt (TRL's ORPOTrainer), the others only the completion; either can be forced.
+    Every other quantity still counts only the completion."""
+    h, w, labels, rh, rw = make(8)
+    g = torch.Generator().manual_seed(9)
+    nll_labels = torch.where(labels >= 0, labels, torch.randint(0, V, labels.shape, generator=g))
+    nll_labels[1, -2:] = -100  # padding stays out
+    ref_logps = naive_tokens(rh, rw, labels)[0].sum(-1).float()
+    hh = h.clone().requires_grad_()
+    loss = PreferenceLoss(name, backend="torch", nll_tokens=nll_tokens)
+    args = dict(ref_logps=ref_logps, nll_labels=nll_labels)
+    if packed:
+        cu = torch.arange(0, S * T + 1, T, dtype=torch.int32)
+        out = loss(hh.reshape(1, S * T, D), w, labels.reshape(1, -1), cu_seqlens=cu, ref_logps=ref_logps,
+                   nll_labels=nll_labels.reshape(1, -1))
+    else:
+        out = loss(hh, w, labels, **args)
+    hg = h.double().requires_grad_()
+    tok = naive_tokens(hg, w.double(), labels)[0]
+    seq = (nll_tokens or ("sequence" if name == "orpo" else "completion")) == "sequence"
+    nll_tok = naive_tokens(hg, w.double(), nll_labels if seq else labels)[0]
+    B = S // 2
+    nll_mask = (nll_labels if seq else labels)[:B] >= 0
+    chosen_nll = -(nll_tok[:B].sum() / nll_mask.sum())
+    n = (labels >= 0).sum(-1)
+    ctx = dict(chosen_logps=tok.sum(-1)[:B], rejected_logps=tok.sum(-1)[B:], ref_chosen_logps=ref_logps[:B].double(),
+               ref_rejected_logps=ref_logps[B:].double(), chosen_lengths=n[:B], rejected_lengths=n[B:],
+               chosen_nll=chosen_nll.expand(B))
+    fn = L.get(name)
+    gold = fn(**{k: v for k, v in ctx.items() if k in inspect.signature(fn).parameters}).mean()
+    close(out.loss, gold)
+    close(torch.autograd.grad(out.loss, hh)[0], torch.autograd.grad(gold, hg)[0])
+
+
+def test_sequence_nll_needs_nll_labels():
+    h, w, labels, rh, rw = make(10)
+    with pytest.raises(ValueError, match="nll_labels"):
+        PreferenceLoss("orpo", backend="torch")(h, w, labels)
+    with pytest.raises(ValueError, match="nll_tokens"):
+        PreferenceLoss("orpo", nll_tokens="prompt")

@@ -69,15 +69,16 @@ def pro(
 
 @register("lipo_lambda")
 def lipo_lambda(
-    *, logps: Tensor = None, ref_logps: Tensor = None, labels: Tensor = None, beta: float = 0.1,
+    *, logps: Tensor = None, ref_logps: Tensor = None, relevance: Tensor = None, beta: float = 0.1,
 ) -> Tensor:
     """LiPO-λ (Liu+24): L = -Σ_{ψ_i > ψ_j} Δ_ij·logσ(s_i - s_j), s = βh,
     Δ_ij = |G_i - G_j|·|1/D(τ_i) - 1/D(τ_j)|, G = 2^ψ - 1, D(τ) = log(1 + τ) (natural log; only rescales
-    Δ vs log2), τ_i = 1-based rank of s_i among the K scores (detached). ``labels`` ψ [B, K] graded labels.
+    Δ vs log2), τ_i = 1-based rank of s_i among the K scores (detached). ``relevance`` ψ [B, K] graded
+    relevance labels (higher = better; the trainer passes the data's ``scores``, or ``-ranks``).
     Written from the paper's form (no official code)."""
-    require(labels=labels)
+    require(relevance=relevance)
     s = beta * _logratios(logps, ref_logps)
-    psi = f32(labels)
+    psi = f32(relevance)
     with torch.no_grad():
         tau = torch.argsort(torch.argsort(-s, dim=-1, stable=True), dim=-1).to(s.dtype) + 1.0
         inv_d = 1.0 / torch.log1p(tau)

@@ -20,18 +20,18 @@ def _pair(chosen_rewards: Tensor | None, rejected_rewards: Tensor | None) -> tup
 @register("bt")
 def bt(
     *, chosen_rewards: Tensor = None, rejected_rewards: Tensor = None, margin: Tensor | float | None = None,
-    temperature: float = 1.0, label_smoothing: float = 0.0, center_rewards_coefficient: float | None = None,
+    tau: float = 1.0, label_smoothing: float = 0.0, center_rewards_coefficient: float | None = None,
 ) -> Tensor:
     """Bradley-Terry reward loss and its common variants:
     L = -(1-ε)·logσ(x) - ε·logσ(-x) + c·(r_w + r_l)²,  x = (r_w - r_l - m)/τ.
 
-    ``margin`` m [B] (Llama-2 margin / TRL ``RewardTrainer`` "margin"; also an adaptive μ̂), ``temperature`` τ
+    ``margin`` m [B] (Llama-2 margin / TRL ``RewardTrainer`` "margin"; also an adaptive μ̂), ``tau`` τ
     (GPM's PairWiseLoss), ``label_smoothing`` ε (Secrets of RLHF II), ``center_rewards_coefficient`` c (TRL
     reward centering; None = off). Defaults give TRL's plain BT loss -logσ(r_w - r_l).
     """
     r_w, r_l = _pair(chosen_rewards, rejected_rewards)
     x = r_w - r_l if margin is None else r_w - r_l - f32(margin)
-    loss = smoothed_nll(x / temperature, label_smoothing)
+    loss = smoothed_nll(x / tau, label_smoothing)
     return loss if center_rewards_coefficient is None else loss + center_rewards_coefficient * (r_w + r_l) ** 2
 
 

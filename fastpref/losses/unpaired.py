@@ -1,7 +1,7 @@
 """Unpaired (binary-feedback) losses: KTO, APO-zero-unpaired, BCO.
 
 Inputs (keyword-only): ``logps`` / ``ref_logps`` [B] summed completion log-probs of policy / reference,
-``labels`` [B] bool (True = desirable). h = ℓ_θ - ℓ_ref. Returns the unreduced loss [B] **in input order**
+``desirable`` [B] bool (True = desirable; named like ``PreferenceLoss.forward``'s argument). h = ℓ_θ - ℓ_ref. Returns the unreduced loss [B] **in input order**
 (TRL concatenates [desirable..., undesirable...]; the mean is the same).
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from ._math import f32, logsigmoid, require
 from .registry import register
 
 
-def _unpaired(logps, ref_logps, labels) -> tuple[Tensor, Tensor]:
-    require(logps=logps, ref_logps=ref_logps, labels=labels)
-    return f32(logps) - f32(ref_logps), labels.to(torch.bool)
+def _unpaired(logps, ref_logps, desirable) -> tuple[Tensor, Tensor]:
+    require(logps=logps, ref_logps=ref_logps, desirable=desirable)
+    return f32(logps) - f32(ref_logps), desirable.to(torch.bool)
 
 
 def kto_mismatched_index(batch_size: int) -> Tensor:
@@ -34,7 +34,7 @@ def kto_reference_point(kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
 
 @register("kto")
 def kto(
-    *, logps: Tensor = None, ref_logps: Tensor = None, labels: Tensor = None,
+    *, logps: Tensor = None, ref_logps: Tensor = None, desirable: Tensor = None,
     kl: Tensor | float | None = None, kl_logps: Tensor | None = None, ref_kl_logps: Tensor | None = None,
     beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
 ) -> Tensor:
@@ -45,7 +45,7 @@ def kto(
     completion) pairs (see :func:`kto_mismatched_index`, :func:`kto_reference_point`). Pass ``kl=0`` for
     TRL's ``calculate_KL=False``. Batch-coupled through z0. TRL wants λ_D·n_D/(λ_U·n_U) ∈ [1, 4/3].
     """
-    h, lab = _unpaired(logps, ref_logps, labels)
+    h, lab = _unpaired(logps, ref_logps, desirable)
     if kl is None:
         if kl_logps is None or ref_kl_logps is None:
             raise ValueError("kto needs the reference point: pass kl, or kl_logps and ref_kl_logps")
@@ -59,17 +59,17 @@ def kto(
 
 @register("apo_zero_unpaired")
 def apo_zero_unpaired(
-    *, logps: Tensor = None, ref_logps: Tensor = None, labels: Tensor = None,
+    *, logps: Tensor = None, ref_logps: Tensor = None, desirable: Tensor = None,
     beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
 ) -> Tensor:
     """APO-zero, unpaired (TRL ``KTOTrainer`` ``apo_zero_unpaired``): desirable λ_D·(1 - σ(βh)), undesirable λ_U·σ(βh)."""
-    h, lab = _unpaired(logps, ref_logps, labels)
+    h, lab = _unpaired(logps, ref_logps, desirable)
     return torch.where(lab, desirable_weight * torch.sigmoid(-beta * h), undesirable_weight * torch.sigmoid(beta * h))
 
 
 @register("bco")
 def bco(
-    *, logps: Tensor = None, ref_logps: Tensor = None, labels: Tensor = None,
+    *, logps: Tensor = None, ref_logps: Tensor = None, desirable: Tensor = None,
     delta: Tensor | float = 0.0, beta: float = 0.1,
 ) -> Tensor:
     """BCO (Jung+24, TRL ``BCOTrainer.bco_loss``): desirable -logσ(βh - δ), undesirable -logσ(-(βh - δ)).
@@ -78,7 +78,7 @@ def bco(
     ``RunningMoments``, updated with the current batch *before* use); detached here. Optional UDM density-ratio
     weights for undesirable samples are applied by the caller by multiplication.
     """
-    h, lab = _unpaired(logps, ref_logps, labels)
+    h, lab = _unpaired(logps, ref_logps, desirable)
     d = f32(delta).detach() if torch.is_tensor(delta) else delta
     x = beta * h - d
     return -logsigmoid(torch.where(lab, x, -x))

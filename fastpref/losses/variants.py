@@ -114,7 +114,8 @@ def sppo(
     ``chosen_winrates`` / ``rejected_winrates`` P̂ [B]: win-rate of y against the K samples of π_t (row mean of
     σ(s(y) - s(y_j)), self included). β = 1e-3 (official pipeline), so targets reach ±500 nats.
     """
-    require(chosen_winrates=chosen_winrates, rejected_winrates=rejected_winrates)
+    require(chosen_winrates=chosen_winrates, rejected_winrates=rejected_winrates,
+            prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps)
     h_w, h_l = logratios(chosen_logps, rejected_logps, prev_chosen_logps, prev_rejected_logps)
     return _squared_targets(h_w, h_l, (f32(chosen_winrates) - 0.5) / beta, (f32(rejected_winrates) - 0.5) / beta)
 
@@ -128,7 +129,8 @@ def gpo(
     """GPO with GPM scores (Zhang+24): SPPO with P̂ - ½ replaced by the mean skew-symmetric preference score
     ŝ(y) = mean_j s(y ≻ y_j) [B] (tie = 0): L = ½·[(h_w - ŝ_w/β)² + (h_l - ŝ_l/β)²]. Loss body inferred from
     the official data pipeline (its trainer is unpublished)."""
-    require(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    require(chosen_scores=chosen_scores, rejected_scores=rejected_scores,
+            prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps)
     h_w, h_l = logratios(chosen_logps, rejected_logps, prev_chosen_logps, prev_rejected_logps)
     return _squared_targets(h_w, h_l, f32(chosen_scores) / beta, f32(rejected_scores) / beta)
 

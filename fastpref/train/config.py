@@ -21,8 +21,11 @@ class Config:
     """All trainer settings. ``None`` means: the default for the synthetic task or for real data."""
 
     output_dir: str = "runs/demo"
+    task: str = "preference"
     model: str | None = None
     ref_model: str | None = None
+    prev_model: str | None = None
+    token_reward_model: str | None = None
     tokenizer: str | None = None
     data: str | None = None
     eval_data: str | None = None
@@ -143,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
                                  "with fused losses. With no arguments: the bundled synthetic demo on CPU.")
     ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
     bools = {"skip_bad_rows", "gradient_checkpointing", "plots", "progress"}
-    choices = {"truncation": ["end", "error"], "ref_mode": ["auto", "precompute", "online"],
+    choices = {"task": ["preference", "reward"], "truncation": ["end", "error"], "ref_mode": ["auto", "precompute", "online"],
                "packing": ["auto", "on", "off"], "bf16": ["auto", "on", "off"],
                "distributed": ["auto", "none", "ddp", "fsdp"], "device": ["auto", "cpu", "cuda"]}
     helps = {"loss": "registry name(s) with weights, e.g. sigmoid or sigmoid=1,sft=0.5 (repeatable)",
@@ -151,6 +154,10 @@ def parser() -> argparse.ArgumentParser:
              "resume": "'auto' (newest valid checkpoint in --output-dir) or a checkpoint folder",
              "model": "local Hugging Face causal LM folder (default: the tiny demo model)",
              "ref_model": "reference model folder (default: frozen copy of the policy after SFT warm-up)",
+             "task": "'preference' (a policy, DPO and relatives) or 'reward' (a reward model: --loss bt, "
+                     "scaled_bt, regression, gpm or micro)",
+             "prev_model": "previous-iterate model folder (SPPO / INPO / GPO: its log-probs are precomputed)",
+             "token_reward_model": "token-reward model folder (TGDPO: its token log-probs every step)",
              "data": "JSONL / Parquet file or `datasets` folder (default: the synthetic task)",
              "steps": "optimizer steps of preference training (default: --epochs over the data)",
              "sft_steps": "SFT warm-up steps on the preferred answers before preference training",

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from . import fields as F
+
 FORMATS = {"pairs": ("prompt", "chosen", "rejected"), "list": ("prompt", "responses"),
            "unpaired": ("prompt", "completion", "label")}
 
@@ -29,6 +31,8 @@ class Example:
     ranks: list[float] | None = None
     label: bool | None = None
     prompt_key: str = ""
+    numbers: dict[str, float | list[float]] = field(default_factory=dict)  # see fields.NUMBERS
+    texts: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # (context ids, text ids)
 
 
 @dataclass
@@ -155,11 +159,15 @@ def validate(row: Any, layout: str, where: str) -> dict:
     else:
         out["completions"] = [_text_or_messages(row, "completion", where)]
         lab = row.get("label")
+        if lab is None and row.get("probability") is not None:  # Nash-MD rows: scored, not labelled
+            lab = True
         if lab is None:
             raise DataError(f"{where}: missing field 'label'")
         if not isinstance(lab, bool) and lab not in (0, 1):
             raise DataError(f"{where}: 'label' must be true/false (or 1/0), got {lab!r}")
         out["label"] = bool(lab)
+    out["numbers"] = F.read_numbers(row, layout, len(out["completions"]), where, DataError)
+    out["texts"] = F.read_texts(row, layout, where, DataError)
     return out
 
 
@@ -240,8 +248,20 @@ def load_dataset(path_or_rows, tokenize: Tokenize, *, layout: str | None = None,
                 elif len(seqs) != k:
                     raise DataError(f"{where}: {len(seqs)} responses, but earlier rows have {k} "
                                     "(listwise training needs the same number of responses in every row)")
+            texts = {}
+            for name, text in v["texts"].items():  # scored in the context fields.TEXTS names
+                if not isinstance(v["prompt"], str) or not all(isinstance(c, str) for c in v["completions"]):
+                    raise DataError(f"{where}: {name!r} needs string prompt and completions (not chat messages)")
+                ctx = v["prompt"] if name == "reference_sample" else "\n".join([v["prompt"], *v["completions"]])
+                p, c, cut = tokenize.ids(ctx, text, where)
+                texts[name] = (p, c)
+            if examples and (set(v["numbers"]) != set(examples[0].numbers) or set(texts) != set(examples[0].texts)):
+                have, first = set(v["numbers"]) | set(texts), set(examples[0].numbers) | set(examples[0].texts)
+                raise DataError(f"{where}: field(s) {sorted(have ^ first)} present in some rows but not in others "
+                                "(a per-example field must be in every row)")
             truncated += cut_any
-            examples.append(Example(seqs, v.get("scores"), v.get("ranks"), v.get("label"), json.dumps(v["prompt"])))
+            examples.append(Example(seqs, v.get("scores"), v.get("ranks"), v.get("label"), json.dumps(v["prompt"]),
+                                    v["numbers"], texts))
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -298,8 +318,10 @@ def sequences(ds: Dataset, index: list[int], which: str = "all") -> list[tuple[l
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: int = 0, pack_length: int = 0,
-            index: list[int] | None = None, inputs: dict | None = None) -> Batch:
+            index: list[int] | None = None, inputs: dict | None = None, sequence_labels: bool = False) -> Batch:
     """Labels are already shifted: labels[t] = token t+1 when that token is part of the completion, else -100.
+    ``sequence_labels``: also ``inputs["nll_labels"]``, shaped like labels, with the prompt's tokens labelled
+    too (a prompt + completion NLL, as TRL's ORPO).
 
     Packed: sequences go, in order, into rows of at most ``pack_length`` tokens (one row if 0; a longer
     sequence gets a row of its own). Attention is block-diagonal inside a row, so bounded rows keep the
@@ -310,6 +332,15 @@ def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: in
         ids.append(toks)
         labs.append([-100] * (len(p) - 1) + c + [-100])
     idx = torch.tensor(index or [], dtype=torch.long)
+    inputs = dict(inputs or {})
+    if sequence_labels:
+        full = [t[1:] + [-100] for t in ids]
+        if packed:
+            inputs["nll_labels"] = torch.tensor([t for s in full for t in s])
+        else:
+            inputs["nll_labels"] = torch.full((len(ids), max(map(len, ids))), -100, dtype=torch.long)
+            for i, f in enumerate(full):
+                inputs["nll_labels"][i, : len(f)] = torch.tensor(f)
     if packed:
         lengths = torch.tensor([len(t) for t in ids])
         cu = torch.zeros(len(ids) + 1, dtype=torch.int32)
@@ -331,7 +362,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: in
                 keep.extend(range(r * L + off, r * L + off + len(t)))
                 off += len(t)
             pos[r, off:] = torch.arange(L - off)  # the tail is a separate (ignored) sequence
-        return Batch(inp, pos, torch.tensor([t for s in labs for t in s]), cu, None, idx, inputs or {},
+        return Batch(inp, pos, torch.tensor([t for s in labs for t in s]), cu, None, idx, inputs,
                      torch.tensor(keep))
     T = max(len(t) for t in ids)
     inp = torch.full((len(ids), T), pad_id, dtype=torch.long)
@@ -340,10 +371,11 @@ def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: in
     for i, (t, lb) in enumerate(zip(ids, labs)):
         inp[i, : len(t)], lab[i, : len(lb)], att[i, : len(t)] = torch.tensor(t), torch.tensor(lb), 1
     pos = torch.arange(T)[None].expand(len(ids), T)
-    return Batch(inp, pos, lab, None, att, idx, inputs or {})
+    return Batch(inp, pos, lab, None, att, idx, inputs)
 
 
-def batch(ds: Dataset, index: list[int], *, packed: bool, pad_id: int = 0, pack_length: int = 0) -> Batch:
+def batch(ds: Dataset, index: list[int], *, packed: bool, pad_id: int = 0, pack_length: int = 0,
+          sequence_labels: bool = False) -> Batch:
     """A training micro-batch of examples ``index`` with the extra inputs their layout provides."""
     ex = [ds.examples[i] for i in index]
     inputs: dict[str, Tensor] = {}
@@ -354,8 +386,10 @@ def batch(ds: Dataset, index: list[int], *, packed: bool, pad_id: int = 0, pack_
             inputs["ranks"] = torch.tensor([e.ranks for e in ex])
     elif ds.layout == "unpaired":
         inputs["desirable"] = torch.tensor([bool(e.label) for e in ex])
+    for name in ex[0].numbers:
+        inputs[name] = torch.tensor([e.numbers[name] for e in ex], dtype=torch.float32)
     return collate(sequences(ds, index), packed=packed, pad_id=pad_id, pack_length=pack_length, index=index,
-                   inputs=inputs)
+                   inputs=inputs, sequence_labels=sequence_labels)
 
 
 def order(n: int, seed: int, start: int, count: int) -> list[int]:

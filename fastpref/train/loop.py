@@ -16,8 +16,12 @@ from . import checkpoint as C
 from . import data as D
 from .config import Config
 from .dist import Dist, load_model_state, load_optim_state, model_state, optim_state, setup, wrap
+from ..stats import token_logprobs
 from .model import decoder, final_softcap, head, hidden_states, load_model, packing_supported, tiny_model
-from .objective import Objective, call, dataset_logps, dry_run, loss_inputs, make_loss, metrics, needs_token_ref
+from .objective import (Objective, call, dataset_logps, dry_run, loss_inputs, make_loss, metrics, needs_kto_kl,
+                        needs_token_ref, tensors, unpad)
+from .fields import TEXTS
+from .unpaired import kto_kl
 
 
 def lr_at(step: int, total: int, base: float, warmup_ratio: float, min_ratio: float) -> float:
@@ -80,7 +84,13 @@ class Run:
         self.loss = make_loss(cfg.loss_weights(), cfg.loss_hparams(), self.train.layout,
                               self.train.num_responses, self.softcap, cfg.backend)
         self.ref_mode = self._ref_mode()
-        dry_run(self.loss, self.train.layout, self.train.num_responses, self.ref_mode)
+        ex0 = self.train.examples[0]
+        provided = set(ex0.numbers) | set(ex0.texts) | \
+            {name for name in ("prev_model", "token_reward_model") if getattr(cfg, name)}
+        dry_run(self.loss, self.train.layout, self.train.num_responses, self.ref_mode, provided)
+        if needs_kto_kl(self.loss) and cfg.batch_size < 2:
+            raise SystemExit("KTO's reference point pairs each prompt with another completion of its micro-batch: "
+                             "use --batch-size >= 2 (or --loss-args kl=0)")
         self.packed = self._packing()
         self.pack_length = cfg.pack_length if cfg.pack_length is not None else cfg.max_length
         if cfg.gradient_checkpointing:
@@ -100,6 +110,7 @@ class Run:
         self.step = 0
         self.ref = None
         self.ref_train = self.ref_eval = None
+        self.prev_train = self.token_rm = None
         self.eval_history: list[dict] = []
         self.use_cuda_amp = d.device.type == "cuda" and cfg.bf16 != "off"
 
@@ -171,6 +182,42 @@ class Run:
         if self.cfg.bf16 == "on":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------------------------- other models
+    def setup_other_models(self) -> None:
+        """--prev-model: its log-probs of the training data, once (SPPO / INPO / GPO); --token-reward-model:
+        loaded for per-step token log-probs (TGDPO)."""
+        cfg, d = self.cfg, self.d
+        if cfg.prev_model and any(p.startswith("prev_") for p in self.loss.accepted) and self.prev_train is None:
+            prev = load_model(cfg.prev_model).to(d.device).eval()
+            self.prev_train = dataset_logps(Objective(prev, self.loss, final_softcap(prev), cfg.backend), self.train,
+                                            packed=self.packed, pad_id=self.pad_id, batch_size=cfg.eval_batch_size,
+                                            d=d, device=d.device, autocast=self.autocast,
+                                            pack_length=self.pack_length).cpu()
+        if cfg.token_reward_model and any(p.startswith("rm_") for p in self.loss.accepted) and self.token_rm is None:
+            self.token_rm = load_model(cfg.token_reward_model).to(d.device).eval()
+            for p in self.token_rm.parameters():
+                p.requires_grad_(False)
+
+    def other_inputs(self, b: D.Batch, idx: list[int]) -> tuple[dict, dict]:
+        """(loss inputs from the other models, texts to score with the policy) for this micro-batch."""
+        d, out, scored = self.d, {}, {}
+        if self.prev_train is not None:
+            r = self.prev_train[torch.tensor(idx)].to(d.device)
+            out.update(prev_chosen_logps=r[:, 0], prev_rejected_logps=r[:, 1])
+        if self.token_rm is not None:
+            with torch.no_grad(), self.autocast():
+                h = hidden_states(self.token_rm, b.input_ids, b.position_ids, b.attention_mask)
+                h = unpad(h, b.keep) if b.cu_seqlens is not None else h
+                w, bias = head(self.token_rm)
+                out["rm_token_logps"] = token_logprobs(h, w, b.labels, bias=bias, softcap=final_softcap(self.token_rm),
+                                                       backend=self.cfg.backend).float()
+        for name, (_, _, feed) in TEXTS.items():
+            if feed in self.loss.accepted and name in self.train.examples[0].texts:
+                seqs = [self.train.examples[i].texts[name] for i in idx]
+                scored[feed] = tensors(D.collate(seqs, packed=self.packed, pad_id=self.pad_id,
+                                                 pack_length=self.pack_length).to(d.device))
+        return out, scored
 
     # ------------------------------------------------------------------------------------------- reference
     def setup_reference(self) -> None:
@@ -250,7 +297,8 @@ class Run:
             loss = out["loss"] * (1.0 if count else 0.0)
             (loss / cfg.grad_accum).backward()
             return {"loss": float(loss.detach()) * d.world}
-        b = D.batch(self.train, idx, packed=self.packed, pad_id=self.pad_id, pack_length=self.pack_length).to(d.device)
+        b = D.batch(self.train, idx, packed=self.packed, pad_id=self.pad_id, pack_length=self.pack_length,
+                    sequence_labels=self.loss.nll_tokens == "sequence").to(d.device)
         ref: dict = {}
         if self.ref_mode == "precompute":
             r = self.ref_train[torch.tensor(idx)]
@@ -260,9 +308,15 @@ class Run:
                 ref["ref_hidden"] = hidden_states(self.ref, b.input_ids, b.position_ids, b.attention_mask)
             ref["ref_weight"], ref["ref_bias"] = head(self.ref)
             ref["ref_softcap"] = final_softcap(self.ref)
+        inputs = loss_inputs(self.loss, self.train.layout, b.inputs)
+        others, scored = self.other_inputs(b, idx)
+        inputs.update(others)
+        if needs_kto_kl(self.loss):
+            inputs["kl"] = kto_kl(self.module, self.ref_obj, self.train, idx, max_length=cfg.max_length, d=d,
+                                  device=d.device, autocast=self.autocast, packed=self.packed, pad_id=self.pad_id,
+                                  pack_length=self.pack_length)
         with self.autocast():
-            out = call(self.module, b, mode="pref", ref=ref,
-                       inputs=loss_inputs(self.loss, self.train.layout, b.inputs))
+            out = call(self.module, b, mode="pref", ref=ref, inputs=inputs, scored=scored)
         (out["loss"] / cfg.grad_accum).backward()
         return {"loss": float(out["loss"].detach()), **out["metrics"]}
 
@@ -288,7 +342,8 @@ class Run:
         d = self.d
         state = _strip(model_state(self.objective, d))
         trainer = {"step": self.step, "phase": phase, "optimizer": optim_state(self.objective, opt, d),
-                   "rng": torch.get_rng_state(), "world": d.world}
+                   "rng": torch.get_rng_state(), "world": d.world,
+                   "loss_state": {k: getattr(self.loss, k).cpu() for k in ("delta_mean", "delta_count")}}
         if torch.cuda.is_available():
             trainer["cuda_rng"] = torch.cuda.get_rng_state(d.device)
         if d.main:
@@ -315,6 +370,9 @@ class Run:
             raise SystemExit(f"cannot resume: {e}") from None
         load_model_state(self.objective, {f"model.{k}": v for k, v in mstate.items()}, self.d)
         torch.set_rng_state(trainer["rng"])
+        if "loss_state" in trainer:  # running statistics of the loss (BCO's δ)
+            for k, v in trainer["loss_state"].items():
+                getattr(self.loss, k).copy_(v)
         if "cuda_rng" in trainer and torch.cuda.is_available():
             torch.cuda.set_rng_state(trainer["cuda_rng"], self.d.device)
         self.step = int(trainer["step"])
@@ -347,6 +405,7 @@ class Run:
                 load_optim_state(self.objective, opt, trainer["optimizer"], d)
             if phase == "pref":
                 self.setup_reference()
+                self.setup_other_models()
                 if self.step == start:
                     before = self.evaluate()
             while self.step < start + n:
@@ -404,7 +463,8 @@ class Run:
             "eval_margin": final and final.get("eval/margin"),
             "eval_before": {k: v for k, v in (before or {}).items() if k.startswith("eval/")},
             "train_steps": self.step, "sft_steps": self.sft_steps, "preference_steps": self.pref_steps,
-            "wall_seconds": round(wall, 2), "loss": self.loss.weights, "hparams": self.loss.hparams,
+            "wall_seconds": round(wall, 2), "loss": self.loss.weights,
+            "hparams": {**self.loss.hparams, **({"delta": "running"} if self.loss.running_delta else {})},
             "layout": self.train.layout, "train_examples": len(self.train),
             "eval_examples": len(self.eval) if self.eval else 0, "packed": self.packed,
             "ref_mode": self.ref_mode, "distributed": d.mode, "world_size": d.world,
@@ -433,6 +493,10 @@ class Run:
 
 def train(cfg: Config) -> dict:
     """Run training with this configuration; returns the summary (also written to summary.json)."""
+    if cfg.task == "reward":
+        from .reward import train_reward
+
+        return train_reward(cfg)
     cfg = cfg.resolved()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -10,16 +10,17 @@ from torch import Tensor, nn
 
 
 def tiny_model(vocab_size: int, seed: int, hidden: int = 96, layers: int = 2, heads: int = 4,
-               max_positions: int = 128) -> nn.Module:
-    """A freshly initialised ~0.25M-parameter Llama built from a ``transformers`` config (deterministic)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+               max_positions: int = 128, num_labels: int | None = None) -> nn.Module:
+    """A freshly initialised ~0.25M-parameter Llama built from a ``transformers`` config (deterministic);
+    with ``num_labels`` a sequence classifier (a reward model with that many outputs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=max_positions, tie_word_embeddings=False, bos_token_id=2,
-                      eos_token_id=3, pad_token_id=0, attn_implementation="sdpa")
+                      eos_token_id=3, pad_token_id=0, attn_implementation="sdpa", num_labels=num_labels or 2)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg) if num_labels is None else LlamaForSequenceClassification(cfg)
 
 
 def load_model(path: str, dtype: torch.dtype | None = None) -> nn.Module:

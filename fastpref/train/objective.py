@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,7 @@ from .. import losses as L
 from ..nn import PreferenceLoss, loss_params
 from ..stats import token_logprobs
 from . import data as D
+from . import fields as F
 from .dist import Dist
 from .model import head, hidden_states
 
@@ -36,7 +38,17 @@ class Objective(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, labels: Tensor, cu_seqlens: Tensor | None = None,
                 attention_mask: Tensor | None = None, keep: Tensor | None = None, mode: str = "pref",
-                norm: float = 1.0, ref: dict | None = None, inputs: dict | None = None) -> dict:
+                norm: float = 1.0, ref: dict | None = None, inputs: dict | None = None,
+                scored: dict | None = None) -> dict:
+        """``scored``: {loss input: extra batch as a tuple like ``call`` passes} whose per-sequence log-probs
+        (with gradients, e.g. rationales) become that loss input."""
+        inputs = dict(inputs or {})
+        for name, (ids, pos, lab, cu, att, kp) in (scored or {}).items():
+            hs = hidden_states(self.model, ids, pos, att)
+            hs = unpad(hs, kp) if cu is not None else hs
+            w, b = head(self.model)
+            tok = token_logprobs(hs, w, lab, bias=b, softcap=self.softcap, backend=self.backend)
+            inputs[name] = seq_sums(tok, cu)
         h = hidden_states(self.model, input_ids, position_ids, attention_mask)
         if cu_seqlens is not None:  # packed rows → [N, D], sequences in order
             h = unpad(h, keep)
@@ -45,7 +57,7 @@ class Objective(nn.Module):
             ref = dict(ref or {})
             if ref.get("ref_hidden") is not None and cu_seqlens is not None:
                 ref["ref_hidden"] = unpad(ref["ref_hidden"], keep)
-            out = self.loss(h, w, labels, bias=b, cu_seqlens=cu_seqlens, **ref, **(inputs or {}))
+            out = self.loss(h, w, labels, bias=b, cu_seqlens=cu_seqlens, **ref, **inputs)
             return {"loss": out.loss, "metrics": out.metrics}
         logp = token_logprobs(h, w, labels, bias=b, softcap=self.softcap, backend=self.backend)
         if mode == "sft":
@@ -59,8 +71,13 @@ def unpad(h: Tensor, keep: Tensor | None) -> Tensor:
     return flat if keep is None else flat.index_select(0, keep)
 
 
+def tensors(b: D.Batch) -> tuple:
+    """The batch as the Objective's positional inputs."""
+    return b.input_ids, b.position_ids, b.labels, b.cu_seqlens, b.attention_mask, b.keep
+
+
 def call(module: nn.Module, b: D.Batch, **kw) -> dict:
-    return module(b.input_ids, b.position_ids, b.labels, b.cu_seqlens, b.attention_mask, b.keep, **kw)
+    return module(*tensors(b), **kw)
 
 
 # ------------------------------------------------------------------------------------------------- loss set-up
@@ -73,26 +90,34 @@ def make_loss(weights: dict[str, float], hparams: dict, layout: str, k: int | No
     if "beta" not in hp and "beta" in accepted:
         hp["beta"] = 0.1
     hp = {k_: v for k_, v in hp.items() if k_ != "beta" or "beta" in accepted}
+    if "bco" in weights and "delta" not in hp:  # BCO's δ: the running reward mean (Jung+24, TRL's BCOTrainer)
+        hp["delta"] = "running"
     return PreferenceLoss(weights, layout=layout, num_responses=k if layout == "list" else None,
                           softcap=softcap, backend=backend, **hp)
 
 
 def loss_inputs(loss: PreferenceLoss, layout: str, inputs: dict[str, Tensor]) -> dict:
-    """The extra inputs the data provides, for the losses that take them: listwise scores / ranks (also as
-    graded ``rewards`` / ``labels``), unpaired ``desirable`` (KTO gets ``kl=0``, TRL's calculate_KL=False)."""
+    """The extra inputs the data provides, for the losses that take them (``fields.NUMBERS``: e.g. listwise
+    scores also as graded ``rewards`` / ``relevance``, or -ranks when there are no scores), unpaired
+    ``desirable``. KTO's reference point ``kl`` comes from the loop (:func:`fastpref.train.unpaired.kto_kl`)
+    unless set with --loss-args kl=..."""
     acc = loss.accepted
     out: dict = {}
-    if layout == "list":
-        s, r = inputs.get("scores"), inputs.get("ranks")
-        graded = s if s is not None else -r
-        for name, v in (("scores", s), ("ranks", r), ("rewards", graded), ("labels", graded)):
-            if name in acc and v is not None:
-                out[name] = v
-    elif layout == "unpaired":
+    for name, (_, _, feeds, _) in F.NUMBERS.items():
+        if inputs.get(name) is not None:
+            out.update({k: inputs[name] for k in feeds if k in acc})
+    if layout == "list" and inputs.get("scores") is None and inputs.get("ranks") is not None:
+        out.update({k: -inputs["ranks"] for k in F.FROM_RANKS if k in acc})
+    if layout == "unpaired":
         out["desirable"] = inputs["desirable"]
-        if "kl" in acc:
-            out["kl"] = 0.0
+    if loss.nll_tokens == "sequence":
+        out["nll_labels"] = inputs["nll_labels"]
     return out
+
+
+def needs_kto_kl(loss: PreferenceLoss) -> bool:
+    """Whether the loop must estimate KTO's reference point (a loss takes ``kl`` and no constant was set)."""
+    return "kl" in loss.accepted and "kl" not in loss.hparams
 
 
 def needs_token_ref(loss: PreferenceLoss) -> bool:
@@ -100,25 +125,55 @@ def needs_token_ref(loss: PreferenceLoss) -> bool:
     return loss.needs_kl or loss.needs_tokens
 
 
-def dry_run(loss: PreferenceLoss, layout: str, k: int | None, ref_mode: str) -> None:
-    """Fail early, with the loss and layout named, when the loss cannot be computed from this data."""
+def dry_run(loss: PreferenceLoss, layout: str, k: int | None, ref_mode: str,
+            provided: frozenset[str] | set[str] = frozenset()) -> None:
+    """Fail early, with the loss and layout named, when the loss cannot be computed from this data.
+
+    ``provided``: the data's per-example fields (``fields.NUMBERS`` / ``TEXTS`` names) and the extra models
+    given ("prev_model", "token_reward_model"). A missing loss input is reported with the data field or flag
+    that provides it."""
     g = torch.Generator().manual_seed(0)
-    S = {"pairs": 4, "list": 2 * (k or 2), "unpaired": 2}[layout]
+    B = 2
+    S = {"pairs": 2 * B, "list": B * (k or 2), "unpaired": B}[layout]
     h, w = torch.randn(S, 3, 8, generator=g), torch.randn(8, 8, generator=g)
     labels = torch.randint(0, 8, (S, 3), generator=g)
-    inputs = {"scores": torch.randn(2, k or 2, generator=g)} if layout == "list" else \
-        {"desirable": torch.tensor([True, False])} if layout == "unpaired" else {}
+    per_example = (B, k or 2) if layout == "list" else (B,)
+    inputs = {n: 0.1 + 0.8 * torch.rand(per_example, generator=g) for n, (lay, *_) in F.NUMBERS.items()
+              if lay == layout and n in provided}
+    if layout == "list":  # every list row has scores or ranks
+        if "ranks" in provided and "scores" not in provided:
+            inputs["ranks"] = torch.arange(1.0, (k or 2) + 1).expand(per_example)
+        else:
+            inputs["scores"] = torch.randn(per_example, generator=g)
+            inputs.pop("ranks", None)
+    if layout == "unpaired":
+        inputs["desirable"] = torch.tensor([True, False])
+    inputs["nll_labels"] = torch.randint(0, 8, (S, 3), generator=g)
+    extra = {feed: torch.randn(B, generator=g) for n, (lay, _, feed) in F.TEXTS.items()
+             if lay == layout and n in provided and feed in loss.accepted}
+    if "prev_model" in provided and layout == "pairs":
+        extra.update(prev_chosen_logps=torch.randn(B, generator=g), prev_rejected_logps=torch.randn(B, generator=g))
+    if "token_reward_model" in provided:
+        extra["rm_token_logps"] = torch.randn(S, 3, generator=g)
+    if needs_kto_kl(loss):
+        extra["kl"] = torch.tensor(0.1)
     ref = {}
     if ref_mode == "precompute":
         ref = {"ref_logps": torch.randn(S, generator=g)}
     elif ref_mode == "online":
         ref = {"ref_hidden": torch.randn(S, 3, 8, generator=g), "ref_weight": torch.randn(8, 8, generator=g)}
+    was = loss.training
+    loss.eval()  # no running statistics from the test batch
     try:
-        out = loss(h, w, labels, **ref, **loss_inputs(loss, layout, inputs))
+        out = loss(h, w, labels, **ref, **loss_inputs(loss, layout, inputs), **extra)
         if not torch.isfinite(out.loss):
             raise ValueError("non-finite loss on a test batch")
     except (ValueError, TypeError, KeyError) as e:
-        raise SystemExit(f"--loss {','.join(loss.fns)} cannot be trained on {layout!r} data here: {e}") from None
+        hints = sorted({f"{name}: {F.source(name)}" for name in re.findall(r"[a-z_]+", str(e)) if F.source(name)})
+        hint = f" (give {'; '.join(hints)})" if hints else ""
+        raise SystemExit(f"--loss {','.join(loss.fns)} cannot be trained on {layout!r} data here: {e}{hint}") from None
+    finally:
+        loss.train(was)
 
 
 # -------------------------------------------------------------------------------------------------- evaluation

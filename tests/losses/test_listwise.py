@@ -75,23 +75,23 @@ def test_lipo_lambda():
     labels = torch.tensor([[3, 1, 0, 2]] * (B // 2) + [[0, 0, 1, 2]] * (B - B // 2), dtype=torch.float64)
     x.pop("rewards")
 
-    def ref(beta=0.1, labels=None, logps=None, ref_logps=None):
+    def ref(beta=0.1, relevance=None, logps=None, ref_logps=None):
         out = []
         for b in range(B):
             s = [beta * (logps[b, i] - ref_logps[b, i]) for i in range(K)]
             sv = [float(v.detach()) for v in s]
             rank = [1 + sum(sv[j] > sv[i] for j in range(K)) for i in range(K)]
-            gain = [2 ** float(labels[b, i]) - 1 for i in range(K)]
+            gain = [2 ** float(relevance[b, i]) - 1 for i in range(K)]
             tot = 0.0
             for i in range(K):
                 for j in range(K):
-                    if labels[b, i] > labels[b, j]:
+                    if relevance[b, i] > relevance[b, j]:
                         w = abs(gain[i] - gain[j]) * abs(1 / math.log(1 + rank[i]) - 1 / math.log(1 + rank[j]))
                         tot = tot - w * logsig(s[i] - s[j])
             out.append(tot if torch.is_tensor(tot) else torch.tensor(tot, dtype=torch.float64))
         return torch.stack(out)
 
-    check(L.lipo_lambda, ref, {**x, "labels": labels}, ("logps",), hp=dict(beta=0.5))
+    check(L.lipo_lambda, ref, {**x, "relevance": labels}, ("logps",), hp=dict(beta=0.5))
 
 
 def test_infonca_nca_exo_brain():

@@ -25,7 +25,7 @@ def extreme(name: str, m: float) -> tuple[dict, tuple, dict]:
     lens = dict(chosen_lengths=n, rejected_lengths=n.flip(0))
     neg = dict(chosen_logps=-abs(m) * ones, rejected_logps=-1e-9 * ones)  # valid log-probs (<= 0), extreme odds
     prev = {k.replace("ref_", "prev_"): v for k, v in pair.items()}
-    unp = dict(logps=ref_c + m * torch.linspace(-1, 1, B), ref_logps=ref_c, labels=torch.arange(B) % 2 == 0)
+    unp = dict(logps=ref_c + m * torch.linspace(-1, 1, B), ref_logps=ref_c, desirable=torch.arange(B) % 2 == 0)
     lw = dict(logps=-50.0 + m * torch.linspace(-1, 1, K).expand(B, K), ref_logps=torch.full((B, K), -50.0))
     scores = dict(rewards=torch.linspace(-m, m, K).expand(B, K).contiguous())
     tokp = torch.full((B, T), -1.0)
@@ -66,7 +66,7 @@ def extreme(name: str, m: float) -> tuple[dict, tuple, dict]:
         "plackett_luce": ({**lw, "scores": scores["rewards"]}, ("logps",), {}),
         "pro": (dict(logps=lw["logps"], lengths=torch.full((B, K), 3), **scores), ("logps",), {}),
         "rrhf": (dict(logps=lw["logps"], lengths=torch.full((B, K), 3), **scores), ("logps",), {}),
-        "lipo_lambda": ({**lw, "labels": torch.arange(K).expand(B, K)}, ("logps",), {}),
+        "lipo_lambda": ({**lw, "relevance": torch.arange(K).expand(B, K)}, ("logps",), {}),
         **{k: ({**lw, **scores}, ("logps",), {}) for k in ("infonca", "nca", "exo")},
         "brain": ({**lw, **scores, "proposal_logps": lw["logps"] - m}, ("logps",), {}),
         "bt": (rw, ("chosen_rewards",), dict(margin=1.0, center_rewards_coefficient=0.01)),
@@ -128,7 +128,7 @@ def test_unknown_name_lists_known():
     ("rdpo", "alpha"), ("ld_dpo", "ld_alpha"), ("inpo", "tau"), ("orpo", "chosen_nll"), ("cpo", "chosen_nll"),
     ("sppo", "chosen_winrates"), ("kto", "kl"), ("tdpo1", "chosen_token_kl"), ("plackett_luce", "scores"),
     ("pro", "rewards"), ("simpo", "chosen_lengths"), ("vpo", "alpha"), ("scaled_bt", "strength"),
-    ("lipo_lambda", "labels"), ("brain", "proposal_logps"),
+    ("lipo_lambda", "relevance"), ("brain", "proposal_logps"),
 ])
 def test_missing_inputs_name_the_argument(name, missing):
     inputs, _, hp = extreme(name, 1.0)

@@ -18,12 +18,12 @@ def rewards(seed, h=None):
                 rejected_rewards=2 * torch.randn(*shape, generator=g, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("hp", [{}, dict(margin=0.5), dict(temperature=0.5, label_smoothing=0.1),
+@pytest.mark.parametrize("hp", [{}, dict(margin=0.5), dict(tau=0.5, label_smoothing=0.1),
                                 dict(center_rewards_coefficient=0.01, margin=torch.linspace(0, 1, B, dtype=torch.float64))])
 def test_bt(hp):
-    def ref(chosen_rewards=None, rejected_rewards=None, margin=0.0, temperature=1.0, label_smoothing=0.0,
+    def ref(chosen_rewards=None, rejected_rewards=None, margin=0.0, tau=1.0, label_smoothing=0.0,
             center_rewards_coefficient=0.0):
-        x = (chosen_rewards - rejected_rewards - margin) / temperature
+        x = (chosen_rewards - rejected_rewards - margin) / tau
         e = label_smoothing
         return -(1 - e) * logsig(x) - e * logsig(-x) + center_rewards_coefficient * (chosen_rewards + rejected_rewards) ** 2
 

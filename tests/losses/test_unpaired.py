@@ -12,10 +12,10 @@ LABELS = torch.tensor([True, False, True, True, False, False])
 def inputs(seed):
     g = gen(seed)
     ref = logps(g, B)
-    return dict(logps=near(g, ref, 5.0), ref_logps=ref, labels=LABELS)
+    return dict(logps=near(g, ref, 5.0), ref_logps=ref, desirable=LABELS)
 
 
-def ref_kto(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, kl=None, logps=None, ref_logps=None, labels=None,
+def ref_kto(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, kl=None, logps=None, ref_logps=None, desirable=None,
             kl_logps=None, ref_kl_logps=None):
     if kl is None:
         kl = (kl_logps - ref_kl_logps).mean().detach()
@@ -23,7 +23,7 @@ def ref_kto(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, kl=None, log
     h = logps - ref_logps
     out = torch.empty_like(h)
     for i in range(len(h)):  # naive per-example branch
-        if labels[i]:
+        if desirable[i]:
             out[i] = desirable_weight * (1 - sig(beta * (h[i] - z0)))
         else:
             out[i] = undesirable_weight * (1 - sig(beta * (z0 - h[i])))
@@ -50,13 +50,13 @@ def test_kto_estimates_reference_point_from_mismatched_pairs():
 def test_apo_zero_unpaired_and_bco():
     x = inputs(4)
 
-    def apo(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, logps=None, ref_logps=None, labels=None):
+    def apo(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, logps=None, ref_logps=None, desirable=None):
         h = logps - ref_logps
-        return torch.where(labels, desirable_weight * (1 - sig(beta * h)), undesirable_weight * sig(beta * h))
+        return torch.where(desirable, desirable_weight * (1 - sig(beta * h)), undesirable_weight * sig(beta * h))
 
-    def bco(beta=0.1, delta=0.0, logps=None, ref_logps=None, labels=None):
+    def bco(beta=0.1, delta=0.0, logps=None, ref_logps=None, desirable=None):
         r = beta * (logps - ref_logps)
-        return torch.where(labels, -logsig(r - delta), -logsig(-(r - delta)))
+        return torch.where(desirable, -logsig(r - delta), -logsig(-(r - delta)))
 
     check(L.apo_zero_unpaired, apo, x, ("logps",), hp=dict(beta=0.3, undesirable_weight=2.0))
     check(L.bco, bco, x, ("logps",))
