@@ -17,6 +17,9 @@ from fastpref.train.synthetic import make_task
 
 # not a training objective: LSC transforms rewards into a utility for RL (online mode), it has no model to fit
 NOT_TRAINED = {"lsc": "a reward transform (utility to maximise) for online RL, not a loss"}
+# on-policy RL losses need sampled completions with advantages: they train through fastpref.nn.PolicyLoss
+# (test_policy_losses_train below) and the GRPOTrainer drop-in, not on an offline preference data set
+ON_POLICY = ("cispo", "grpo", "gspo", "ppo_clip")
 
 # name: (layout, --loss spec, per-row fields, flags, loss-args)
 CASES = {n: ("pairs", n, {}, [], "") for n in (
@@ -56,7 +59,8 @@ CASES.update({n: ("list", n, {}, [], "") for n in ("exo", "infonca", "lipo_lambd
 
 
 def test_every_registered_loss_has_a_case():
-    assert set(CASES) | set(NOT_TRAINED) == set(L.names()), sorted(set(L.names()) ^ (set(CASES) | set(NOT_TRAINED)))
+    covered = set(CASES) | set(NOT_TRAINED) | set(ON_POLICY)
+    assert covered == set(L.names()), sorted(set(L.names()) ^ covered)
     assert {n for n, c in CASES.items() if c[0] in ("reward", "scores")} == set(REWARD_INPUTS)
 
 
@@ -188,3 +192,32 @@ def test_runs_through_preference_loss(name):
     gh, gw = torch.autograd.grad(out.loss, [h, w])
     assert torch.isfinite(out.loss) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
     assert gh.abs().sum() > 0 and gw.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ON_POLICY)
+def test_policy_losses_train(name):
+    """Two optimizer steps of an on-policy loss through PolicyLoss: finite losses, non-zero gradients, and the
+    first step moves the old-policy ratio away from 1 (so the second step sees the clipping path)."""
+    from fastpref.nn import PolicyLoss
+
+    g = torch.Generator().manual_seed(3)
+    S, T, D, V = 4, 7, 8, 13
+    hidden = torch.randn(S, T, D, generator=g, requires_grad=True)
+    weight = (torch.randn(V, D, generator=g) / D**0.5).requires_grad_()
+    labels = torch.randint(0, V, (S, T), generator=g)
+    labels[:, :2] = -100
+    advantages = torch.randn(S, generator=g)
+    module = PolicyLoss(name, kl="k3", beta=0.05, backend="torch")
+    opt = torch.optim.SGD([hidden, weight], lr=0.5)
+    with torch.no_grad():
+        logits = (hidden @ weight.T).log_softmax(-1)
+        old = torch.where(labels >= 0, logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0)
+    ref_hidden, ref_weight = hidden.detach().clone(), weight.detach().clone()
+    for _ in range(2):
+        out = module(hidden, weight, labels, advantages=advantages, old_token_logps=old,
+                     ref_hidden=ref_hidden, ref_weight=ref_weight)
+        opt.zero_grad()
+        out.loss.backward()
+        assert math.isfinite(out.loss.item())
+        assert hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+        opt.step()
