@@ -37,10 +37,11 @@ def kernel(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, dH, dW, dB,
     g_ent = tl.load(G_ent + rows, mask=rmask, other=0.0)
     labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32)
     valid = rmask[:, None] & (cols < V)[None, :]
-    logp = tl.where(valid, z - lse[:, None], 0.0)
+    # A banned token (z = −inf) gets log p = −1e30, not −inf: p = 0 there either way, and the entropy term
+    # 0·(log p + H) is then 0, not 0·(−inf) = NaN. (A floor rather than a where(p > 0, ...): no spill.)
+    logp = tl.where(valid, tl.maximum(z - lse[:, None], -1e30), 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
-    # p = 0 at banned (−inf) tokens, where logp = −inf: the entropy term is 0 there, not 0·(−inf)
-    dz = p * (g_lse - g_logp)[:, None] - tl.where(p > 0, (g_ent[:, None] * p) * (logp + ent[:, None]), 0.0)
+    dz = p * (g_lse - g_logp)[:, None] - (g_ent[:, None] * p) * (logp + ent[:, None])
     dz += tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0)
     dx = tl.where(valid, dz * dzdx, 0.0)
     scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)

@@ -110,14 +110,15 @@ def _sums_worker(rank, port, names, results):
         for name in names:
             hh = h.clone().requires_grad_()
             ws, bs = w[s:e].clone().requires_grad_(), b[s:e].clone().requires_grad_()
-            st = vocab_parallel_token_stats(hh, ws, y, vocab_range=(s, e), bias=bs, entropy=True, backend=name)
-            (st.logp.sum() + st.lse.sum() + st.entropy.sum()).backward()
+            st = vocab_parallel_token_stats(hh, ws, y, vocab_range=(s, e), bias=bs, entropy=True, log_sum_p2=True,
+                                            backend=name)
+            (st.logp.sum() + st.lse.sum() + st.entropy.sum() + st.log_sum_p2.sum()).backward()
             out.update({f"{name}_dh": hh.grad, f"{name}_dw": ws.grad, f"{name}_db": bs.grad})
             for direction in ("forward", "reverse"):
                 hk, wk = h.clone().requires_grad_(), w[s:e].clone().requires_grad_()
                 kl = vocab_parallel_token_kl(hk, wk, rh, rw[s:e], y, vocab_range=(s, e), direction=direction,
                                              backend=name)
-                (kl.kl.sum() + kl.logp.sum()).backward()
+                (kl.kl.sum() + kl.logp.sum() + kl.ref_logp.sum()).backward()
                 out.update({f"{name}_kl_dh_{direction}": hk.grad, f"{name}_kl_dw_{direction}": wk.grad})
         results[rank] = {k: v.detach().clone() for k, v in out.items()}
     finally:
