@@ -154,7 +154,7 @@ HELP = {  # field → what it means (the default is appended by parser())
     "max_length": "most tokens of prompt + completion",
     "max_prompt_length": "longer prompts keep their last tokens (default: no limit)",
     "truncation": "over-long rows: 'end' cuts the completion's end, 'error' refuses the row",
-    "pack_length": "packed rows hold at most this many tokens (with --data: --max-length; 0: one row)",
+    "pack_length": "packed rows hold at most this many tokens (0: one sequence per row)",
     "loss": "loss name(s) with weights, e.g. sigmoid (= DPO) or sigmoid=1,sft=0.5; repeatable; paper names "
             "such as dpo are mapped to the registry's",
     "beta": "the loss's beta, where it takes one (default: 0.1)",
@@ -163,12 +163,12 @@ HELP = {  # field → what it means (the default is appended by parser())
                 "for losses that need token statistics",
     "sft_steps": "SFT warm-up steps before preference training (demo: on the demonstrations; data: on the "
                  "preferred answers)",
-    "steps": "optimizer steps of preference training, >= 1 (default with --data: --epochs over the data)",
+    "steps": "optimizer steps of preference training, >= 1",
     "epochs": "passes over the data when --steps is not given",
     "batch_size": "examples (prompts) per optimizer step and process",
     "grad_accum": "micro-batches accumulated per optimizer step",
     "eval_batch_size": "examples per forward in evaluation",
-    "lr": "peak learning rate of preference training (negative numbers are refused; write 1e-4)",
+    "lr": "peak learning rate of preference training",
     "sft_lr": "peak learning rate of the SFT warm-up",
     "warmup_ratio": "share of each phase's steps with linear warm-up, in [0, 1)",
     "min_lr_ratio": "the cosine decay ends at this share of the peak learning rate",
@@ -181,7 +181,7 @@ HELP = {  # field → what it means (the default is appended by parser())
     "distributed": "auto (ddp under torchrun), none, ddp, fsdp",
     "device": "auto (CUDA when available), cpu, cuda",
     "backend": "fused-op backend: auto, torch, triton or native (summary.json records the one used)",
-    "threads": "CPU threads for torch (default: 1 for the demo, torch's choice with --data)",
+    "threads": "CPU threads for torch",
     "save_every": "checkpoint every this many steps (0: only at the end)",
     "keep_checkpoints": "newest checkpoints kept",
     "resume": "'auto' (newest valid checkpoint in --output-dir) or a checkpoint folder",
@@ -199,10 +199,13 @@ CHOICES = {"truncation": ["end", "error"], "ref_mode": ["auto", "precompute", "o
            "backend": ["auto", "torch", "triton", "native"]}
 
 
+REAL_DEFAULT_TEXT = {"steps": "--epochs over the data", "pack_length": "--max-length", "threads": "torch's choice"}
+
+
 def _default_text(name: str, default: Any) -> str:
     if name in SYNTHETIC_DEFAULTS:
         real = REAL_DEFAULTS.get(name)
-        return f"demo: {SYNTHETIC_DEFAULTS[name]}" + (f", with --data: {real}" if real is not None else "")
+        return f"demo: {SYNTHETIC_DEFAULTS[name]}, with --data: {REAL_DEFAULT_TEXT.get(name, real)}"
     if default is None or name in ("loss_args",):
         return ""
     return str(default).lower() if isinstance(default, bool) else str(default)
