@@ -37,7 +37,8 @@ def _greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_id: in
 def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[str | list], *, max_new_tokens: int = 32,
                    batch_size: int = 64) -> list[str]:
     """The model's greedy answer (decoded text, special tokens dropped) to each prompt, in order. Prompts are
-    batched by token length, so no padding is involved (``generate``, cached); the model is put in eval mode and restored."""
+    batched by token length, so no padding is involved (``generate``, cached); the model is put in eval mode
+    and restored."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [prompt_ids(tokenizer, p) for p in prompts]

@@ -237,7 +237,8 @@ class Run:
         cfg, d = self.cfg, self.d
         n = cfg.batch_size * d.world
         pos = ((step - phase_start) * cfg.grad_accum + micro) * n
-        return D.order(len(self.sft_data if phase_start == 0 else self.train), cfg.seed + (0 if phase_start == 0 else 7919), pos, n)
+        data = self.sft_data if phase_start == 0 else self.train
+        return D.order(len(data), cfg.seed + (0 if phase_start == 0 else 7919), pos, n)
 
     def micro_step(self, phase: str, phase_start: int, step: int, micro: int) -> dict:
         cfg, d = self.cfg, self.d

@@ -55,7 +55,8 @@ def test_path_errors(tmp_path, capsys, write_jsonl):
     line = refused(capsys, out, ["--model", str(tmp_path / "missing-model")])
     assert f"--model {tmp_path / 'missing-model'}: no such folder" in line
     (tmp_path / "empty").mkdir()
-    assert "not a Hugging Face model folder (no config.json)" in refused(capsys, out, ["--model", str(tmp_path / "empty")])
+    line = refused(capsys, out, ["--model", str(tmp_path / "empty")])
+    assert "not a Hugging Face model folder (no config.json)" in line
     assert "--data" in refused(capsys, out, ["--data", str(tmp_path / "none.jsonl")])
     (tmp_path / "d.csv").write_text("a,b\n")
     assert "unsupported data file" in refused(capsys, out, ["--data", str(tmp_path / "d.csv")])
@@ -144,7 +145,7 @@ def test_output_folder_is_never_overwritten_silently(tmp_path, capsys):
     assert "already holds a run" in err and "--resume auto" in err and "--overwrite" in err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "notes.txt"} == before
     s = main(["--output-dir", str(out), *SHORT, "--resume", "auto"])  # finished: resumes at the end
-    assert s["train_steps"] == first["train_steps"]
+    assert s["train_steps"] == first["train_steps"] and s["eval_greedy_before"] == first["eval_greedy_before"]
     (out / "checkpoints" / "junk").mkdir()
     s = main(["--output-dir", str(out), *SHORT, "--overwrite", "--steps", "2"])
     assert s["train_steps"] == 12 and not (out / "checkpoints" / "junk").exists()

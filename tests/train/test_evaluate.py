@@ -54,6 +54,7 @@ def test_greedy_answers_match_naive_decoding_and_scores_average_the_verifier():
     assert scores == pytest.approx({k: sum(e[k] for e in each) / len(each) for k in each[0]})
 
 
+@pytest.mark.demo
 def test_demo_preference_training_improves_greedy_answers(tmp_path):
     """The full embedded default (`make train`, about a minute of CPU): per-digit accuracy of greedy answers on
     held-out prompts rises by at least 10 points from before preference training to after it."""
