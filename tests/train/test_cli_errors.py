@@ -16,15 +16,17 @@ from conftest import SHORT
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def refused(capsys, out, argv) -> str:
-    """Run ``fastpref train argv`` in-process; assert exit 2, one stderr line, no output folder; the line."""
+def refused(capsys, out, argv, early: bool = True) -> str:
+    """Run ``fastpref train argv`` in-process; assert exit 2, the error as one line (the only stderr line when
+    ``early``: before any model is loaded), no traceback, no output folder; returns the line."""
     with pytest.raises(SystemExit) as e:
         main(["--output-dir", str(out), "--no-progress", *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fastpref train: error: "), err
+    assert err[-1].startswith("fastpref train: error: ") and "Traceback" not in "".join(err), err
+    assert len(err) == 1 or not early, err
     assert not out.exists()
-    return err[0]
+    return err[-1]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -64,18 +66,23 @@ def test_path_errors(tmp_path, capsys, write_jsonl):
     assert "exists and is not a folder" in refused(capsys, tmp_path / "file2", ["--output-dir", str(tmp_path / "file")])
 
 
-@pytest.mark.parametrize("rows,message", [
-    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a" "chosen": "b"}'],
-     "d.jsonl:2: invalid JSON (Expecting ',' delimiter at column 16)"),
-    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}],
-     "d.jsonl:2: missing field 'rejected'"),
-    ([{"prompt": "a", "chosen": "", "rejected": "c"}], "d.jsonl:1: 'chosen' is empty"),
-    ([{"text": "a"}], "d.jsonl:1: cannot tell the data format"),
+GOOD = {"prompt": "add 1 : 2 3 4 5", "chosen": "3 4 5 6", "rejected": "4 5 6 7"}
+
+
+@pytest.mark.parametrize("rows,extra,message", [
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a" "chosen": "b"}'], [],
+     "--data: {d}:2: invalid JSON (Expecting ',' delimiter at column 16)"),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}], [],
+     "--data: {d}:2: missing field 'rejected'"),
+    ([{"prompt": "a", "chosen": "", "rejected": "c"}], [], "--data: {d}:1: 'chosen' is empty"),
+    ([{"text": "a"}], [], "--data: {d}:1: cannot tell the data format"),
+    ([GOOD, GOOD], ["--max-length", "5"], "{d}:1: the prompt is 8 tokens, which leaves no room"),  # found later
 ])
-def test_data_errors(tmp_path, capsys, write_jsonl, tiny_model_dir, rows, message):
+def test_data_errors(tmp_path, capsys, write_jsonl, tiny_model_dir, rows, extra, message):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    line = refused(capsys, tmp_path / "out", ["--model", str(tiny_model_dir), "--data", str(data)])
-    assert line.startswith("fastpref train: error: --data: ") and message in line
+    line = refused(capsys, tmp_path / "out", ["--model", str(tiny_model_dir), "--data", str(data), *extra],
+                   early=not extra)
+    assert "fastpref train: error: " + message.format(d=data) in line
 
 
 @pytest.mark.parametrize("text,message", [
