@@ -125,6 +125,29 @@ def resolve_losses(weights: dict[str, float], names: list[str]) -> tuple[dict[st
     return out, notes
 
 
+# ----------------------------------------------------------------------------------------- device, backend
+def check_device(device: str, distributed: str, backend: str) -> None:
+    """--device cuda needs a GPU, --distributed ddp/fsdp needs torchrun, --backend NAME must run on the device."""
+    import os
+
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise UserError(f"--device cuda: CUDA is not available here ({why}); use --device cpu or auto")
+    if distributed in ("ddp", "fsdp") and "RANK" not in os.environ:
+        raise UserError(f"--distributed {distributed} needs to be launched with torchrun "
+                        "(e.g. torchrun --nproc_per_node 2 -m fastpref.train ...)")
+    if backend != "auto":
+        from ..backends import resolve
+
+        on = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+        try:
+            resolve(backend, on, torch.float32)
+        except ValueError as e:
+            raise UserError(f"--backend {backend}: {e}") from None
+
+
 # ------------------------------------------------------------------------------------------------------- data
 def check_rows(path: str, flag: str, skip_bad_rows: bool) -> None:
     """Read every row of a data file and check its fields (what needs no tokenizer); the first bad row is a
@@ -198,6 +221,7 @@ def check(cfg, log: Callable[[str], None] = print):
         raise UserError("--eval-data needs --data (the demo task brings its own held-out prompts)")
     if cfg.resume not in (None, "", "no", "auto"):
         check_path("--resume", cfg.resume, "checkpoint")
+    check_device(cfg.device, cfg.distributed, cfg.backend)
     try:
         weights, hparams = parse_loss(cfg.loss), parse_kv(cfg.loss_args)
     except ValueError as e:

@@ -47,6 +47,7 @@ def refused(capsys, out, argv, early: bool = True) -> str:
     (["--loss-args", "nope=1"], "--loss-args nope: not a parameter of sigmoid"),
     (["--eval-data", "x.jsonl"], "--eval-data x.jsonl: no such file or folder"),
     (["--resume", "no/such/checkpoint"], "--resume no/such/checkpoint: no such folder"),
+    (["--distributed", "fsdp"], "--distributed fsdp needs to be launched with torchrun"),
 ])
 def test_flag_errors(tmp_path, capsys, argv, message):
     assert message in refused(capsys, tmp_path / "out", argv)
@@ -158,3 +159,10 @@ def test_output_folder_is_never_overwritten_silently(tmp_path, capsys):
     assert s["train_steps"] == 12 and not (out / "checkpoints" / "junk").exists()
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
     assert s["backend"] in ("torch", "native", "triton") and s["versions"]["torch"] and s["versions"]["fastpref"]
+
+
+def test_device_errors(tmp_path, capsys):
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "--device cuda: CUDA is not available here" in refused(capsys, tmp_path / "o", ["--device", "cuda"])
