@@ -33,11 +33,12 @@ def test_python_fragments_compile(name, code):
     compile(code, name, "exec")
 
 
-def test_every_block_is_marked():
-    known = {"python", "python fragment", "bash", "text", ""}
+def test_python_blocks_are_marked_runnable_or_fragment():
+    """A Python block is either run (```python) or explicitly a fragment (```python fragment), never ```py."""
     for page in PAGES:
         for info, _ in FENCE.findall(page.read_text()):
-            assert info.strip() in known, f"{page.name}: code block marked {info!r}"
+            if info.strip().lower().startswith("py"):
+                assert info.strip() in ("python", "python fragment"), f"{page.name}: code block marked {info!r}"
 
 
 def _extras() -> set[str]:
