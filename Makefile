@@ -25,16 +25,21 @@ $(VENV)/.dev: $(VENV)/.train requirements-dev.txt
 # The package with its C++ extension (rebuilt incrementally when csrc/ or setup.py change).
 install: $(VENV)/.dev
 	$(PIP) --no-build-isolation -e .
+	touch $(VENV)/.package
 
 test: install
 	$(PY) -m pytest -q tests
 	$(PY) -m fastpref.kernels.report
 
-# The main job needs neither Triton nor the test tools nor the C++ extension (the model is tiny);
-# it installs only what it uses, so a fresh clone trains within minutes.
-train: $(VENV)/.train
-	$(PY) -c "import fastpref.train" 2>/dev/null || FASTPREF_NO_NATIVE=1 $(PIP) --no-build-isolation -e .
-	$(PY) -m fastpref.train
+# The main job needs neither Triton nor the test tools nor the C++ extension (the model is tiny); it installs
+# only what it uses (the package too: the `fastpref` command works afterwards), so a fresh clone trains within
+# minutes. A second run refuses to replace runs/demo: make train TRAIN_ARGS=--overwrite (or --resume auto).
+$(VENV)/.package: $(VENV)/.train setup.py
+	FASTPREF_NO_NATIVE=1 $(PIP) --no-build-isolation -e .
+	touch $@
+
+train: $(VENV)/.package
+	$(VENV)/bin/fastpref train $(TRAIN_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastpref/*.so fastpref/_native_build.json

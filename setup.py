@@ -130,6 +130,26 @@ def write_notes():
 
 ext_modules, cmdclass = native_extensions()
 
+
+def requirements(name: str) -> list[str]:
+    """The packages of requirements-<name>.txt (comments and ``-r`` includes resolved), for the extras."""
+    out = []
+    with open(os.path.join(HERE, f"requirements-{name}.txt")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("-r "):
+                out += requirements(line[3:].strip()[len("requirements-"):-len(".txt")])
+            elif line:
+                out.append(line)
+    return out
+
+
+# pip install "fastpref[train]" (the trainer), [trl] (the TRL drop-ins), [bench] (the benchmarks),
+# [test] (the test suite and its benchmark plugin; includes train and trl), [dev] (everything).
+EXTRAS = {"train": requirements("train"), "trl": ["trl>=1.10", "transformers>=5.0", "peft", "accelerate", "datasets"],
+          "triton": ["triton>=3.0"], "bench": requirements("bench"), "test": requirements("dev")}
+EXTRAS["dev"] = sorted(set().union(*EXTRAS.values()))
+
 setup(
     name="fastpref",
     version="0.1.0",
@@ -140,7 +160,7 @@ setup(
     package_data={"fastpref.train": ["assets/*.json"]},
     entry_points={"console_scripts": ["fastpref=fastpref.cli:main"]},
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest"]},
+    extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -14,6 +14,7 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped elsewhere)")
     config.addinivalue_line("markers", "aot: compiles Triton kernels ahead of time for sm_80/sm_90 (no GPU needed)")
+    config.addinivalue_line("markers", "demo: runs the full `make train` demo once (about a minute of CPU time)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
-"""The README's losses table, generated from the registry: ``python -m fastpref.losses.table``."""
+"""The losses table of docs/losses.md, generated from the registry: ``python -m fastpref.losses.table`` prints
+it, ``python -m fastpref.losses.table --write`` replaces the text between the file's losses markers."""
 from __future__ import annotations
 
 import inspect
@@ -36,5 +37,20 @@ def markdown() -> str:
     return "\n".join(rows)
 
 
+DOC = "docs/losses.md"
+BEGIN, END = "<!-- losses:begin -->\n", "\n<!-- losses:end -->"
+
+
+def write(path: str = DOC) -> None:
+    """Replace the table between the markers of ``path`` (docs/losses.md, run from the repository root)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(BEGIN, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + BEGIN + markdown() + END + rest.split(END, 1)[1])
+
+
 if __name__ == "__main__":
-    print(markdown())
+    import sys
+
+    write() if "--write" in sys.argv[1:] else print(markdown())

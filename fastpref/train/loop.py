@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import math
 import time
@@ -72,8 +73,6 @@ class Run:
         self.t0 = time.time()
         self.out = Path(cfg.output_dir)
         self.ckdir = self.out / "checkpoints"
-        if d.main:
-            self.out.mkdir(parents=True, exist_ok=True)
         self.log = print if d.main else (lambda *a, **k: None)
         self.tok = _tokenizer(cfg)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
@@ -124,12 +123,15 @@ class Run:
     def _load_data(self) -> None:
         cfg = self.cfg
         tk = D.Tokenize(self.tok, cfg.max_length, cfg.max_prompt_length, cfg.truncation)
+        self.verifier, self.eval_prompts = None, []  # greedy answers are scored where the task has a verifier
         if cfg.synthetic:
-            from .synthetic import make_task
+            from .synthetic import demonstrations, make_task, verify
 
             rows, held = make_task(cfg.synthetic_train, cfg.synthetic_eval)
             self.train = D.load_dataset(rows, tk, source="synthetic-train")
+            self.sft_data = D.load_dataset(demonstrations(rows, seed=cfg.seed), tk, source="synthetic-demonstrations")
             self.eval = D.load_dataset(held, tk, source="synthetic-heldout")
+            self.verifier, self.eval_prompts = verify, [r["prompt"] for r in held]
         else:
             full = D.load_dataset(cfg.data, tk, skip_bad_rows=cfg.skip_bad_rows)
             if cfg.eval_data:
@@ -149,6 +151,8 @@ class Run:
             if self.train.truncated:
                 self.log(f"{self.train.source}: {self.train.truncated} rows truncated to --max-length "
                          f"{cfg.max_length} (completion end cut)")
+        if not cfg.synthetic:
+            self.sft_data = self.train  # SFT warm-up on the preferred answers
         if self.eval is None:
             self.log("warning: no held-out rows (set --eval-data or --eval-fraction); evaluation is skipped")
 
@@ -280,17 +284,18 @@ class Run:
         cfg, d = self.cfg, self.d
         n = cfg.batch_size * d.world
         pos = ((step - phase_start) * cfg.grad_accum + micro) * n
-        return D.order(len(self.train), cfg.seed + (0 if phase_start == 0 else 7919), pos, n)
+        data = self.sft_data if phase_start == 0 else self.train
+        return D.order(len(data), cfg.seed + (0 if phase_start == 0 else 7919), pos, n)
 
     def micro_step(self, phase: str, phase_start: int, step: int, micro: int) -> dict:
         cfg, d = self.cfg, self.d
         chunk = self.chunk(phase_start, step, micro)
         idx = chunk[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
         if phase == "sft":
-            seqs = D.sequences(self.train, idx, "target")
-            count = sum(len(c) for _, c in D.sequences(self.train, chunk, "target"))  # global target tokens
+            seqs = D.sequences(self.sft_data, idx, "target")
+            count = sum(len(c) for _, c in D.sequences(self.sft_data, chunk, "target"))  # global target tokens
             if not seqs:  # e.g. an unpaired micro-batch without desirable rows
-                seqs, count = D.sequences(self.train, idx[:1]), 0
+                seqs, count = D.sequences(self.sft_data, idx[:1]), 0
             b = D.collate(seqs, packed=self.packed, pad_id=self.pad_id, pack_length=self.pack_length).to(d.device)
             with self.autocast():
                 out = call(self.module, b, mode="sft", norm=max(count, 1) / d.world)
@@ -320,14 +325,35 @@ class Run:
         (out["loss"] / cfg.grad_accum).backward()
         return {"loss": float(out["loss"].detach()), **out["metrics"]}
 
-    def evaluate(self) -> dict | None:
+    def greedy(self) -> dict:
+        """The verifier's mean scores of the policy's greedy answers to the held-out prompts ({} without one)."""
+        if self.verifier is None or self.d.mode == "fsdp":  # FSDP: the sharded policy runs only inside Objective
+            return {}
+        from .evaluate import greedy_scores
+
+        with self.autocast():
+            scores = greedy_scores(self.policy, self.tok, self.eval_prompts, self.verifier,
+                                   batch_size=self.cfg.eval_batch_size, max_new_tokens=self.cfg.max_length)
+        return {f"eval/greedy_{k}": v for k, v in scores.items()}
+
+    def evaluate(self, phase: str = "pref") -> dict | None:
+        """Held-out metrics: greedy-answer scores, and (preference phase) reward / ranking accuracy."""
+        if phase == "sft":
+            scores = self.greedy()
+            if not scores:
+                return None
+            rec = {"step": self.step, "eval": True, "phase": "sft", **scores}
+            self.eval_history.append(rec)
+            self.write_metrics(rec)
+            return rec
         if self.eval is None:
             return None
         pol = dataset_logps(self.module, self.eval, packed=self.packed, pad_id=self.pad_id,
                             batch_size=self.cfg.eval_batch_size, d=self.d, device=self.d.device,
                             autocast=self.autocast, pack_length=self.pack_length)
         m = metrics(self.eval, pol, self.ref_eval if self.loss.needs_ref else None, self.loss.beta)
-        rec = {"step": self.step, "eval": True, **{f"eval/{k}": v for k, v in m.items()}}
+        rec = {"step": self.step, "eval": True, "phase": "pref", **{f"eval/{k}": v for k, v in m.items()},
+               **self.greedy()}
         self.eval_history.append(rec)
         self.write_metrics(rec)
         return rec
@@ -386,8 +412,14 @@ class Run:
     # ------------------------------------------------------------------------------------------- the run
     def run(self) -> dict:
         cfg, d = self.cfg, self.d
-        if not cfg.resume and d.main and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
+        if d.main:  # nothing is written before this point (the set-up may still refuse the run)
+            if cfg.overwrite and cfg.resume in (None, "", "no"):
+                from .validate import clear_previous_run
+
+                clear_previous_run(cfg.output_dir)
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume and (self.out / "metrics.jsonl").exists():
+                (self.out / "metrics.jsonl").unlink()
         trainer = self.resume()
         from tqdm.auto import tqdm
 
@@ -403,6 +435,8 @@ class Run:
                                     weight_decay=cfg.weight_decay)
             if trainer is not None and trainer["phase"] == phase and self.step > start:
                 load_optim_state(self.objective, opt, trainer["optimizer"], d)
+            if phase == "sft" and self.step == 0:
+                self.evaluate("sft")  # the untrained model's greedy answers
             if phase == "pref":
                 self.setup_reference()
                 self.setup_other_models()
@@ -433,8 +467,8 @@ class Run:
                 if "rewards/accuracies" in rec:
                     post["acc"] = f"{rec['rewards/accuracies']:.2f}"
                 bar.set_postfix(post, refresh=False)
-                if phase == "pref" and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
-                    self.evaluate()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < start + n:
+                    self.evaluate(phase)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
                     self.save(opt, phase)
                 last = (opt, phase)
@@ -453,11 +487,25 @@ class Run:
         self.d.sum_(vals)
         return {k: float(v) / self.d.world for k, v in zip(keys, vals)}
 
+    def before_record(self) -> dict | None:
+        """The held-out evaluation as preference training began (read back from metrics.jsonl after a resume)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        found = [r for r in recs if r.get("eval") and r.get("phase") == "pref" and r["step"] == self.sft_steps]
+        return found[0] if found else None
+
     def finish(self, before: dict | None, final: dict | None) -> dict:
         cfg, d = self.cfg, self.d
         state = _strip(model_state(self.objective, d))
         wall = time.time() - self.t0
+        if before is None and d.main:
+            before = self.before_record()
+        greedy = lambda rec: {k[len("eval/greedy_"):]: v for k, v in (rec or {}).items()  # noqa: E731
+                              if k.startswith("eval/greedy_")} or None
         summary = {
+            "eval_greedy_before": greedy(before), "eval_greedy_after": greedy(final),
             "eval_reward_accuracy": final and final.get("eval/reward_accuracy"),
             "eval_ranking_accuracy": final and final.get("eval/ranking_accuracy"),
             "eval_margin": final and final.get("eval/margin"),
@@ -470,6 +518,7 @@ class Run:
             "ref_mode": self.ref_mode, "distributed": d.mode, "world_size": d.world,
             "skipped_rows": sum(self.train.skipped.values()), "truncated_rows": self.train.truncated,
             "final_model": str(self.out / "final"), "data": cfg.data or "synthetic",
+            **environment(cfg.backend, d.device),
         }
         if d.main:
             final_dir = self.out / "final"
@@ -489,6 +538,24 @@ class Run:
     def policy_for_save(self) -> nn.Module:
         """A plain (unwrapped, unsharded) model object to call ``save_pretrained`` on with the full state."""
         return self.make_model() if self.d.mode == "fsdp" else self.policy
+
+
+def environment(backend: str, device: torch.device) -> dict:
+    """What produced the numbers: the fused-op backend (the one 'auto' picked), device and package versions."""
+    import fastpref
+    from ..backends import resolve
+
+    try:
+        picked = resolve(backend, device, torch.float32).name
+    except ValueError as e:
+        picked = f"unavailable ({e})"
+    versions = {"fastpref": getattr(fastpref, "__version__", None), "torch": torch.__version__}
+    for name in ("transformers", "triton"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"backend": picked, "backend_requested": backend, "device": str(device), "versions": versions}
 
 
 def train(cfg: Config) -> dict:

@@ -4,20 +4,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PANELS = {  # file → (title, [(metric key, label)])
-    "loss.png": ("loss", [("loss", "train loss")]),
-    "reward_accuracy.png": ("reward accuracy", [("rewards/accuracies", "train"),
-                                                ("eval/reward_accuracy", "held-out"),
-                                                ("eval/ranking_accuracy", "held-out ranking (policy log-probs)")]),
-    "margins.png": ("reward margin", [("rewards/margins", "train"), ("eval/margin", "held-out")]),
-    "logps.png": ("sequence log-probs", [("logps/chosen", "chosen (train)"), ("logps/rejected", "rejected (train)"),
-                                         ("eval/logps_chosen", "chosen (held-out)"),
-                                         ("eval/logps_rejected", "rejected (held-out)")]),
+PANELS = {  # file → (title, y-axis label, [(metric key, legend label, phase or None for both)])
+    "greedy.png": ("held-out greedy answers (verifier)", "share of held-out prompts",
+                   [("eval/greedy_digit_accuracy", "per-digit accuracy", None),
+                    ("eval/greedy_exact_match", "exact match", None)]),
+    "loss.png": ("training loss", "loss", [("loss", "SFT (token NLL)", "sft"), ("loss", "preference loss", "pref")]),
+    "reward_accuracy.png": ("reward accuracy", "share of pairs ranked right",
+                            [("rewards/accuracies", "train", "pref"), ("eval/reward_accuracy", "held-out", "pref"),
+                             ("eval/ranking_accuracy", "held-out ranking (policy log-probs)", "pref")]),
+    "margins.png": ("reward margin", "β·log-ratio, chosen − rejected",
+                    [("rewards/margins", "train", "pref"), ("eval/margin", "held-out", "pref")]),
+    "logps.png": ("sequence log-probs", "log-prob per sequence (nats)",
+                  [("logps/chosen", "chosen (train)", "pref"), ("logps/rejected", "rejected (train)", "pref"),
+                   ("eval/logps_chosen", "chosen (held-out)", "pref"),
+                   ("eval/logps_rejected", "rejected (held-out)", "pref")]),
 }
 
 
 def plot(metrics_file: Path, out_dir: Path) -> list[Path]:
-    """Write the plots of ``metrics.jsonl``; returns the files written."""
+    """Write the plots of ``metrics.jsonl`` (panels without data are skipped); returns the files written.
+    The SFT warm-up is shaded; held-out evaluations are drawn with markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,20 +31,26 @@ def plot(metrics_file: Path, out_dir: Path) -> list[Path]:
 
     recs = [json.loads(x) for x in Path(metrics_file).read_text().splitlines() if x.strip()] \
         if Path(metrics_file).is_file() else []
+    sft_end = max((r["step"] for r in recs if r.get("phase") == "sft"), default=None)
     written = []
-    for name, (title, series) in PANELS.items():
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for key, label in series:
-            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+    for name, (title, ylabel, series) in PANELS.items():
+        curves = []
+        for key, label, phase in series:
+            pts = [(r["step"], r[key]) for r in recs
+                   if r.get(key) is not None and (phase is None or r.get("phase") == phase)]
             if pts:
-                ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=3, label=label)
-        sft_end = [r["step"] for r in recs if r.get("phase") == "sft"]
+                curves.append((key, label, pts))
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
         if sft_end:
-            ax.axvline(max(sft_end), color="grey", ls=":", lw=1, label="end of SFT warm-up")
-        ax.set(title=title, xlabel="step")
+            ax.axvspan(0, sft_end, color="grey", alpha=0.12, lw=0, label="SFT warm-up")
+            ax.axvline(sft_end, color="grey", ls=":", lw=1)
+        for key, label, pts in curves:
+            ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=3, label=label)
+        ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(Path(out_dir) / name, dpi=100)
         plt.close(fig)
@@ -52,7 +64,10 @@ def table(summary: dict) -> str:
         return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     before = summary.get("eval_before") or {}
-    rows = [
+    g0, g1 = summary.get("eval_greedy_before") or {}, summary.get("eval_greedy_after") or {}
+    rows = [(f"held-out greedy {k.replace('_', ' ')}", f"{f(g1.get(k))}   (before preference training: {f(v)})")
+            for k, v in g0.items()]
+    rows += [
         ("held-out reward accuracy", f"{f(summary['eval_reward_accuracy'])}"
          f"   (before: {f(before.get('eval/reward_accuracy'))})"),
         ("held-out ranking accuracy", f"{f(summary['eval_ranking_accuracy'])}"
@@ -62,6 +77,7 @@ def table(summary: dict) -> str:
         ("loss", ", ".join(f"{k}×{v:g}" for k, v in summary["loss"].items()) + f"  {summary['layout']}"),
         ("examples", f"{summary['train_examples']} train, {summary['eval_examples']} held-out"),
         ("packing / reference", f"{'packed' if summary['packed'] else 'padded'} / {summary['ref_mode']}"),
+        ("backend / device", f"{summary.get('backend')} / {summary.get('device')}"),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ("final model", summary["final_model"]),
     ]

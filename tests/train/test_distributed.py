@@ -30,5 +30,7 @@ def test_two_processes_match_one(tmp_path, single, mode):
     assert r.returncode == 0, r.stderr[-3000:]
     got = load_file(tmp_path / "final" / "model.safetensors")
     assert got.keys() == single.keys()
-    for k in got:
-        torch.testing.assert_close(got[k], single[k], atol=2e-5, rtol=1e-4, msg=k)
+    for k in got:  # atol: Adam turns reduction-order rounding of near-zero gradients into ~lr/100 steps of a few
+        # weights; a wrong split or normalisation moves many weights by ~lr (1e-3)
+        torch.testing.assert_close(got[k], single[k], atol=1e-4, rtol=1e-4, msg=k)
+        assert (got[k] - single[k]).abs().mean() < 1e-6, k

@@ -1,6 +1,7 @@
 """Checkpoints: SIGKILL between checkpoints + --resume reaches exactly the uninterrupted parameters;
 corrupted, truncated or pickled checkpoints are refused and the previous good one is used."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,11 +85,12 @@ def test_pickled_code_is_never_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_resume_from_tampered_checkpoint_is_a_clear_error(tmp_path):
+def test_resume_from_tampered_checkpoint_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "run"
     short = [a if a != "14" else "2" for a in ARGS]
     main(["--output-dir", str(out), *short])
     last = C.step_folders(out / "checkpoints")[-1]
     (last / "trainer_state.pt").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="cannot resume: .*trainer_state.pt"):
+    with pytest.raises(SystemExit) as e:
         main(["--output-dir", str(out), *short, "--resume", str(last)])
+    assert e.value.code == 2 and re.search("cannot resume: .*trainer_state.pt", capsys.readouterr().err)

@@ -90,14 +90,14 @@ def test_yaml_config_and_loss_args(tmp_path, tiny_model_dir, write_jsonl):
     assert s["loss"] == {"sigmoid": 1.0, "sft": 0.1} and s["hparams"] == {"label_smoothing": 0.1, "beta": 0.3}
 
 
-def test_bad_loss_for_layout_is_a_clear_error(tmp_path, tiny_model_dir, write_jsonl):
+def test_bad_loss_for_layout_is_a_clear_error(tmp_path, tiny_model_dir, write_jsonl, capsys):
     data = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "add 1 : 2", "completion": "3", "label": True}] * 4)
-    with pytest.raises(SystemExit, match="cannot be trained on 'unpaired' data"):
-        main(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "o"),
-              "--loss", "sigmoid", "--no-progress"])
-    with pytest.raises(ValueError, match="unknown loss 'nope'"):
-        main(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "o"),
-              "--loss", "nope", "--no-progress"])
+    for loss, message in (("sigmoid", "cannot be trained on 'unpaired' data"), ("nope", "--loss nope: unknown loss")):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                  "--loss", loss, "--no-progress"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
 
 
 def test_cli_entry_point(capsys):
