@@ -240,6 +240,6 @@ def check(cfg, log: Callable[[str], None] = print):
             raise UserError(f"--loss-args {key}: not a parameter of {', '.join(weights)}")
     check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if path and Path(path).is_file():
+        if path and Path(path).is_file() and cfg.task != "reward":  # reward data (score rows too): reward.load
             check_rows(path, flag, cfg.skip_bad_rows)
     return dataclasses.replace(cfg, loss=weights)

@@ -56,10 +56,12 @@ def test_regression_on_score_rows(tmp_path, write_jsonl, tiny_model_dir):
     (["--loss", "scaled_bt"], "strength"),
     (["--loss", "bt", "--loss-args", "beta2=1"], "beta2"),
 ])
-def test_clear_errors(argv, match, tmp_path):
-    with pytest.raises(SystemExit, match=match):
+def test_clear_errors(argv, match, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
         main(["--task", "reward", "--output-dir", str(tmp_path), "--steps", "1", "--sft-steps", "0",
               "--synthetic-train", "8", "--synthetic-eval", "8", *SHORT, *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and match in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.skipif(os.environ.get("FASTPREF_TEST_DEMO") != "1", reason="set FASTPREF_TEST_DEMO=1 (minutes)")
