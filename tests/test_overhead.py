@@ -155,15 +155,16 @@ def test_cuda_graph_capture_and_replay(backend):
     static = [leaf(h), leaf(w), leaf(b)]
     static_labels = labels.clone()
 
-    def step():
-        st = fastpref.token_stats(*static[:2], static_labels, bias=static[2], entropy=True, backend=backend)
+    def step(sync_free=None):  # None: chosen automatically (masking while capturing)
+        st = fastpref.token_stats(*static[:2], static_labels, bias=static[2], entropy=True, backend=backend,
+                                  sync_free=sync_free)
         return [st.logp, st.entropy, *torch.autograd.grad((st.logp * ups[0] + st.entropy * ups[1]).sum(), static)]
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up outside the capture (lazy initialisation, autotuning)
-            step()
+        for _ in range(2):  # warm-up outside the capture, same shapes (kernel compilation, lazy initialisation)
+            step(sync_free=True)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
