@@ -60,8 +60,8 @@ def _zero_grads_fake(hidden, weight, bias, needs):
 
 # ---- single model -----------------------------------------------------------------------------------
 def _stats_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, backend: str,
-                   temperature: float, softcap: Optional[float], entropy: bool,
-                   log_sum_p2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                temperature: float, softcap: Optional[float], entropy: bool,
+                log_sum_p2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     M = hidden.shape[0]
     if M == 0:
         return _f32(0, hidden), _f32(0, hidden), _f32(0, hidden), _f32(0, hidden)
@@ -80,9 +80,9 @@ def _(hidden, weight, bias, labels, backend, temperature, softcap, entropy, log_
 
 
 def _stats_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
-                            entropy: Tensor, grad_logp: Tensor, grad_lse: Tensor, grad_entropy: Tensor,
-                            backend: str, temperature: float, softcap: Optional[float],
-                            needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                         entropy: Tensor, grad_logp: Tensor, grad_lse: Tensor, grad_entropy: Tensor,
+                         backend: str, temperature: float, softcap: Optional[float],
+                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = (hidden, weight, bias)
     if hidden.shape[0] == 0:
         return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
@@ -135,9 +135,9 @@ def fused_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
 
 # ---- two models: KL ---------------------------------------------------------------------------------
 def _kl_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
-                ref_bias: Optional[Tensor], labels: Optional[Tensor], backend: str, temperature: float,
-                softcap: Optional[float], ref_softcap: Optional[float],
-                direction: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             ref_bias: Optional[Tensor], labels: Optional[Tensor], backend: str, temperature: float,
+             softcap: Optional[float], ref_softcap: Optional[float],
+             direction: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(kl, logp, ref_logp, lse, ref_lse); logp/ref_logp empty without labels."""
     M = hidden.shape[0]
     if M == 0:
@@ -161,10 +161,10 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, backend, t
 
 
 def _kl_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
-                         ref_weight: Tensor, ref_bias: Optional[Tensor], labels: Optional[Tensor], lse: Tensor,
-                         ref_lse: Tensor, kl: Tensor, grad_kl: Tensor, grad_logp: Tensor, backend: str,
-                         temperature: float, softcap: Optional[float], ref_softcap: Optional[float], direction: str,
-                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                      ref_weight: Tensor, ref_bias: Optional[Tensor], labels: Optional[Tensor], lse: Tensor,
+                      ref_lse: Tensor, kl: Tensor, grad_kl: Tensor, grad_logp: Tensor, backend: str,
+                      temperature: float, softcap: Optional[float], ref_softcap: Optional[float], direction: str,
+                      needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = (hidden, weight, bias)
     if hidden.shape[0] == 0:
         return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
