@@ -144,6 +144,12 @@ def main() -> None:
         os.environ["FASTPREF_BACKEND"] = name
         run_case(f"functions[{name}]", functions, [h, w, b, rh, rw, y])
     os.environ.pop("FASTPREF_BACKEND")
+    if torch.cuda.is_available():  # the GPU check: the same on CUDA tensors, every CUDA backend
+        on_gpu = [x.cuda() for x in (h, w, b, rh, rw, y)]
+        for name in fastpref.available_backends("cuda"):
+            os.environ["FASTPREF_BACKEND"] = name
+            run_case(f"functions[cuda-{name}]", functions, on_gpu)
+        os.environ.pop("FASTPREF_BACKEND")
 
     hp, yp = batch(4, 6, 2)  # pairs: 2 chosen, then 2 rejected
     rhp = torch.randn(4, 6, D + 4, generator=g)

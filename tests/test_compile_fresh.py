@@ -52,6 +52,16 @@ def test_same_compiled_code_on_every_backend(results):
         _check(results[f"functions[{name}]"])
 
 
+@pytest.mark.gpu
+def test_compiled_on_every_cuda_backend(results):
+    import fastpref
+
+    names = fastpref.available_backends("cuda")
+    assert "triton" in names
+    for name in names:
+        _check(results[f"functions[cuda-{name}]"])
+
+
 def test_training_step_optimizer_breaks_only_inside_torch(results):
     """torch.optim graph-breaks around the update on purpose; nothing else in the step does."""
     assert results["training_step"]["optimizer_graph_breaks"] <= 2
