@@ -1,8 +1,11 @@
 """Argument checks shared by the public ops: every error names the argument and what was expected."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # exact types: no subclass (DTensor, FakeTensor)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -17,16 +20,17 @@ def gathered(x: object) -> object:
 
     A DTensor (FSDP2) becomes its ``full_tensor()``; a DeepSpeed ZeRO-3 partitioned parameter (it carries
     ``ds_id``) is gathered by :func:`fastpref._zero3.full`, its gradient left to ZeRO-3's reduce-scatter.
+    Neither module is imported for plain tensors: a DTensor exists only once ``torch.distributed.tensor`` is
+    loaded (importing it costs about a second), and a ZeRO-3 parameter only once DeepSpeed is.
     """
     if isinstance(x, torch.Tensor) and hasattr(x, "ds_id"):
         from ._zero3 import full  # imports deepspeed, which is loaded already when such a parameter exists
 
         return full(x)
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
+    if type(x) in PLAIN_TENSORS or not isinstance(x, torch.Tensor):
         return x
-    return x.full_tensor() if isinstance(x, DTensor) else x
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return x.full_tensor() if dtensor is not None and isinstance(x, dtensor.DTensor) else x
 
 
 def check_head(
@@ -85,22 +89,42 @@ def check_labels(labels: object, hidden: torch.Tensor, ignore_index: object) -> 
     return lab
 
 
-def valid_rows(labels: torch.Tensor, vocab: int | None, ignore_index: int) -> torch.Tensor | None:
-    """Indices of the rows to compute (label != ignore_index), or None when every row counts.
+def label_masks(labels: torch.Tensor, vocab: int | None, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid, bad), flat bool masks: label != ignore_index, and a valid label outside [0, V) (no host sync).
 
-    Raises ValueError when a label outside [0, V) is not ignore_index (vocab None: V unknown here, as for a
-    vocabulary split over ranks; only negative labels are checked).
+    vocab None: V unknown here, as for a vocabulary split over ranks; only negative labels are bad.
     """
     flat = labels.reshape(-1)
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab)) if vocab is not None else valid & (flat < 0)
+    return valid, bad
+
+
+def _raise_bad(labels: torch.Tensor, bad: torch.Tensor, n_bad: int, vocab: int | None, ignore_index: int) -> None:
+    first = int(labels.reshape(-1)[bad][0])
+    raise ValueError(
+        f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}; "
+        f"found {n_bad} label(s) outside, e.g. {first}"
+    )
+
+
+def check_label_range(labels: torch.Tensor, vocab: int | None, ignore_index: int) -> None:
+    """Raises ValueError when a label outside [0, V) is not ignore_index (synchronises with the device)."""
+    _valid, bad = label_masks(labels, vocab, ignore_index)
+    n_bad = int(bad.sum())
+    if n_bad:
+        _raise_bad(labels, bad, n_bad, vocab, ignore_index)
+
+
+def valid_rows(labels: torch.Tensor, vocab: int | None, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows to compute (label != ignore_index), or None when every row counts.
+
+    Raises ValueError as :func:`check_label_range` does; one host synchronisation for both.
+    """
+    valid, bad = label_masks(labels, vocab, ignore_index)
     n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
     if n_bad:
-        first = int(flat[bad][0])
-        raise ValueError(
-            f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}; "
-            f"found {n_bad} label(s) outside, e.g. {first}"
-        )
-    if n_valid == flat.numel():
+        _raise_bad(labels, bad, n_bad, vocab, ignore_index)
+    if n_valid == valid.numel():
         return None
     return valid.nonzero().squeeze(1)

@@ -1,7 +1,14 @@
 """The fused ops as torch custom ops: opaque to torch.compile, with fake (shape) functions and autograd.
 
-Backends are named by string (resolved once by the public functions); options travel as plain scalars.
-Outputs a caller did not ask for are empty [0] tensors (custom ops cannot return None).
+Backends are named by string: the public functions resolve it eagerly; under torch.compile they pass it as
+given ("auto" included) and the op resolves it when it runs, outside the graph (see ``backends.resolve``).
+Options travel as plain scalars. Outputs a caller did not ask for are empty [0] tensors (custom ops cannot
+return None).
+
+Eagerly, on plain tensors, :func:`fused_stats` and :func:`fused_kl` call the same implementations through an
+autograd.Function instead of torch's custom-op dispatcher: that dispatcher wraps every kernel in
+``torch._disable_dynamo``, which imports ``torch._dynamo`` (about a second) on the first call of a process.
+Under torch.compile, any other tracing (a dispatch mode is active) or tensor subclasses, the custom ops run.
 """
 from __future__ import annotations
 
@@ -9,8 +16,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
+from ._checks import PLAIN_TENSORS
 from .options import LogitOptions
 
 _NONE = 0  # placeholder length of an absent output
@@ -31,22 +40,37 @@ def _grads_out(grads, inputs) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(like.new_empty(0) if (g is None or x is None) else g.to(x.dtype) for g, x in zip(grads, inputs))
 
 
+def _direct(*tensors: Tensor | None) -> bool:
+    """True when the implementation can be called directly: eager, no dispatch mode, plain tensors only."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(t is None or type(t) in PLAIN_TENSORS for t in tensors))
+
+
+def _eager_function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function running ``impl`` with the custom op's own setup_context and backward."""
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(impl), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
+
+
 def _zero_grads_fake(hidden, weight, bias, needs):
     return tuple(torch.empty_like(x) if (n and x is not None) else (hidden.new_empty(0))
                  for n, x in zip(needs, (hidden, weight, bias)))
 
 
 # ---- single model -----------------------------------------------------------------------------------
-@torch.library.custom_op("fastpref::token_stats", mutates_args=())
-def token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, backend: str,
-                   temperature: float, softcap: Optional[float], entropy: bool,
-                   log_sum_p2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _stats_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, backend: str,
+                temperature: float, softcap: Optional[float], entropy: bool,
+                log_sum_p2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     M = hidden.shape[0]
     if M == 0:
         return _f32(0, hidden), _f32(0, hidden), _f32(0, hidden), _f32(0, hidden)
-    logp, lse, ent, p2 = backends.by_name(backend).stats_forward(
+    logp, lse, ent, p2 = backends.resolve(backend, hidden.device, hidden.dtype).stats_forward(
         hidden, weight, bias, labels, LogitOptions(temperature, softcap), entropy, log_sum_p2)
     return logp, lse, _f32(_NONE, hidden) if ent is None else ent, _f32(_NONE, hidden) if p2 is None else p2
+
+
+token_stats_op = torch.library.custom_op("fastpref::token_stats", mutates_args=())(_stats_impl)
 
 
 @token_stats_op.register_fake
@@ -55,20 +79,23 @@ def _(hidden, weight, bias, labels, backend, temperature, softcap, entropy, log_
     return _f32(M, hidden), _f32(M, hidden), _f32(M if entropy else 0, hidden), _f32(M if log_sum_p2 else 0, hidden)
 
 
-@torch.library.custom_op("fastpref::token_stats_backward", mutates_args=())
-def token_stats_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
-                            entropy: Tensor, grad_logp: Tensor, grad_lse: Tensor, grad_entropy: Tensor,
-                            backend: str, temperature: float, softcap: Optional[float],
-                            needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _stats_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+                         entropy: Tensor, grad_logp: Tensor, grad_lse: Tensor, grad_entropy: Tensor,
+                         backend: str, temperature: float, softcap: Optional[float],
+                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = (hidden, weight, bias)
     if hidden.shape[0] == 0:
         return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
                           inputs)
     ent = _opt(entropy)
+    impl = backends.resolve(backend, hidden.device, hidden.dtype)
     grads = backends.stats_backward(
-        backends.by_name(backend), hidden, weight, bias, labels, lse, ent, grad_logp, grad_lse,
-        None if ent is None else grad_entropy, LogitOptions(temperature, softcap), tuple(needs))
+        impl, hidden, weight, bias, labels, lse, ent, grad_logp, grad_lse, None if ent is None else grad_entropy, LogitOptions(temperature, softcap), tuple(needs))
     return _grads_out(grads, inputs)
+
+
+token_stats_backward_op = torch.library.custom_op("fastpref::token_stats_backward", mutates_args=())(
+    _stats_backward_impl)
 
 
 @token_stats_backward_op.register_fake
@@ -88,30 +115,41 @@ def _stats_backward(ctx, grad_logp, grad_lse, grad_entropy, _grad_p2):
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     if not any(needs):
         return None, None, None, None, None, None, None, None, None
-    dh, dw, db = token_stats_backward_op(hidden, weight, bias, labels, lse, ent, grad_logp, grad_lse, grad_entropy,
-                                         *ctx.cfg, needs)
+    args = (hidden, weight, bias, labels, lse, ent, grad_logp, grad_lse, grad_entropy, *ctx.cfg, needs)
+    dh, dw, db = (_stats_backward_impl if _direct(*args[:9]) else token_stats_backward_op)(*args)
     return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] and bias is not None else None,
             None, None, None, None, None, None)
 
 
 token_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)
+_EagerStats = _eager_function("_EagerStats", _stats_impl, _stats_setup, _stats_backward)
+
+
+def fused_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, backend: str,
+                temperature: float, softcap: float | None, entropy: bool,
+                log_sum_p2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused stats op (arguments as ``token_stats_op``): directly when eager, else the custom op."""
+    args = (hidden, weight, bias, labels, backend, temperature, softcap, entropy, log_sum_p2)
+    return _EagerStats.apply(*args) if _direct(hidden, weight, bias, labels) else token_stats_op(*args)
 
 
 # ---- two models: KL ---------------------------------------------------------------------------------
-@torch.library.custom_op("fastpref::token_kl", mutates_args=())
-def token_kl_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
-                ref_bias: Optional[Tensor], labels: Optional[Tensor], backend: str, temperature: float,
-                softcap: Optional[float], ref_softcap: Optional[float],
-                direction: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _kl_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
+             ref_bias: Optional[Tensor], labels: Optional[Tensor], backend: str, temperature: float,
+             softcap: Optional[float], ref_softcap: Optional[float],
+             direction: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(kl, logp, ref_logp, lse, ref_lse); logp/ref_logp empty without labels."""
     M = hidden.shape[0]
     if M == 0:
         return tuple(_f32(0, hidden) for _ in range(5))
-    kl, lse, ref_lse, logp, ref_logp = backends.by_name(backend).kl_forward(
+    kl, lse, ref_lse, logp, ref_logp = backends.resolve(backend, hidden.device, hidden.dtype).kl_forward(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, LogitOptions(temperature, softcap),
         LogitOptions(temperature, ref_softcap), direction)
     none = _f32(_NONE, hidden)
     return kl, none if logp is None else logp, none.clone() if ref_logp is None else ref_logp, lse, ref_lse
+
+
+token_kl_op = torch.library.custom_op("fastpref::token_kl", mutates_args=())(_kl_impl)
 
 
 @token_kl_op.register_fake
@@ -122,21 +160,24 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, backend, t
     return _f32(M, hidden), _f32(L, hidden), _f32(L, hidden), _f32(M, hidden), _f32(M, hidden)
 
 
-@torch.library.custom_op("fastpref::token_kl_backward", mutates_args=())
-def token_kl_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
-                         ref_weight: Tensor, ref_bias: Optional[Tensor], labels: Optional[Tensor], lse: Tensor,
-                         ref_lse: Tensor, kl: Tensor, grad_kl: Tensor, grad_logp: Tensor, backend: str,
-                         temperature: float, softcap: Optional[float], ref_softcap: Optional[float], direction: str,
-                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _kl_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                      ref_weight: Tensor, ref_bias: Optional[Tensor], labels: Optional[Tensor], lse: Tensor,
+                      ref_lse: Tensor, kl: Tensor, grad_kl: Tensor, grad_logp: Tensor, backend: str,
+                      temperature: float, softcap: Optional[float], ref_softcap: Optional[float], direction: str,
+                      needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = (hidden, weight, bias)
     if hidden.shape[0] == 0:
         return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
                           inputs)
+    impl = backends.resolve(backend, hidden.device, hidden.dtype)
     grads = backends.kl_backward(
-        backends.by_name(backend), hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
+        impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
         grad_kl, None if labels is None else grad_logp,
         LogitOptions(temperature, softcap), LogitOptions(temperature, ref_softcap), direction, tuple(needs))
     return _grads_out(grads, inputs)
+
+
+token_kl_backward_op = torch.library.custom_op("fastpref::token_kl_backward", mutates_args=())(_kl_backward_impl)
 
 
 @token_kl_backward_op.register_fake
@@ -158,10 +199,22 @@ def _kl_backward(ctx, grad_kl, grad_logp, _grad_ref_logp, _grad_lse, _grad_ref_l
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     if not any(needs):
         return (None,) * 12
-    dh, dw, db = token_kl_backward_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse,
-                                      kl, grad_kl, grad_logp, *ctx.cfg, needs)
+    args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl, grad_kl, grad_logp,
+            *ctx.cfg, needs)
+    dh, dw, db = (_kl_backward_impl if _direct(*args[:12]) else token_kl_backward_op)(*args)
     return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] and bias is not None else None,
             *(None,) * 9)
 
 
 token_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
+_EagerKL = _eager_function("_EagerKL", _kl_impl, _kl_setup, _kl_backward)
+
+
+def fused_kl(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidden: Tensor, ref_weight: Tensor,
+             ref_bias: Tensor | None, labels: Tensor | None, backend: str, temperature: float,
+             softcap: float | None, ref_softcap: float | None,
+             direction: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused KL op (arguments as ``token_kl_op``): directly when eager, else the custom op."""
+    args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, backend, temperature, softcap,
+            ref_softcap, direction)
+    return _EagerKL.apply(*args) if _direct(*args[:7]) else token_kl_op(*args)

@@ -7,7 +7,7 @@ import torch
 
 from . import backends
 from ._checks import check_head, check_labels
-from ._ops import token_kl_op
+from ._ops import fused_kl
 from ._rows import Rows
 from .options import LogitOptions
 
@@ -42,6 +42,7 @@ def token_kl(
     ref_softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    sync_free: bool | None = None,
 ) -> TokenKL:
     """Per-token KL over the whole vocabulary between policy θ and reference, in one streaming pass.
 
@@ -52,6 +53,7 @@ def token_kl(
     labels [...] int (optional): also returns both models' log-probs of the labels; positions equal to
     ignore_index give 0 and no gradient. Without labels every position counts.
     Gradients flow to the policy's hidden, weight and bias only.
+    sync_free: as in ``token_stats`` (ignored rows masked without host synchronisation).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -66,18 +68,18 @@ def token_kl(
                          f"got {tuple(rh.shape[:-1])}")
     if rh.device != h.device:
         raise ValueError(f"ref_hidden is on {rh.device} but hidden is on {h.device}")
-    impl = backends.resolve(backend, h.device, h.dtype)
+    name = backends.name_for_op(backend, h.device, h.dtype)
     if labels is None:
         lab = None
         rows = Rows(tuple(h.shape[:-1]))
     else:
         lab = check_labels(labels, h, ignore_index)
-        rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index)
+        rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index, sync_free)
     rdetach = rh.detach(), rw.detach(), None if rb is None else rb.detach()
-    kl, logp, ref_logp, _lse, _ref_lse = token_kl_op(
+    kl, logp, ref_logp, _lse, _ref_lse = fused_kl(
         rows.take(h), w.contiguous(), None if b is None else b.contiguous(),
         rows.take(rdetach[0]), rdetach[1].contiguous(), None if rdetach[2] is None else rdetach[2].contiguous(),
-        None if lab is None else rows.take_labels(lab), impl.name, opts.temperature, opts.softcap,
+        None if lab is None else rows.take_labels(lab), name, opts.temperature, opts.softcap,
         ref_opts.softcap, direction,
     )
     if lab is None:

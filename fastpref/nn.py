@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import losses as L
+from ._rows import use_sync_free
 from .kl import token_kl
 from .stats import token_logprobs, token_stats
 
@@ -42,18 +43,26 @@ def check_hparams(hparams: Mapping, accepted: set[str], losses: list[str]) -> No
         raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {losses}")
 
 
-def unpack(values: Tensor, cu_seqlens: Tensor, fill: float | int = 0) -> Tensor:
-    """Packed [N] (sequences concatenated, boundaries ``cu_seqlens`` [S+1]) → padded [S, T_max] (differentiable)."""
+def unpack(values: Tensor, cu_seqlens: Tensor, fill: float | int = 0, *, static: bool = False) -> Tensor:
+    """Packed [N] (sequences concatenated, boundaries ``cu_seqlens`` [S+1]) → padded [S, T_max] (differentiable).
+
+    static (always under torch.compile): no host synchronisation and no check of ``cu_seqlens``; the width is N
+    (the extra columns hold ``fill``), so shapes do not depend on the data.
+    """
     cu = cu_seqlens.to(device=values.device, dtype=torch.int64)
-    if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or (cu[1:] < cu[:-1]).any() or cu[-1] > values.numel():
-        raise ValueError(f"cu_seqlens must be a non-decreasing int tensor [S+1] from 0 to at most N="
-                         f"{values.numel()}, got {cu.tolist()[:8]}")
-    n = int(cu[-1])
-    lengths = cu[1:] - cu[:-1]
+    static = static or torch.compiler.is_compiling()
+    if not static:
+        if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or (cu[1:] < cu[:-1]).any() or cu[-1] > values.numel():
+            raise ValueError(f"cu_seqlens must be a non-decreasing int tensor [S+1] from 0 to at most N="
+                             f"{values.numel()}, got {cu.tolist()[:8]}")
+        n, width = int(cu[-1]), int((cu[1:] - cu[:-1]).max())
+    else:
+        n = width = values.numel()
+    S = cu.numel() - 1
     pos = torch.arange(n, device=values.device)
-    seg = torch.searchsorted(cu[1:], pos, right=True)
-    out = torch.full((cu.numel() - 1, int(lengths.max())), fill, dtype=values.dtype, device=values.device)
-    return out.index_put((seg, pos - cu[seg]), values.reshape(-1)[:n])
+    seg = torch.searchsorted(cu[1:], pos, right=True)  # S for trailing positions past cu[-1]: a row dropped below
+    out = torch.full((S + 1, width), fill, dtype=values.dtype, device=values.device)
+    return out.index_put((seg, pos - cu[seg]), values.reshape(-1)[:n])[:S]
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -75,6 +84,10 @@ class PreferenceLoss(torch.nn.Module):
     nll_tokens: the token set of the ``chosen_nll`` term (ORPO, CPO, RPO, ASFT, R-ORPO), as TRL defines it by
     default: "sequence" (prompt + completion) for ``orpo`` (TRL's ORPOTrainer; forward then needs
     ``nll_labels``), "completion" for the others (TRL's CPOTrainer, DPO ``rpo_alpha``). Either can be forced.
+    sync_free: a forward without host synchronisation (None: env FASTPREF_SYNC_FREE; always under
+    torch.compile and CUDA-graph capture): ignored rows masked (see ``token_stats``), packed inputs padded to
+    width N unchecked, and ``metrics`` as detached 0-d tensors (NaN for a metric without examples) instead of
+    floats.
     """
 
     RUNNING_DELTA_LOSSES = ("bco", "bco_pair")
@@ -83,7 +96,7 @@ class PreferenceLoss(torch.nn.Module):
     def __init__(self, loss: str | Mapping[str, float] = "sigmoid", *, layout: str = "pairs",
                  num_responses: int | None = None, temperature: float = 1.0, softcap: float | None = None,
                  ignore_index: int = -100, use_weighting: bool = False, backend: str = "auto",
-                 nll_tokens: str | None = None, **hparams):
+                 nll_tokens: str | None = None, sync_free: bool | None = None, **hparams):
         super().__init__()
         weights = {loss: 1.0} if isinstance(loss, str) else dict(loss)
         if not weights:
@@ -108,7 +121,8 @@ class PreferenceLoss(torch.nn.Module):
         self.register_buffer("delta_mean", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("delta_count", torch.zeros((), dtype=torch.float64), persistent=False)
         self.layout, self.K, self.hparams = layout, num_responses, hparams
-        self.opts = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
+        self.opts = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+                         sync_free=sync_free)
         self.use_weighting = use_weighting
         self.needs_kl = "chosen_token_kl" in self.accepted
         self.needs_tokens = any(p.endswith(("token_logps", "_shared_logps")) for p in self.accepted)
@@ -137,6 +151,7 @@ class PreferenceLoss(torch.nn.Module):
         ``rm_token_logps`` (shaped like labels): a third model's token log-probs (TGDPO's token-reward model).
         """
         ignore = self.opts["ignore_index"]
+        sync_free = use_sync_free(self.opts["sync_free"], labels.device)
         if cu_seqlens is None and labels.dim() != 2:
             raise ValueError(f"labels must be [S, T] (or packed with cu_seqlens), got {tuple(labels.shape)}")
         stat_labels = labels
@@ -150,14 +165,15 @@ class PreferenceLoss(torch.nn.Module):
                                                          ref_token_logps, ref_hidden, ref_weight, ref_bias,
                                                          ref_softcap)
         to_padded = (lambda x: x) if cu_seqlens is None else \
-            (lambda x: unpack(x.reshape(-1), cu_seqlens, fill=ignore))  # noqa: E731
+            (lambda x: unpack(x.reshape(-1), cu_seqlens, fill=ignore, static=sync_free))  # noqa: E731
         mask = to_padded(labels) != ignore
         if rm_token_logps is not None and rm_token_logps.shape != labels.shape:
             raise ValueError(f"rm_token_logps must be shaped like labels {tuple(labels.shape)}, "
                              f"got {tuple(rm_token_logps.shape)}")
         rm_tok = None if rm_token_logps is None else rm_token_logps.detach()
         if cu_seqlens is not None:  # packed: per-token results to padded [S, T_max]
-            tok, ref_tok, kl_tok, p2_tok, rm_tok = (None if x is None else unpack(x.reshape(-1), cu_seqlens)
+            tok, ref_tok, kl_tok, p2_tok, rm_tok = (None if x is None else
+                                                    unpack(x.reshape(-1), cu_seqlens, static=sync_free)
                                                     for x in (tok, ref_tok, kl_tok, p2_tok, rm_tok))
         nll = None
         if stat_labels is not labels:  # sequence NLL sums, then the prompt tokens out of everything else
@@ -174,7 +190,7 @@ class PreferenceLoss(torch.nn.Module):
             w = L.wpo_weights(tok, p2_tok, mask)
             B = w.shape[0] // 2
             per_example = per_example * (w[:B] * w[B:])
-        return LossOutput(per_example.mean(), per_example, self._metrics(ctx, kl_tok, mask))
+        return LossOutput(per_example.mean(), per_example, self._metrics(ctx, kl_tok, mask, sync_free))
 
     def _token_stats(self, hidden, weight, stat_labels, labels, bias, ref_token_logps, ref_hidden, ref_weight,
                      ref_bias, ref_softcap):
@@ -291,33 +307,35 @@ class PreferenceLoss(torch.nn.Module):
         return self.delta_mean.float()
 
     @torch.no_grad()
-    def _metrics(self, ctx: dict, kl_tok: Tensor | None, mask: Tensor) -> dict[str, float]:
-        m: dict[str, float] = {}
+    def _metrics(self, ctx: dict, kl_tok: Tensor | None, mask: Tensor, sync_free: bool) -> dict[str, float | Tensor]:
+        """TRL-named metrics: floats (one host synchronisation), or 0-d tensors when ``sync_free``."""
+        m: dict[str, Tensor] = {}
         if kl_tok is not None:
-            m["kl/mean_token"] = float((kl_tok * mask).sum() / mask.sum().clamp(min=1))
+            m["kl/mean_token"] = (kl_tok * mask).sum() / mask.sum().clamp(min=1)
         if self.running_delta:
-            m["delta"] = float(self.delta_mean)
+            m["delta"] = self.delta_mean
         if self.layout == "pairs":
             w, l = ctx["chosen_logps"], ctx["rejected_logps"]  # noqa: E741
             rw = w - ctx["ref_chosen_logps"] if ctx["ref_chosen_logps"] is not None else w
             rl = l - ctx["ref_rejected_logps"] if ctx["ref_rejected_logps"] is not None else l
             rw, rl = self.beta * rw, self.beta * rl
-            m.update({"rewards/chosen": float(rw.mean()), "rewards/rejected": float(rl.mean()),
-                      "rewards/accuracies": float((rw > rl).float().mean()),
-                      "rewards/margins": float((rw - rl).mean()), "logps/chosen": float(w.mean()),
-                      "logps/rejected": float(l.mean()),
-                      "logps/ranking_accuracy": float((w > l).float().mean())})
+            m.update({"rewards/chosen": rw.mean(), "rewards/rejected": rl.mean(),
+                      "rewards/accuracies": (rw > rl).float().mean(), "rewards/margins": (rw - rl).mean(),
+                      "logps/chosen": w.mean(), "logps/rejected": l.mean(),
+                      "logps/ranking_accuracy": (w > l).float().mean()})
         elif self.layout == "list":
             lp = ctx["logps"]
             r = lp - ctx["ref_logps"] if ctx["ref_logps"] is not None else lp
-            m.update({"rewards/mean": float(self.beta * r.mean()), "logps/mean": float(lp.mean())})
-        else:
+            m.update({"rewards/mean": self.beta * r.mean(), "logps/mean": lp.mean()})
+        else:  # means over the desirable / undesirable examples: NaN as tensors, left out as floats, when none
             lab, r = ctx["desirable"], ctx["logps"] - (ctx["ref_logps"] if ctx["ref_logps"] is not None else 0)
-            if lab.any():
-                m["rewards/chosen"] = float(self.beta * r[lab].mean())
-            if (~lab).any():
-                m["rewards/rejected"] = float(self.beta * r[~lab].mean())
-        return m
+            for key, sel in (("rewards/chosen", lab), ("rewards/rejected", ~lab)):
+                m[key] = self.beta * torch.where(sel, r, torch.zeros_like(r)).sum() / sel.sum()
+                m[f"{key}/count"] = sel.sum()
+        if sync_free:
+            return {k: v.detach() for k, v in m.items() if not k.endswith("/count")}
+        values = dict(zip(m, torch.stack([v.float() for v in m.values()]).tolist())) if m else {}
+        return {k: v for k, v in values.items() if not k.endswith("/count") and values.get(f"{k}/count") != 0}
 
 
 KL_MODES = ("k1", "k2", "k3", "exact")

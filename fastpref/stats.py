@@ -7,7 +7,7 @@ import torch
 
 from . import backends
 from ._checks import check_head, check_labels
-from ._ops import token_stats_op
+from ._ops import fused_stats
 from ._rows import Rows
 from .options import LogitOptions
 
@@ -39,6 +39,7 @@ def token_stats(
     entropy: bool = False,
     log_sum_p2: bool = False,
     backend: str = "auto",
+    sync_free: bool | None = None,
 ) -> TokenStats:
     """Per-token statistics of softmax(z), z = cap(hidden·weightᵀ + bias)/temperature, without [N, V] logits.
 
@@ -48,17 +49,20 @@ def token_stats(
     Positions whose label is ignore_index give 0 and pass no gradient.
     backend: "auto" (triton on CUDA, native or torch on CPU; env FASTPREF_BACKEND overrides), "torch",
     "triton" or "native".
+    sync_free: mask ignored rows instead of removing them, without host synchronisation (None: env
+    FASTPREF_SYNC_FREE; always on under torch.compile and CUDA-graph capture). Out-of-range labels then give
+    NaN instead of an error (FASTPREF_CHECK_LABELS=1 raises). See docs/overhead.md.
     """
     opts = LogitOptions(temperature, softcap)
     h, w, b = check_head("", hidden, weight, bias)
     lab = check_labels(labels, h, ignore_index)
     if not isinstance(entropy, bool) or not isinstance(log_sum_p2, bool):
         raise TypeError("entropy and log_sum_p2 must be bools")
-    impl = backends.resolve(backend, h.device, h.dtype)
-    rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index)
-    logp, lse, ent, p2 = token_stats_op(
+    name = backends.name_for_op(backend, h.device, h.dtype)
+    rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index, sync_free)
+    logp, lse, ent, p2 = fused_stats(
         rows.take(h), w.contiguous(), None if b is None else b.contiguous(), rows.take_labels(lab),
-        impl.name, opts.temperature, opts.softcap, entropy, log_sum_p2,
+        name, opts.temperature, opts.softcap, entropy, log_sum_p2,
     )
     return TokenStats(rows.put(logp), rows.put(lse), rows.put(ent) if entropy else None,
                       rows.put(p2.detach()) if log_sum_p2 else None)
@@ -74,7 +78,8 @@ def token_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    sync_free: bool | None = None,
 ) -> Tensor:
     """log p(labels) per token, float32 shaped like labels (0 where ignored). See ``token_stats``."""
     return token_stats(hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap,
-                       ignore_index=ignore_index, backend=backend).logp
+                       ignore_index=ignore_index, backend=backend, sync_free=sync_free).logp

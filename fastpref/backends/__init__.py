@@ -54,29 +54,22 @@ def available(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
-def by_name(name: str) -> Backend:
-    """A loaded backend by its exact name (already checked by ``resolve``)."""
-    b = _try(name)
-    if isinstance(b, BackendUnavailable):
-        raise ValueError(f"backend {name!r} is not available: {b}")
-    return b
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name != "auto" and name not in _NAMES:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _NAMES))}; got {name!r}")
+    return name
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend object for ``name`` ('auto' picks one) that runs on ``device`` with ``dtype``."""
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    _check_name(name)
     if name == "auto":
         name = os.environ.get("FASTPREF_BACKEND", "auto") or "auto"
         if name == "auto":
-            order = ("triton", "torch") if device.type == "cuda" else ("native", "torch")
-            for cand in order:
-                b = _try(cand)
-                if isinstance(b, Backend) and b.supports(device, dtype) is None:
-                    return b
-            name = "torch"
-    if name not in _NAMES:
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _NAMES))}; got {name!r}")
+            return _auto(device, dtype)
+        _check_name(name)
     b = _try(name)
     if isinstance(b, BackendUnavailable):
         raise ValueError(f"backend {name!r} is not available: {b}. Available: {available()}")
@@ -84,6 +77,27 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if why is not None:
         raise ValueError(f"backend {name!r} cannot run here: {why}. Available on {device}: {available(device)}")
     return b
+
+
+def _auto(device: torch.device, dtype: torch.dtype) -> Backend:
+    order = ("triton", "torch") if device.type == "cuda" else ("native", "torch")
+    for cand in order:
+        b = _try(cand)
+        if isinstance(b, Backend) and b.supports(device, dtype) is None:
+            return b
+    return resolve("torch", device, dtype)
+
+
+def name_for_op(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name a fused op is called with.
+
+    Eagerly: resolved now (a wrong or unavailable backend is reported before any work). Under torch.compile:
+    only checked, and passed as given ("auto" included): loading a backend imports modules, which a traced
+    region cannot do, so the op resolves the name when it runs, outside the graph (``resolve`` again).
+    """
+    if torch.compiler.is_compiling():
+        return _check_name(name)
+    return resolve(name, device, dtype).name
 
 
 def row_vector(x: torch.Tensor | None, rows: int, name: str) -> torch.Tensor | None:
@@ -120,5 +134,5 @@ def kl_backward(impl: Backend, hidden, weight, bias, ref_hidden, ref_weight, ref
                             direction, needs)
 
 
-__all__ = ["Backend", "BackendUnavailable", "available", "by_name", "kl_backward", "resolve", "row_vector",
+__all__ = ["Backend", "BackendUnavailable", "available", "kl_backward", "name_for_op", "resolve", "row_vector",
            "stats_backward"]

@@ -91,10 +91,11 @@ def _gather_label(z: Tensor, labels: Tensor, start: int) -> Tensor:
 
 
 def _add_label(dz: Tensor, labels: Tensor, start: int, grad: Tensor) -> None:
+    """dz[row, labels[row] − start] += grad[row] where the label falls inside this tile (no host sync)."""
     local = labels - start
     inside = (local >= 0) & (local < dz.shape[1])
-    rows = inside.nonzero().squeeze(1)
-    dz[rows, local[rows]] += grad[rows]
+    dz.scatter_add_(1, local.clamp(0, dz.shape[1] - 1)[:, None],
+                    torch.where(inside, grad, torch.zeros_like(grad))[:, None])
 
 
 class _GradAccumulator:
