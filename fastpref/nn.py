@@ -334,7 +334,7 @@ class PreferenceLoss(torch.nn.Module):
                 m[f"{key}/count"] = sel.sum()
         if sync_free:
             return {k: v.detach() for k, v in m.items() if not k.endswith("/count")}
-        values = dict(zip(m, torch.stack([v.float() for v in m.values()]).tolist())) if m else {}
+        values = dict(zip(m, torch.stack([v.double() for v in m.values()]).tolist())) if m else {}
         return {k: v for k, v in values.items() if not k.endswith("/count") and values.get(f"{k}/count") != 0}
 
 
