@@ -78,3 +78,16 @@ def test_workload_steps_agree(workload, K):
     (out_a, grad_a), (out_b, grad_b) = got.values()
     assert out_a and grad_a
     assert max(abs(x - y) for x, y in zip(out_a + grad_a, out_b + grad_b)) < 1e-4
+
+
+def test_runner_writes_a_fresh_folder_unless_told(tmp_path, monkeypatch):
+    """`python -m bench` never writes over the committed results unless --update-results asks for it."""
+    from bench import runner
+
+    monkeypatch.setattr(runner, "RESULTS", str(tmp_path))
+    first = runner.output_dir(None, False, "cpu")
+    os.makedirs(first)
+    second = runner.output_dir(None, False, "cpu")
+    assert first != second and os.path.dirname(first) == os.path.dirname(second) == str(tmp_path / "tmp")
+    assert runner.output_dir(None, True, "cpu") == str(tmp_path / "cpu")
+    assert runner.output_dir("x/y", False, "cpu") == os.path.abspath("x/y")
