@@ -130,10 +130,12 @@ def plan(device: str, quick: bool, tiny: bool = False, shape: tuple | None = Non
     sw, sr = (0, 1) if quick and device == "cpu" else (w, 1) if quick else (w, r)  # sweep points, --quick: one call
     out: list[Entry] = []
     for mode in ("forward", "forward+backward"):
-        for i in lp:
+        for i in [I.GEMM] + lp:
             if quick and device == "cpu" and mode == "forward" and i == "torch.lce-chunked":
                 continue  # ~5x slower than the rest on the CPU: its forward+backward row says enough
             out.append(Entry("logprobs", i, mode, N, D, V, dt, warmup=w, repeats=r))
+    for i in [I.GEMM] + fp + ["torch"]:  # frozen head (issue 15): lm_head weight without gradient
+        out.append(Entry("logprobs", i, FROZEN, N, D, V, dt, warmup=w, repeats=r))
     if issue5:
         n5, d5, v5, t5 = issue5
         for i in fp + ["torch"]:
@@ -460,13 +462,27 @@ def _verdict(ok: bool) -> str:
     return "HOLDS" if ok else "DOES NOT HOLD"
 
 
+CPU_GOAL_SHAPE = (8192, 512, 32000)  # issue 15's CPU goal: native, float32, frozen head
+
+
 def goals_check(rows: list[dict]) -> list[str]:
-    """Issue 15's GPU goals at its shape (bf16, N=16384, D=4096, V=128256), one sentence per measured row."""
+    """Issue 15's goals, one sentence per measured row: on GPUs at (bf16, N=16384, D=4096, V=128256); on the
+    CPU the frozen head at (float32, N=8192, D=512, V=32000), native backend vs plain torch."""
+    base = {(r["workload"], r["mode"], *_shape(r)): r for r in rows if r["impl"] == I.BASELINE and r.get("peak_mib")}
+    cpu = [r for r in rows if (r["N"], r["D"], r["V"]) == CPU_GOAL_SHAPE and r["dtype"] == "float32"
+           and r["mode"] == FROZEN and r["impl"] == "fastpref[native]" and r.get("median_ms")]
+    out = []
+    for r in cpu:
+        t = base.get((r["workload"], r["mode"], *_shape(r)))
+        if t and r.get("peak_mib") is not None:
+            mem = r["peak_mib"] / t["peak_mib"]
+            out.append(f"{r['label']} (frozen head, CPU): {t['median_ms'] / r['median_ms']:.2f}× plain torch's speed "
+                       f"(faster: {_verdict(r['median_ms'] < t['median_ms'])}) at {mem:.3f} of its memory "
+                       f"(goal ≤ 1/8: {_verdict(mem <= 0.125)})")
     at = [r for r in rows if (r["N"], r["D"], r["V"]) == GOAL_SHAPE and r["dtype"] == "bfloat16"
           and r["workload"] in ("logprobs", "token_kl") and r.get("median_ms")]
     ours = [r for r in at if r["impl"].startswith("fastpref[")]
     liger = next((r for r in at if r["impl"] == "liger-flce" and r["mode"] == "forward+backward"), None)
-    out = []
     for r in ours:
         x, what = r.get("gemm_x"), f"{r['label']} ({r['workload']}, {r['mode']})"
         if r["workload"] == "logprobs" and r["mode"] == "forward+backward" and x:
@@ -582,8 +598,9 @@ def markdown(result: dict) -> str:
     if result.get("issue5"):
         lines += ["**" + result["issue5"]["text"] + "**", ""]
     if result.get("goals"):
-        lines += ["Issue-15 goals (bf16, N=16384, D=4096, V=128256; '× GEMMs': this time over the bare torch.mm "
-                  "GEMMs of the same shape measured in this run):", ""] + [f"- {g}" for g in result["goals"]] + [""]
+        lines += ["Issue-15 goals (GPU: bf16, N=16384, D=4096, V=128256; CPU: float32, N=8192, D=512, V=32000; "
+                  "'× GEMMs': this time over the bare torch.mm GEMMs of the same shape measured in this run):", ""]
+        lines += [f"- {g}" for g in result["goals"]] + [""]
     for wl, title in WORKLOAD_TITLES.items():
         rs = [r for r in rows if r["workload"] == wl]
         if not rs:

@@ -91,3 +91,29 @@ def test_runner_writes_a_fresh_folder_unless_told(tmp_path, monkeypatch):
     assert first != second and os.path.dirname(first) == os.path.dirname(second) == str(tmp_path / "tmp")
     assert runner.output_dir(None, True, "cpu") == str(tmp_path / "cpu")
     assert runner.output_dir("x/y", False, "cpu") == os.path.abspath("x/y")
+
+
+def test_gemm_multiples_and_issue15_goals():
+    """Rows read as multiples of the bare GEMMs of the same shape and pass, token KL as a multiple of the same
+    backend's single-model primitive, and each goal is stated against its bound."""
+    from bench import runner
+    from bench.workloads import FROZEN
+
+    shape = dict(zip("NDV", runner.GOAL_SHAPE), dtype="bfloat16")
+
+    def row(workload, impl, mode, ms, peak=None):
+        return dict(workload=workload, impl=impl, mode=mode, median_ms=ms, peak_mib=peak, flops=1.0,
+                    label=impl, **shape)
+
+    fb = "forward+backward"
+    rows = [row("logprobs", "gemm", fb, 100.0), row("logprobs", "fastpref[triton]", fb, 110.0, 100.0),
+            row("logprobs", "liger-flce", fb, 200.0, 1000.0), row("logprobs", "gemm", FROZEN, 50.0),
+            row("logprobs", "fastpref[triton]", FROZEN, 60.0), row("token_kl", "fastpref[triton]", fb, 154.0)]
+    runner.finish_rows(rows, None)
+    assert rows[1]["gemm_x"] == 1.1 and rows[4]["gemm_x"] == 1.2 and rows[5]["primitive_x"] == 1.4
+    assert rows[0].get("gemm_x") is None   # the baseline itself
+    goals = runner.goals_check(rows)
+    assert len(goals) == 3
+    assert "1.10× the four bare GEMMs (goal ≤ 1.15×: HOLDS)" in goals[0] and "0.10 of its extra memory" in goals[0]
+    assert "1.20× the two bare GEMMs (goal ≤ 1.1×: DOES NOT HOLD)" in goals[1]
+    assert "1.40× the single-model primitive" in goals[2] and "HOLDS" in goals[2]
