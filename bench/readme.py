@@ -99,9 +99,9 @@ def device_section(device: str, folder: str, rel: str) -> list[str]:
         extra = "" if device in DEVICE_ORDER else f" (`{device}`)"
         lines += [f"### {'GPU' if gpu else 'CPU'}: {what}{extra}", ""]
         soft = ", ".join(f"{k} {env[k]}" for k in SOFTWARE if env.get(k))
-        lines += [f"Measured {env['date']} on {env['machine']}" + (f" ({env['gpu']})" if gpu else "") +
+        lines += [f"Measured {env['date']} on {env['machine']}" + (f" ({env.get('gpu', '?')})" if gpu else "") +
                   f" with {soft}" + (f", at commit {env['git_commit']}" if env.get("git_commit") else "") +
-                  f"; fastpref backends: {', '.join(env['fastpref_backends'])}. Source: `{rel}/bench.json`, "
+                  f"; fastpref backends: {', '.join(env.get('fastpref_backends', ['?']))}. Source: `{rel}/bench.json`, "
                   f"made by `{res['command']}` ({res['wall_s']:.0f} s"
                   + (f", 1-minute load average {env['loadavg_at_start']} → {res.get('loadavg_at_end')}"
                      if env.get("loadavg_at_start") is not None else "") + f"); full tables, sweeps and notes in "

@@ -581,9 +581,9 @@ def markdown(result: dict) -> str:
     lines.append("Software: " + ", ".join(f"{k} {v}" for k, v in env.items()
                                            if k in ("torch", "triton", "cuda", "python", "fastpref", "liger-kernel",
                                                     "cut-cross-entropy", "trl") and v) + ".")
-    lines.append(f"Machine: {env['machine']}" + (f"; GPU {env['gpu']}" if gpu else "") +
+    lines.append(f"Machine: {env['machine']}" + (f"; GPU {env.get('gpu', '?')}" if gpu else "") +
                  (f"; git {env['git_commit']}" if env.get("git_commit") else "") + ".")
-    lines.append(f"fastpref backends available: {', '.join(env['fastpref_backends'])}.")
+    lines.append(f"fastpref backends available: {', '.join(env.get('fastpref_backends', ['?']))}.")
     if result.get("bf16_peak_tflops"):
         lines.append(f"Measured bf16 matmul peak (8192³ torch.matmul): {result['bf16_peak_tflops']:.0f} TFLOP/s.")
     load = (f" (1-minute load average {env['loadavg_at_start']} at the start, {result.get('loadavg_at_end')} at "
@@ -794,8 +794,11 @@ def main(argv=None) -> int:
         worker = None  # a forked child cannot use CUDA once the parent initialised it
         notes.append("CUDA was initialised before the measurements started: they ran in this process, and the "
                      "per-measurement time limit did not hold.")
-    on_device = device_environment(a.device) if worker is None or a.device == "cpu" else \
-        worker.run("call", device_environment, 120).get("value", {})
+    if worker is None or a.device == "cpu":
+        on_device = device_environment(a.device)
+    else:  # the device's own answers come from the worker (the parent must not initialise CUDA)
+        got = worker.run("call", device_environment, 120)
+        on_device = got.get("value") or {"device_error": got.get("error")}
     env = environment(a.device, on_device)
     missing = [d for d, v in I.library_versions().items() if v is None]
     if missing:

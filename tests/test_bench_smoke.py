@@ -117,3 +117,33 @@ def test_gemm_multiples_and_issue15_goals():
     assert "1.10× the four bare GEMMs (goal ≤ 1.15×: HOLDS)" in goals[0] and "0.10 of its extra memory" in goals[0]
     assert "1.20× the two bare GEMMs (goal ≤ 1.1×: DOES NOT HOLD)" in goals[1]
     assert "1.40× the single-model primitive" in goals[2] and "HOLDS" in goals[2]
+
+
+_WORKER_SCRIPT = """
+from bench.runner import Isolated
+from bench.workloads import Entry
+w = Isolated("cpu", fresh=False)
+quick = Entry("logprobs", "torch", "forward", 16, 8, 50, "float32", warmup=0, repeats=1)
+slow = Entry("logprobs", "torch", "forward+backward", 2048, 256, 8000, "float32", warmup=0, repeats=100000)
+try:
+    assert w.run("entry", quick, 120)["median_ms"] > 0
+    pid = w.proc.pid
+    assert w.run("entry", quick, 120)["median_ms"] > 0 and w.proc.pid == pid, "one worker runs entries in turn"
+    r = w.run("entry", slow, 3)
+    assert "timed out" in r["error"] and w.proc is None, r
+    assert w.run("entry", quick, 120)["median_ms"] > 0 and w.proc.pid != pid, "a fresh worker takes over"
+finally:
+    w.close()
+print("ok")
+"""
+
+
+def test_persistent_worker_time_limit():
+    """The GPU runner's worker (one process running the measurements in turn) on the CPU: the per-measurement
+    limit holds, and the next measurement gets a fresh worker. In a fresh interpreter: forking after torch ops
+    ran (this process) is not safe."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, "-c", _WORKER_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-2000:]
