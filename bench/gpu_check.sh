@@ -11,8 +11,8 @@
 # Exit status 0 only when every step that ran passed.
 #
 # Budget on a GPU machine with a cold Triton cache: the limits below (seconds) sum to 540 = 9 minutes.
-#   env 10 | wheels 10 | build 140 | import 15 | tests 130 | warmup 20 | memcheck 60 | racecheck 20 | bench 110
-#   | latency 25
+#   env 10 | wheels 10 | build 140 | import 15 | tests 130 | warmup 20 | memcheck 60 | racecheck 20 | bench 105
+#   | latency 30
 # --dry: every step's plumbing on a CPU (the Triton interpreter, tiny shapes, no CUDA build, no sanitizer;
 #   limits times DRY_SLOWDOWN, default 8); tests/test_gpu_check.py runs it, so that a broken script fails CI
 #   instead of a GPU window.
@@ -50,7 +50,7 @@ mkdir -p "$RUN"
 
 # Each step's limit in seconds (the budget above; tests/test_gpu_check.py checks the sum).
 declare -A LIMIT=([env]=10 [wheels]=10 [build]=140 [import]=15 [tests]=130 [warmup]=20 [memcheck]=60
-                  [racecheck]=20 [bench]=110 [latency]=25)
+                  [racecheck]=20 [bench]=105 [latency]=30)
 BUDGET=540
 ORDER=(env wheels build import tests warmup memcheck racecheck bench latency)
 
