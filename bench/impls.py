@@ -8,6 +8,7 @@ Reference libraries are imported lazily, so none of them is needed to run the fa
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,13 +81,43 @@ def _torch_lce_chunked(device, dtype):
 
 
 # ------------------------------------------------------------------------------------------- fastpref
-def _fastpref(backend: str):
+STRATEGY_ENV = "FASTPREF_TRITON_BACKWARD"  # the Triton backend's backward strategy (issue 15): atomic | gemm
+
+
+def fastpref_variant(key: str) -> tuple[str, str | None]:
+    """'fastpref[triton/gemm]' -> ('triton', 'gemm'); 'fastpref[native]' -> ('native', None)."""
+    backend, _, strategy = key[len("fastpref["):-1].partition("/")
+    return backend, strategy or None
+
+
+def entry_environment(key: str) -> dict[str, str]:
+    """Environment variables an implementation runs under (set for the whole measurement, backward included)."""
+    if key.startswith("fastpref["):
+        _backend, strategy = fastpref_variant(key)
+        if strategy:
+            return {STRATEGY_ENV: strategy}
+    return {}
+
+
+def triton_strategies() -> tuple[str, ...]:
+    """The backward strategies this fastpref's Triton backend offers (``triton_backend.STRATEGIES``), () if none."""
+    try:
+        from fastpref.backends import triton_backend
+    except ImportError:
+        return ()
+    return tuple(getattr(triton_backend, "STRATEGIES", ()))
+
+
+def _fastpref(backend: str, strategy: str | None = None):
     def make(device, dtype):
         if backend == "triton" and device.type != "cuda":
             raise Unavailable("GPU backend (only the Triton interpreter runs on a CPU: not timed)")
         if backend not in fastpref.available_backends(device):
             raise Unavailable(f"backend {backend!r} not available on {device.type} "
                               f"(available: {fastpref.available_backends(device)})")
+        if strategy and strategy not in triton_strategies():
+            raise Unavailable(f"{STRATEGY_ENV}={strategy}: this fastpref's Triton backend does not offer it "
+                              f"(offers: {', '.join(triton_strategies()) or 'no selectable strategy'})")
         return lambda h, w, y: fastpref.token_logprobs(h, w, y, backend=backend)
     return make
 
@@ -143,8 +174,16 @@ def _liger_flce(device, dtype):
     return f
 
 
+def _gemm(device, dtype):
+    raise Unavailable("the bare-GEMM baseline is a workload step of its own (workloads.gemm_step), not a function")
+
+
 LOGPROB_IMPLS: list[LogprobImpl] = [
     LogprobImpl("fastpref[triton]", "fastpref (triton)", _fastpref("triton"), "fastpref"),
+    LogprobImpl("fastpref[triton/atomic]", "fastpref (triton, atomic backward)", _fastpref("triton", "atomic"),
+                "fastpref"),
+    LogprobImpl("fastpref[triton/gemm]", "fastpref (triton, GEMM backward)", _fastpref("triton", "gemm"),
+                "fastpref"),
     LogprobImpl("fastpref[native]", "fastpref (native)", _fastpref("native"), "fastpref"),
     LogprobImpl("fastpref[torch]", "fastpref (torch)", _fastpref("torch"), "fastpref"),
     LogprobImpl("torch", "torch, materialized logits", _torch, "torch"),
@@ -155,9 +194,14 @@ LOGPROB_IMPLS: list[LogprobImpl] = [
     LogprobImpl("cce", "Cut Cross-Entropy", _cce, "reference", compiled=True),
     LogprobImpl("trl-chunked", "TRL chunked log-prob", _trl, "reference"),
     LogprobImpl("liger-selective", "Liger chunked selective log-prob", _liger_selective, "reference"),
+    LogprobImpl("gemm", "bare GEMMs (torch.mm, input dtype)", _gemm, "baseline"),
 ]
 BY_KEY = {i.key: i for i in LOGPROB_IMPLS}
 BASELINE = "torch"
+GEMM = "gemm"   # the bare-GEMM baseline: the same N·D·V products, nothing else (workloads.gemm_step)
+# The implementations of the CPU and the full GPU plans (the strategy variants and the GEMM rows are the
+# GPU check's: bench/runner.py plan "check").
+STANDARD = [i.key for i in LOGPROB_IMPLS if i.family != "baseline" and "/" not in i.key]
 
 
 def liger_dpo(device, dtype, beta: float):

@@ -1,30 +1,60 @@
-"""Small forward+backward calls of every GPU backend, for compute-sanitizer's memcheck."""
+"""Small forward+backward calls of every backend, for compute-sanitizer (memcheck, racecheck).
+
+    python bench/sanitize_smoke.py [--device cuda|cpu] [--smallest]
+
+Odd shapes so that every boundary mask runs; a bias with -inf entries (banned tokens), softcap, ignored rows,
+and upstream gradients that are expanded (stride 0, from ``.sum()``) as well as random. --smallest: one
+dtype, one small shape and the Triton backend only (racecheck is slow). On a CPU (the GPU check's dry run)
+the Triton backend runs under the interpreter, in float32.
+"""
+from __future__ import annotations
+
+import argparse
+
 import torch
 
 import fastpref
 
 
-def main() -> None:
-    dev = torch.device("cuda")
+def run(device: torch.device, dtype: torch.dtype, backends: list[str], N: int, D: int, V: int) -> None:
     g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        # odd shapes so every boundary mask is exercised
-        h = torch.randn(37, 72, generator=g).to(dev, dtype).requires_grad_()
-        w = (torch.randn(1001, 72, generator=g) / 8).to(dev, dtype).requires_grad_()
-        b = torch.randn(1001, generator=g).to(dev, dtype).requires_grad_()
-        rh = torch.randn(37, 40, generator=g).to(dev, dtype)
-        rw = torch.randn(1001, 40, generator=g).to(dev, dtype)
-        y = torch.randint(0, 1001, (37,), generator=g).to(dev)
-        y[::5] = -100
-        for backend in fastpref.available_backends(dev):
-            st = fastpref.token_stats(h, w, y, bias=b, softcap=20.0, entropy=True, log_sum_p2=True, backend=backend)
-            (st.logp.sum() + st.lse.sum() + st.entropy.sum()).backward()
-            for direction in ("forward", "reverse"):
-                kl = fastpref.token_kl(h, w, rh, rw, y, bias=b, direction=direction, backend=backend)
-                (kl.kl.sum() + kl.logp.sum()).backward()
+    h = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) / D ** 0.5).to(device, dtype).requires_grad_()
+    b = torch.randn(V, generator=g)
+    b[::97] = float("-inf")
+    b = b.to(device, dtype).requires_grad_()
+    rh = torch.randn(N, D - 8, generator=g).to(device, dtype)
+    rw = torch.randn(V, D - 8, generator=g).to(device, dtype)
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    y[::5] = -100
+    up = torch.randn(N, generator=g).to(device)
+    for backend in backends:
+        st = fastpref.token_stats(h, w, y, bias=b, softcap=20.0, entropy=True, log_sum_p2=True, backend=backend)
+        (st.logp.sum() + (st.lse * up).sum() + st.entropy.sum()).backward()
+        for direction in ("forward", "reverse"):
+            kl = fastpref.token_kl(h, w, rh, rw, y, bias=b, direction=direction, backend=backend)
+            (kl.kl.sum() + (kl.logp * up).sum()).backward()
+        if device.type == "cuda":
             torch.cuda.synchronize()
-            print(f"ok {backend} {dtype}")
+        print(f"ok {backend} {dtype} N={N} D={D} V={V}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--smallest", action="store_true", help="one dtype, one small shape, the Triton backend only")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    backends = fastpref.available_backends(device)
+    if a.smallest:
+        backends = [b for b in backends if b == "triton"] or backends[:1]
+    cpu = device.type == "cpu"
+    dtypes = [torch.float32] if cpu or a.smallest else [torch.float32, torch.bfloat16]
+    shape = (11, 24, 100) if cpu else (19, 40, 300) if a.smallest else (37, 72, 1001)
+    for dtype in dtypes:
+        run(device, dtype, backends, *shape)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

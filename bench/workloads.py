@@ -16,14 +16,19 @@ from bench import impls as I
 
 BETA = 0.1
 SAMPLE = 16
+FROZEN = "forward+backward, frozen head"   # lm_head weight with requires_grad=False: only dH is needed
+# GEMMs of N·D·V that one step needs at least (the bare-GEMM baseline runs exactly these through torch.mm):
+# forward logits; with a backward, their recompute, dH and dW; a frozen head keeps only the forward and dH
+# (E_p[W] accumulated in the forward, issue 15).
+GEMMS = {"forward": 1, "forward+backward": 4, FROZEN: 2}
 
 
 @dataclass(frozen=True)
 class Entry:
     """One measurement: a workload at one shape, one implementation, one pass."""
-    workload: str   # logprobs | dpo | token_kl | listwise | sweep_N | sweep_V | issue5
+    workload: str   # logprobs | dpo | token_kl | listwise | sweep_N | sweep_V | issue5 | latency
     impl: str       # implementation key
-    mode: str       # forward | forward+backward
+    mode: str       # forward | forward+backward | FROZEN
     N: int          # tokens (rows of hidden) per model
     D: int
     V: int
@@ -77,8 +82,8 @@ def valid_tokens(e: Entry) -> int:
 def flops(e: Entry) -> float:
     """Model FLOPs of one step (the GEMMs only; recomputation inside an implementation is not counted)."""
     ndv = float(valid_tokens(e)) * e.D * e.V
-    if e.workload in ("logprobs", "sweep_N", "sweep_V"):
-        return (2 if e.mode == "forward" else 6) * ndv
+    if e.workload in ("logprobs", "sweep_N", "sweep_V", "latency"):
+        return {"forward": 2, FROZEN: 4}.get(e.mode, 6) * ndv
     if e.workload == "token_kl":
         return 8 * ndv              # policy fwd 2 + reference fwd 2 + policy bwd 4
     return 8 * ndv                  # dpo / listwise / issue5: policy fwd+bwd 6 + reference fwd 2
@@ -119,6 +124,8 @@ def build_step(e: Entry, device: torch.device):
     """(inputs, step) for one entry; raises impls.Unavailable where the implementation cannot run."""
     dtype = getattr(torch, e.dtype)
     wl = e.workload
+    if wl in ("logprobs", "sweep_N", "sweep_V") and e.impl == I.GEMM:
+        return gemm_step(e, device, dtype)
     if wl in ("logprobs", "sweep_N", "sweep_V"):
         return _logprobs_step(e, device, dtype)
     if wl == "token_kl":
@@ -138,7 +145,7 @@ def _logprobs_step(e, device, dtype):
                 return _sample(f(h, w, y)), []
     else:
         h.requires_grad_(True)
-        w.requires_grad_(True)
+        w.requires_grad_(e.mode != FROZEN)
 
         def step():
             out = f(h, w, y)
@@ -149,11 +156,35 @@ def _logprobs_step(e, device, dtype):
     return x, step
 
 
+def gemm_step(e: Entry, device, dtype):
+    """The bare-GEMM baseline: the N·D·V matrix products of one step (GEMMS[mode]) in the input dtype through
+    torch.mm into preallocated outputs, and nothing else: forward Z = H·Wᵀ [N, V]; its recompute; dH = dZ·W;
+    dW = dZᵀ·H (dZ: the logits themselves, real data rather than zeros). Every other row divided by this one
+    reads as a multiple of the GEMM time measured in the same run."""
+    x = flat_inputs(e, device, dtype)
+    h, w = x["h"], x["w"]
+    z = torch.empty(e.N, e.V, device=device, dtype=dtype)
+    dh = torch.empty(e.N, e.D, device=device, dtype=dtype)
+    dw = torch.empty(e.V, e.D, device=device, dtype=dtype)
+    n = GEMMS[e.mode]
+
+    def step():
+        torch.mm(h, w.T, out=z)                   # forward logits
+        if n >= 4:
+            torch.mm(h, w.T, out=z)               # their recompute in the backward
+        if n >= 2:
+            torch.mm(z, w, out=dh)                # dH = dZ·W
+        if n >= 4:
+            torch.mm(z.T, h, out=dw)              # dW = dZᵀ·H
+        return [], []                             # not log-probs: no agreement check
+    return x, step
+
+
 def _kl_step(e, device, dtype):
     x = flat_inputs(e, device, dtype, ref=True)
     h, w, rh, rw, y, gout = x["h"], x["w"], x["rh"], x["rw"], x["y"], x["gout"]
     if e.impl.startswith("fastpref["):
-        backend = e.impl[len("fastpref["):-1]
+        backend, _strategy = I.fastpref_variant(e.impl)
         I.BY_KEY[e.impl].make(device, dtype)  # availability
         fn = lambda: (lambda r: (r.kl, r.logp))(  # noqa: E731
             fastpref.token_kl(h, w, rh, rw, y, direction="forward", backend=backend))
@@ -187,7 +218,7 @@ def _sequence_step(e, device, dtype):
     yv = y[mask]
 
     if e.impl.startswith("fastpref["):
-        backend = e.impl[len("fastpref["):-1]
+        backend, _strategy = I.fastpref_variant(e.impl)
         I.BY_KEY[e.impl].make(device, dtype)  # availability
         if listwise:
             mod = fastpref.nn.PreferenceLoss("plackett_luce", layout="list", num_responses=e.K, beta=BETA,

@@ -1,6 +1,7 @@
 """The ahead-of-time report: compiles kernels for sm_90 without a GPU and parses registers/spills.
 
-Runs one configuration per kernel (``--quick --arch 90``); the full report is ``python -m fastpref.kernels.report``.
+Runs bf16 without flags per kernel (``--quick --arch 90``), in both launch shapes; the full report is
+``python -m fastpref.kernels.report``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.aot
 
 KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward")
+ROW = re.compile(r"(\w+)\s+90\s+bf16\s+-\s+(\w+)\s+(\S+)\s+.*?\s(\d+)\s+(\d+)\s+(\d+)\s+(yes|no)\s")
 
 
 def test_parse_usage():
@@ -28,6 +30,8 @@ def test_parse_usage():
 
 
 def test_quick_report_sm90():
+    """Each kernel is compiled as Triton specializes it at launch: once with M, V and D multiples of 16, once with
+    a ragged M and V (the report builds the signature with Triton's own binder from the launch's arguments)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "fastpref.kernels.report", "--quick", "--arch", "90"],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -36,11 +40,16 @@ def test_quick_report_sm90():
         pytest.skip("no cuobjdump in this triton installation")
     rows = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"(\w+)\s+90\s+bf16\s+.*?\s(\d+)\s+(\d+)\s+(\d+)\s+(yes|no)\s", line)
+        m = ROW.match(line)
         if m:
-            rows[m.group(1)] = (int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5))
-    assert set(rows) == set(KERNELS), out
-    for kernel, (regs, stack, shared, wgmma) in rows.items():
-        assert 0 < regs <= 255 and stack == 0, f"{kernel}: REG {regs} STACK {stack}"
-        assert shared > 0 and wgmma == "yes", f"{kernel}: expected Hopper tensor-core code"
+            rows[(m.group(1), m.group(2))] = (set(m.group(3).split(",")), *map(int, m.group(4, 5, 6)), m.group(7))
+    assert {k for k, _ in rows} == set(KERNELS), out
+    for kernel in KERNELS:
+        assert set(c for k, c in rows if k == kernel) == {"div16", "ragged"}, out
+        div16, ragged = rows[(kernel, "div16")][0], rows[(kernel, "ragged")][0]
+        assert {"M", "V", "D"} <= div16, f"{kernel}: M, V, D are multiples of 16 in the div16 launch\n{out}"
+        assert not {"M", "V"} & ragged and "D" in ragged, f"{kernel}: ragged M and V are not\n{out}"
+    for (kernel, case), (_x16, regs, stack, shared, wgmma) in rows.items():
+        assert 0 < regs <= 255 and stack == 0, f"{kernel} ({case}): REG {regs} STACK {stack}"
+        assert shared > 0 and wgmma == "yes", f"{kernel} ({case}): expected Hopper tensor-core code"
     assert proc.returncode == 0, out
