@@ -35,7 +35,7 @@ class Config:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward")
+KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward", "stats_dlogits", "kl_dlogits")
 ARCHS = (80, 90)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -60,6 +60,15 @@ _GPU: dict[tuple[str, int, int], Config] = {
     ("kl_backward", 90, 16): Config(BN=64, BV=128, BD=32, BDG=64, num_warps=8, num_stages=3),
     ("kl_backward", 80, 32): Config(BN=32, BV=64, BD=16, BDG=16, num_warps=4, num_stages=2),
     ("kl_backward", 90, 32): Config(BN=32, BV=64, BD=32, BDG=16, num_warps=4, num_stages=2),
+    # GEMM backward, stage 1 (dL/dx blocks into scratch): the forward's tiles plus a store.
+    ("stats_dlogits", 80, 16): Config(BN=64, BV=128, BD=32, num_warps=8, num_stages=3),
+    ("stats_dlogits", 90, 16): Config(BN=128, BV=128, BD=64, num_warps=8, num_stages=3),
+    ("stats_dlogits", 80, 32): Config(BN=64, BV=128, BD=32, num_warps=8, num_stages=2),
+    ("stats_dlogits", 90, 32): Config(BN=64, BV=128, BD=32, num_warps=8, num_stages=2),
+    ("kl_dlogits", 80, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=2),
+    ("kl_dlogits", 90, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=3),
+    ("kl_dlogits", 80, 32): Config(BN=32, BV=64, BD=32, num_warps=4, num_stages=2),
+    ("kl_dlogits", 90, 32): Config(BN=32, BV=64, BD=32, num_warps=4, num_stages=2),
 }
 
 

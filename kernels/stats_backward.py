@@ -1,14 +1,15 @@
 """Backward of token_stats: one program per (row block, vocabulary block), CCE-style.
 
-Recomputes the [BN, BV] logits tile, forms
+Recomputes the [BN, BV] logits tile and its dL/dx (``dlogits.stats_dx``:
     dz = g_logp·[v = y] + p·(g_lse − g_logp − g_ent·(log p + H)),   p = exp(z − lse),
-multiplies by dz/dx (softcap derivative and 1/T), and scatters dH, dW, db with float32 atomics
+times dz/dx, the softcap derivative and 1/T), and scatters dH, dW, db with float32 atomics
 (``tiles.scatter_grads``). Registers stay bounded by the tile, whatever D and V are.
 """
 import triton
 import triton.language as tl
 
-from .tiles import grouped_tiles, logits_tile, scatter_grads
+from .dlogits import stats_dx
+from .tiles import grouped_tiles, scatter_grads
 
 ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("Labels", "i64*"), ("Lse", "f32*"), ("Ent", "f32*"),
         ("G_logp", "f32*"), ("G_lse", "f32*"), ("G_ent", "f32*"),
@@ -25,21 +26,6 @@ def kernel(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, dH, dW, dB,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, BDG: tl.constexpr, GROUP: tl.constexpr,
            SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n, pid_v = grouped_tiles(tl.program_id(0), tl.cdiv(M, BN), tl.cdiv(V, BV), GROUP)
-    rows = pid_n * BN + tl.arange(0, BN)
-    cols = pid_v * BV + tl.arange(0, BV)
-    rmask = rows < M
-    z, dzdx = logits_tile(H, W, B, pid_n * BN, pid_v * BV, M, V, D, inv_temp, inv_cap, cap_scale,
-                          BN, BV, BD, SOFTCAP, INTERP)
-    lse = tl.load(Lse + rows, mask=rmask, other=0.0)
-    ent = tl.load(Ent + rows, mask=rmask, other=0.0)
-    g_logp = tl.load(G_logp + rows, mask=rmask, other=0.0)
-    g_lse = tl.load(G_lse + rows, mask=rmask, other=0.0)
-    g_ent = tl.load(G_ent + rows, mask=rmask, other=0.0)
-    labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32)
-    valid = rmask[:, None] & (cols < V)[None, :]
-    logp = tl.where(valid, z - lse[:, None], 0.0)
-    p = tl.where(valid, tl.exp(logp), 0.0)
-    dz = p * (g_lse - g_logp)[:, None] - (g_ent[:, None] * p) * (logp + ent[:, None])
-    dz += tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0)
-    dx = tl.where(valid, dz * dzdx, 0.0)
+    dx = stats_dx(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, pid_n * BN, pid_v * BV, M, V, D,
+                  inv_temp, inv_cap, cap_scale, BN, BV, BD, SOFTCAP, INTERP)
     scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)

@@ -1,13 +1,21 @@
 """Fused Triton kernels (kernels/, installed as fastpref.kernels), behind the backend interface.
 
 Forward: one streaming pass over the vocabulary per row block (optionally split over the vocabulary and
-merged by a tiny torch reduction). Backward: one program per (row block, vocabulary block) recomputing
-the logits tile and scattering float32 atomics into dH, dW, db. No [N, V] tensor is ever formed.
+merged by a tiny torch reduction). Backward, two strategies (docs/gpu-strategies.md), chosen by the
+``backward`` attribute or the environment variable FASTPREF_TRITON_BACKWARD:
+- "gemm" (default: what the arithmetic favours, not yet measured on a GPU): a kernel writes dL/dx of a bounded
+  block of rows × vocabulary into scratch, then cuBLAS GEMMs with float32 accumulation form dH, dW, db.
+  Deterministic; scratch ≤ max(256 MiB, 1% of the naive logits) (``kernels/gemm_backward.py``).
+- "atomic": one program per (row block, vocabulary block) recomputing the logits tile and scattering
+  float32 atomics into dH, dW, db. No scratch; not deterministic (refused under
+  torch.use_deterministic_algorithms(True)).
+No [N, V] tensor is ever formed.
 Runs on CUDA (fp16/bf16/fp32, sm_80+) and, for tests, on CPU tensors under TRITON_INTERPRET=1 (fp32/fp16).
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -21,6 +29,29 @@ def _scalars(opts) -> dict:
                 cap_scale=0.0 if cap is None else cap / opts.temperature)
 
 
+STRATEGIES = ("gemm", "atomic")
+STRATEGY_ENV = "FASTPREF_TRITON_BACKWARD"
+_STAGE1 = {"stats_backward": "stats_dlogits", "kl_backward": "kl_dlogits"}
+
+
+def backward_strategy(choice: str | None = None) -> str:
+    """The backward strategy: ``choice``, else $FASTPREF_TRITON_BACKWARD, else "gemm".
+
+    Under torch.use_deterministic_algorithms(True), "atomic" raises (or warns in warn_only mode)."""
+    name = choice or os.environ.get(STRATEGY_ENV) or "gemm"
+    if name not in STRATEGIES:
+        raise ValueError(f"the Triton backward strategy must be one of {STRATEGIES} "
+                         f"(argument or {STRATEGY_ENV}); got {name!r}")
+    if name == "atomic" and torch.are_deterministic_algorithms_enabled():
+        msg = ("the Triton backend's 'atomic' backward adds float32 atomics in a varying order and is not "
+               f"deterministic; with torch.use_deterministic_algorithms(True) use the 'gemm' strategy "
+               f"({STRATEGY_ENV}=gemm, the default)")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(msg)
+        warnings.warn(msg, stacklevel=3)
+    return name
+
+
 def _bias(weight, bias):
     """The kernels always add a bias; a zero vector stands in for none."""
     return torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None else bias
@@ -32,6 +63,9 @@ class TritonBackend:
     def __init__(self, launch_mod):
         self._k = launch_mod
         self.splits: int | None = None  # forces the forward's vocabulary splits (tests); None = heuristic
+        self.backward: str | None = None  # "gemm" | "atomic"; None = $FASTPREF_TRITON_BACKWARD or "gemm"
+        self.scratch_floor: int | None = None  # bytes; None = gemm_backward.SCRATCH_FLOOR (256 MiB)
+        self.last_scratch_bytes = 0  # scratch the last "gemm" backward allocated (tests check the budget)
 
     def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         device = torch.device(device)
@@ -74,6 +108,9 @@ class TritonBackend:
         dh = torch.zeros((M, D), **f32) if needs[0] else None
         dw = torch.zeros((V, D), **f32) if needs[1] else None
         db = torch.zeros((V,), **f32) if need_db else None
+        if backward_strategy(self.backward) == "gemm":
+            self._gemm_backward(_STAGE1[kernel], hidden, weight, dh, dw, db, flags, args)
+            return dh, dw, db
         dummy = torch.empty((1,), **f32)
 
         def grid(cfg):
@@ -84,6 +121,21 @@ class TritonBackend:
                        dB=dummy if db is None else db, M=M, V=V, D=D,
                        need_dh=int(dh is not None), need_dw=int(dw is not None), need_db=int(need_db), **args)
         return dh, dw, db
+
+    def _gemm_backward(self, kernel, hidden, weight, dh, dw, db, flags, args):
+        """Strategy "gemm": ``kernel`` writes dL/dx blocks into scratch; GEMMs accumulate dh, dw, db in place."""
+        from fastpref.kernels import gemm_backward, presets
+
+        M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
+        dev, dt = hidden.device, hidden.dtype
+        cfg = presets.select(kernel, dt, dev)
+
+        def stage1(dz, r0, c0, rn, cn):
+            self._k.launch(kernel, lambda c: (-(-rn // c.BN) * -(-cn // c.BV),), dt, dev, flags, H=hidden, W=weight,
+                           dZ=dz, r0=r0, c0=c0, R=rn, C=cn, M=M, V=V, D=D, **args)
+
+        budget = gemm_backward.scratch_budget(M, V, dt, self.scratch_floor)
+        self.last_scratch_bytes = gemm_backward.run(stage1, hidden, weight, dh, dw, db, budget, cfg.BN, cfg.BV)
 
     # ---- single model ----------------------------------------------------------------------------
     def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
