@@ -7,7 +7,7 @@ import torch
 
 from . import backends
 from ._checks import check_head, check_labels
-from ._ops import token_stats_op
+from ._ops import token_stats_frozen_op, token_stats_op
 from ._rows import Rows
 from .options import LogitOptions
 
@@ -56,10 +56,15 @@ def token_stats(
         raise TypeError("entropy and log_sum_p2 must be bools")
     impl = backends.resolve(backend, h.device, h.dtype)
     rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index)
-    logp, lse, ent, p2 = token_stats_op(
+    # A frozen head (only the hidden states need gradients): the forward also forms E_p[W] so that the
+    # backward needs no pass over the vocabulary (fastpref._frozen).
+    frozen_head = (torch.is_grad_enabled() and h.requires_grad and not w.requires_grad
+                   and (b is None or not b.requires_grad))
+    op = token_stats_frozen_op if frozen_head else token_stats_op
+    logp, lse, ent, p2 = op(
         rows.take(h), w.contiguous(), None if b is None else b.contiguous(), rows.take_labels(lab),
         impl.name, opts.temperature, opts.softcap, entropy, log_sum_p2,
-    )
+    )[:4]
     return TokenStats(rows.put(logp), rows.put(lse), rows.put(ent) if entropy else None,
                       rows.put(p2.detach()) if log_sum_p2 else None)
 

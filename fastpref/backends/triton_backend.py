@@ -148,6 +148,26 @@ class TritonBackend:
         p2 = torch.log(s2) - 2.0 * log_s if log_sum_p2 else None
         return z_label - lse, lse, ent, p2
 
+    def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        """EA and EC are the hidden-state gradients for unit upstream gradients on lse and (negated) entropy,
+        formed here by the GEMM strategy: a [rows, D] accumulator does not fit a Triton program at LM hidden
+        sizes, so the expectation is a second pass (recompute + GEMM) rather than fused into the first."""
+        logp, lse, ent, p2 = self.stats_forward(hidden, weight, bias, labels, opts, entropy, log_sum_p2)
+        M, D = hidden.shape
+        zero, one = torch.zeros_like(lse), torch.ones_like(lse)
+        args = dict(B=_bias(weight, bias), Labels=labels, Lse=lse, G_logp=zero, **_scalars(opts))
+        flags = dict(SOFTCAP=opts.softcap is not None)
+        ea = torch.zeros((M, D), device=hidden.device, dtype=torch.float32)
+        self._gemm_backward("stats_dlogits", hidden, weight, ea, None, None, flags,
+                            dict(args, Ent=zero, G_lse=one, G_ent=zero))
+        ec = None
+        if entropy:
+            ec = torch.zeros((M, D), device=hidden.device, dtype=torch.float32)
+            self._gemm_backward("stats_dlogits", hidden, weight, ec, None, None, flags,
+                                dict(args, Ent=ent, G_lse=zero, G_ent=one))
+            ec.neg_()
+        return logp, lse, ent, p2, ea, ec
+
     def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
                        opts, needs):
         zero = torch.zeros_like(lse)

@@ -1,0 +1,80 @@
+"""Frozen heads (weight and bias need no gradient): the forward forms E_p[(dz/dx)·W] and the backward makes
+dL/dh with no pass over the vocabulary. Float64 gold, three-way, every backend; memory of the path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastpref
+from cases import BACKENDS, DEVICE, Case, require_backend
+from fastpref import backends
+from oracle import assert_three_way, grads_of, leaf, naive_stats
+
+CASES = {
+    "bias_ignore": Case(bias=True, ignore_frac=0.3, seed=71),
+    "softcap_temp": Case(bias=True, softcap=3.0, temperature=0.7, seed=72),
+    "peaked": Case(peaked=True, ignore_frac=0.2, seed=73),
+    "extreme": Case(scale=2000.0, bias=True, seed=74),
+    "extreme_softcap": Case(scale=2000.0, softcap=30.0, seed=75),
+    "odd": Case(N=9, D=130, V=1037, temperature=1.3, seed=76),
+    "tiny_vocab": Case(N=5, D=16, V=1, seed=77),
+    "fp16": Case(dtype=torch.float16, bias=True, ignore_frac=0.25, seed=78),
+}
+
+
+def _no_vocabulary_backward(monkeypatch, backend):
+    """Make any backward pass over the vocabulary fail loudly."""
+    impl = backends.by_name(backend)
+
+    def refuse(*a, **k):
+        raise AssertionError("a frozen head must not run the backend's backward")
+
+    monkeypatch.setattr(impl, "stats_backward", refuse)
+
+
+def _check(backend, case: Case, outputs):
+    require_backend(backend, case.dtype)
+    h, w, b, labels = case.make()
+    opts = dict(temperature=case.temperature, softcap=case.softcap)
+    want_ent = "entropy" in outputs
+    ups = case.upstream(3)
+    hh = leaf(h)
+    st = fastpref.token_stats(hh, w, labels, bias=b, entropy=want_ent, backend=backend, **opts)
+    pick = lambda s: [getattr(s, k) if k in outputs else None for k in ("logp", "lse", "entropy")]  # noqa: E731
+    got = grads_of(pick(st), ups, [hh])[0]
+    gold_h, ref_h = leaf(h, torch.float64), leaf(h)
+    gold = naive_stats(gold_h, w.double(), None if b is None else b.double(), labels, **opts)
+    ref = naive_stats(ref_h, w, b, labels, dtype=case.dtype, **opts)
+    gold_g = grads_of([gold[i] if k in outputs else None for i, k in enumerate(("logp", "lse", "entropy"))], ups,
+                      [gold_h])[0]
+    ref_g = grads_of([ref[i] if k in outputs else None for i, k in enumerate(("logp", "lse", "entropy"))], ups,
+                     [ref_h])[0]
+    assert got.dtype == h.dtype
+    assert_three_way("d_hidden", got, ref_g, gold_g, case.dtype, grad=True)
+    ignored = labels == -100
+    if ignored.any():
+        assert (got[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_hidden_grad(backend, case, monkeypatch):
+    _no_vocabulary_backward(monkeypatch, backend)
+    _check(backend, CASES[case], ("logp", "lse", "entropy"))
+
+
+@pytest.mark.parametrize("outputs", [("logp",), ("lse",), ("entropy",), ("logp", "lse")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_each_output(backend, outputs, monkeypatch):
+    _no_vocabulary_backward(monkeypatch, backend)
+    _check(backend, Case(bias=True, softcap=4.0, ignore_frac=0.2, seed=79), outputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainable_head_still_gets_weight_grad(backend):
+    """The frozen path is chosen only when weight and bias need no gradient."""
+    require_backend(backend)
+    h, w, b, labels = Case(bias=True, seed=80).make()
+    hh, ww = leaf(h), leaf(w)
+    fastpref.token_logprobs(hh, ww, labels, bias=b, backend=backend).sum().backward()
+    assert ww.grad is not None and ww.grad.abs().sum() > 0
