@@ -78,3 +78,28 @@ def test_trainable_head_still_gets_weight_grad(backend):
     hh, ww = leaf(h), leaf(w)
     fastpref.token_logprobs(hh, ww, labels, bias=b, backend=backend).sum().backward()
     assert ww.grad is not None and ww.grad.abs().sum() > 0
+
+
+def test_native_frozen_head_memory():
+    """Native CPU, frozen head, forward + backward: the scratch stays within the extension's documented bound,
+    the saved expectations are two float32 [N, D], and together they are under 1/8 of the naive logits."""
+    require_backend("native")
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU extension's scratch counter")
+    mod = backends.by_name("native").cpu
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    try:
+        N, D, V = 512, 32, 64000
+        h, w, _, labels = Case(N=N, D=D, V=V, seed=81).make()
+        hh = leaf(h)
+        st = fastpref.token_stats(hh, w, labels, entropy=True, backend="native")
+        scratch = mod.last_scratch_bytes()
+        (st.logp.sum() + st.entropy.sum()).backward()
+        bound = mod.scratch_bound_bytes(N, D, 0, V)
+    finally:
+        torch.set_num_threads(threads)
+    saved = 2 * N * D * 4  # EA and EC
+    assert 0 < scratch <= bound
+    assert scratch + saved <= N * V * 4 / 8, (scratch, saved, N * V * 4)
+    assert hh.grad is not None and torch.isfinite(hh.grad).all()
