@@ -1,7 +1,9 @@
 """dL/dx tiles shared by the backward kernels: the gradient with respect to the pre-cap logit x = h·wᵀ + b.
 
 ``stats_dx`` and ``kl_dx`` recompute one [BN, BV] logits tile and return dL/dx (float32, 0 at rows ≥ M and
-columns ≥ V). Two kinds of kernels consume it: the atomic backward (stats_backward, kl_backward) scatters
+columns ≥ V) and the tile's weight for gradient filtering: the largest probability in it (p, or max(p, q) for
+the KL), or 1 when a label falls inside. Cut Cross-Entropy filters on the probability, not on dL/dx, so the
+threshold does not depend on the scale of the upstream gradients (a mean over tokens makes them small). Two kinds of kernels consume it: the atomic backward (stats_backward, kl_backward) scatters
 dH, dW, db from it; the GEMM backward (stats_dlogits, kl_dlogits) stores it to a scratch block for
 cuBLAS products.
 """
@@ -30,8 +32,10 @@ def stats_dx(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, row0, col0, M, V, 
     logp = tl.where(valid, z - lse[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
     dz = p * (g_lse - g_logp)[:, None] - (g_ent[:, None] * p) * (logp + ent[:, None])
-    dz += tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0)
-    return tl.where(valid, dz * dzdx, 0.0)
+    at_label = cols[None, :] == labels[:, None]
+    dz += tl.where(at_label, g_logp[:, None], 0.0)
+    weight = tl.max(tl.max(tl.where(at_label, 1.0, p), axis=1), axis=0)
+    return tl.where(valid, dz * dzdx, 0.0), weight
 
 
 @triton.jit
@@ -58,6 +62,7 @@ def kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, row0
     logp = tl.where(valid, z - lse[:, None], 0.0)
     logq = tl.where(valid, zr - rlse[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
+    q = tl.where(valid, tl.exp(logq), 0.0)
     if reverse != 0:
         c_hi = tl.load(C_hi + rows, mask=rmask, other=0.0)
         c_lo = tl.load(C_lo + rows, mask=rmask, other=0.0)
@@ -69,10 +74,12 @@ def kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, row0
         bracket = tl.where(valid, (d_hi - c_hi[:, None]) + (d_lo - c_lo[:, None]), 0.0)
         dz = g_kl[:, None] * p * bracket
     else:
-        dz = g_kl[:, None] * (p - tl.where(valid, tl.exp(logq), 0.0))
+        dz = g_kl[:, None] * (p - q)
     dz -= g_logp[:, None] * p
-    dz += tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0)
-    return tl.where(valid, dz * dzdx, 0.0)
+    at_label = cols[None, :] == labels[:, None]
+    dz += tl.where(at_label, g_logp[:, None], 0.0)
+    weight = tl.max(tl.max(tl.where(at_label, 1.0, tl.maximum(p, q)), axis=1), axis=0)
+    return tl.where(valid, dz * dzdx, 0.0), weight
 
 
 @triton.jit

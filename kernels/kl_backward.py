@@ -17,7 +17,7 @@ ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("RH", "in"), ("RW", "in"), ("RB"
         ("M", "i32"), ("V", "i32"), ("D", "i32"), ("Dr", "i32"), ("reverse", "i32"),
         ("need_dh", "i32"), ("need_dw", "i32"), ("need_db", "i32"),
         ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"), ("ref_inv_cap", "f32"),
-        ("ref_cap_scale", "f32"))
+        ("ref_cap_scale", "f32"), ("filter_eps", "f32"))
 FLAGS = ("SOFTCAP", "REF_SOFTCAP")
 BLOCKS = ("BN", "BV", "BD", "BDG", "GROUP")
 
@@ -25,11 +25,14 @@ BLOCKS = ("BN", "BV", "BD", "BDG", "GROUP")
 @triton.jit(do_not_specialize=["reverse", "need_dh", "need_dw", "need_db"])
 def kernel(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, dH, dW, dB,
            M, V, D, Dr, reverse, need_dh, need_dw, need_db,
-           inv_temp, inv_cap, cap_scale, ref_inv_cap, ref_cap_scale,
+           inv_temp, inv_cap, cap_scale, ref_inv_cap, ref_cap_scale, filter_eps,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, BDG: tl.constexpr, GROUP: tl.constexpr,
            SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n, pid_v = grouped_tiles(tl.program_id(0), tl.cdiv(M, BN), tl.cdiv(V, BV), GROUP)
-    dx = kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, pid_n * BN, pid_v * BV, M, V, D, Dr,
+    dx, weight = kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, pid_n * BN, pid_v * BV, M, V, D, Dr,
                reverse, inv_temp, inv_cap, cap_scale, ref_inv_cap, ref_cap_scale, BN, BV, BD, SOFTCAP, REF_SOFTCAP,
                INTERP)
-    scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)
+    # Gradient filtering (Cut Cross-Entropy): a tile with no label and every probability below filter_eps is
+    # skipped. filter_eps = 0 (the default) keeps every tile: exact results.
+    if weight >= filter_eps:
+        scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)

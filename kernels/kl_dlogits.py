@@ -24,7 +24,7 @@ def kernel(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, dZ,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr,
            SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n, pid_v = grouped_tiles(tl.program_id(0), tl.cdiv(R, BN), tl.cdiv(C, BV), GROUP)
-    dx = kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, r0 + pid_n * BN, c0 + pid_v * BV,
+    dx, _ = kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, r0 + pid_n * BN, c0 + pid_v * BV,
                tl.minimum(M, r0 + R), tl.minimum(V, c0 + C), D, Dr, reverse, inv_temp, inv_cap, cap_scale,
                ref_inv_cap, ref_cap_scale, BN, BV, BD, SOFTCAP, REF_SOFTCAP, INTERP)
     store_block(dZ, dx, pid_n * BN, pid_v * BV, R, C)

@@ -8,7 +8,8 @@ interpreter's cost grows with the number of programs × inner steps, not with th
 
 BN rows × BV vocabulary columns per logits tile; BD: hidden-size chunk of the logits product;
 BDG: hidden-size chunk of the gradient products (backward); GROUP: row blocks sharing vocabulary blocks
-in L2 (backward swizzle); MIN_SPLIT_TILES: fewest vocabulary tiles per split in the forward V-split.
+in L2 (backward swizzle; in the forward, row blocks whose vocabulary splits run next to each other);
+MIN_SPLIT_TILES: fewest vocabulary tiles per split in the forward V-split.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 INTERPRETER = Config(BN=64, BV=256, BD=64, BDG=64, GROUP=4, num_warps=4, num_stages=1)
 MIN_SPLIT_TILES = 4
+CTAS_PER_SM = 1  # forward programs resident per SM (8-warp CTAs near 255 registers: one fits)
 
 _GPU: dict[tuple[str, int, int], Config] = {
     # (kernel, arch class, operand bits). Tuned with the report so that no variant spills (see report.py).

@@ -15,17 +15,20 @@ ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("Labels", "i64*"), ("Lse", "f32*
         ("G_logp", "f32*"), ("G_lse", "f32*"), ("G_ent", "f32*"),
         ("dH", "f32*"), ("dW", "f32*"), ("dB", "f32*"),
         ("M", "i32"), ("V", "i32"), ("D", "i32"), ("need_dh", "i32"), ("need_dw", "i32"), ("need_db", "i32"),
-        ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"))
+        ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"), ("filter_eps", "f32"))
 FLAGS = ("SOFTCAP",)
 BLOCKS = ("BN", "BV", "BD", "BDG", "GROUP")
 
 
 @triton.jit(do_not_specialize=["need_dh", "need_dw", "need_db"])
 def kernel(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, dH, dW, dB,
-           M, V, D, need_dh, need_dw, need_db, inv_temp, inv_cap, cap_scale,
+           M, V, D, need_dh, need_dw, need_db, inv_temp, inv_cap, cap_scale, filter_eps,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, BDG: tl.constexpr, GROUP: tl.constexpr,
            SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n, pid_v = grouped_tiles(tl.program_id(0), tl.cdiv(M, BN), tl.cdiv(V, BV), GROUP)
-    dx = stats_dx(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, pid_n * BN, pid_v * BV, M, V, D,
+    dx, weight = stats_dx(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, pid_n * BN, pid_v * BV, M, V, D,
                   inv_temp, inv_cap, cap_scale, BN, BV, BD, SOFTCAP, INTERP)
-    scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)
+    # Gradient filtering (Cut Cross-Entropy): a tile with no label and every probability below filter_eps is
+    # skipped. filter_eps = 0 (the default) keeps every tile: exact results.
+    if weight >= filter_eps:
+        scatter_grads(dx, H, W, dH, dW, dB, pid_n * BN, pid_v * BV, M, V, D, need_dh, need_dw, need_db, BDG, INTERP)

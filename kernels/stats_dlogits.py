@@ -25,7 +25,7 @@ def kernel(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, dZ, r0, c0, R, C,
            BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr,
            SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
     pid_n, pid_v = grouped_tiles(tl.program_id(0), tl.cdiv(R, BN), tl.cdiv(C, BV), GROUP)
-    dx = stats_dx(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, r0 + pid_n * BN, c0 + pid_v * BV,
+    dx, _ = stats_dx(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, r0 + pid_n * BN, c0 + pid_v * BV,
                   tl.minimum(M, r0 + R), tl.minimum(V, c0 + C), D, inv_temp, inv_cap, cap_scale,
                   BN, BV, BD, SOFTCAP, INTERP)
     store_block(dZ, dx, pid_n * BN, pid_v * BV, R, C)

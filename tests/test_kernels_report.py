@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("triton")
 pytestmark = pytest.mark.aot
 
-KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward")
+KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward", "stats_dlogits", "kl_dlogits")
 
 
 def test_parse_usage():

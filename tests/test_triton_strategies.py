@@ -25,7 +25,7 @@ def triton_backend():
     require_backend("triton")
     b = backends.resolve("triton", DEVICE, torch.float32)
     yield b
-    b.backward, b.scratch_floor = None, None
+    b.backward, b.scratch_floor, b.grad_filter = None, None, None
 
 
 def _small_blocks(b, strategy):
@@ -138,3 +138,60 @@ def test_strategy_from_environment(triton_backend, monkeypatch):
     monkeypatch.setenv("FASTPREF_TRITON_BACKWARD", "fast")
     with pytest.raises(ValueError, match="atomic"):
         backward_strategy()
+
+
+@pytest.mark.parametrize("n_rows", [1, 4, 32, 128, 131, 1000, 1024])
+def test_forward_splits_fill_whole_waves(n_rows):
+    """The forward's program count on a 132-SM GPU: whole waves, or at least 90 % filled ones."""
+    import math
+
+    from fastpref.kernels.launch import whole_waves
+
+    slots, max_splits = 132, 250
+    s = whole_waves(n_rows, max_splits, slots)
+    assert 1 <= s <= max_splits
+    programs = n_rows * s
+    fill = programs / (math.ceil(programs / slots) * slots)
+    assert fill >= 0.9
+    if n_rows * max_splits >= 2 * slots:
+        assert programs >= 2 * slots
+    smaller = [t for t in range(1, s) if n_rows * t >= 2 * slots
+               and n_rows * t / (math.ceil(n_rows * t / slots) * slots) >= 0.9]
+    assert not smaller, "the fewest splits that fill the waves"
+    assert whole_waves(3, 0, slots) == 1
+
+
+def test_grad_filter_bounded_and_off_by_default(triton_backend, monkeypatch):
+    """CCE-style filtering (atomic strategy): off by default (bitwise the unfiltered result); when on, a
+    skipped tile holds no label and only p < eps, so with g_lse = 1 each dropped |dL/dx| < eps:
+    |Δ dH[:, d]| ≤ eps·Σ_v |W[v, d]| and |Δ dW[:, d]| ≤ eps·Σ_n |H[n, d]|; a threshold above the small
+    probabilities does skip tiles."""
+    from fastpref.backends.triton_backend import grad_filter_eps
+    from fastpref.options import LogitOptions
+
+    b = triton_backend
+    b.backward = "atomic"
+    h, w, _, lab = Case(N=64, D=32, V=1037, peaked=True, seed=63).make()
+    lab = lab % 200  # labels in the first vocabulary tile: the others hold only small probabilities
+    opts = LogitOptions()
+    _, lse, _, _ = b.stats_forward(h, w, None, lab, opts, False, False)
+    zero, g_lse = torch.zeros_like(lse), torch.ones_like(lse)
+
+    def grads():
+        return b.stats_backward(h, w, None, lab, lse, None, zero, g_lse, None, opts, (True, True, False))[:2]
+
+    exact = grads()
+    monkeypatch.setenv("FASTPREF_GRAD_FILTER", "off")
+    assert all(torch.equal(x, y) for x, y in zip(grads(), exact))
+    for eps in (2.0 ** -12, 2.0 ** -4):
+        b.grad_filter = eps
+        dh, dw = grads()
+        assert ((dh - exact[0]).abs() <= eps * w.abs().sum(0) + 1e-6).all()
+        assert ((dw - exact[1]).abs() <= eps * h.abs().sum(0) + 1e-6).all()
+    assert not torch.equal(dw, exact[1]), "2^-4 is above every probability outside the peaked tile"
+    assert grad_filter_eps("auto", torch.bfloat16) == 2.0 ** -12
+    with pytest.raises(ValueError, match="auto"):
+        grad_filter_eps("-1", torch.float32)
+    b.backward = "gemm"
+    with pytest.raises(ValueError, match="atomic"):
+        grads()

@@ -52,6 +52,30 @@ def backward_strategy(choice: str | None = None) -> str:
     return name
 
 
+FILTER_ENV = "FASTPREF_GRAD_FILTER"
+
+
+def grad_filter_eps(choice: float | str | None, dtype: torch.dtype) -> float:
+    """Gradient-filter threshold (Cut Cross-Entropy style): 0.0 = off (the default, exact results).
+
+    ``choice`` (else $FASTPREF_GRAD_FILTER): None/"" /"off" = off; "auto" = finfo(dtype).eps / 32 (2^-12 for
+    bfloat16); a number = that threshold on |dL/dx|."""
+    if choice is None:
+        choice = os.environ.get(FILTER_ENV) or None
+    if choice is None or choice == "off":
+        return 0.0
+    if choice == "auto":
+        return torch.finfo(dtype).eps / 32
+    try:
+        eps = float(choice)
+    except (TypeError, ValueError):
+        eps = -1.0
+    if not eps >= 0.0:
+        raise ValueError(f"the gradient filter ({FILTER_ENV} or grad_filter) must be 'off', 'auto' or a number "
+                         f">= 0; got {choice!r}")
+    return eps
+
+
 def _bias(weight, bias):
     """The kernels always add a bias; a zero vector stands in for none."""
     return torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None else bias
@@ -66,6 +90,7 @@ class TritonBackend:
         self.backward: str | None = None  # "gemm" | "atomic"; None = $FASTPREF_TRITON_BACKWARD or "gemm"
         self.scratch_floor: int | None = None  # bytes; None = gemm_backward.SCRATCH_FLOOR (256 MiB)
         self.last_scratch_bytes = 0  # scratch the last "gemm" backward allocated (tests check the budget)
+        self.grad_filter: float | str | None = None  # None = $FASTPREF_GRAD_FILTER, else off ("atomic" only)
 
     def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         device = torch.device(device)
@@ -97,8 +122,8 @@ class TritonBackend:
         part = torch.empty((n_parts, splits, M), device=dev, dtype=torch.float32)
         part64 = torch.empty((n_parts64, splits, M), device=dev, dtype=torch.float64) if n_parts64 else None
         extra = dict(Part64=part64) if n_parts64 else {}
-        self._k.launch(kernel, lambda cfg: (n_rows, splits), dt, dev, flags, H=hidden, W=weight, Labels=labels,
-                       Part=part, M=M, V=V, D=hidden.shape[1], tiles_per_split=per, **extra, **args)
+        self._k.launch(kernel, lambda cfg: (n_rows * splits,), dt, dev, flags, H=hidden, W=weight, Labels=labels,
+                       Part=part, M=M, V=V, D=hidden.shape[1], n_splits=splits, tiles_per_split=per, **extra, **args)
         return part, part64
 
     def _backward(self, kernel, hidden, weight, bias, needs, flags, **args):
@@ -108,7 +133,12 @@ class TritonBackend:
         dh = torch.zeros((M, D), **f32) if needs[0] else None
         dw = torch.zeros((V, D), **f32) if needs[1] else None
         db = torch.zeros((V,), **f32) if need_db else None
-        if backward_strategy(self.backward) == "gemm":
+        strategy = backward_strategy(self.backward)
+        eps = grad_filter_eps(self.grad_filter, hidden.dtype)
+        if eps > 0 and strategy != "atomic":
+            raise ValueError("gradient filtering skips tiles of the 'atomic' backward; set "
+                             f"{STRATEGY_ENV}=atomic to use it (the 'gemm' strategy has no per-tile products)")
+        if strategy == "gemm":
             self._gemm_backward(_STAGE1[kernel], hidden, weight, dh, dw, db, flags, args)
             return dh, dw, db
         dummy = torch.empty((1,), **f32)
@@ -119,7 +149,8 @@ class TritonBackend:
         self._k.launch(kernel, grid, hidden.dtype, hidden.device, flags, H=hidden, W=weight,
                        dH=dummy if dh is None else dh, dW=dummy if dw is None else dw,
                        dB=dummy if db is None else db, M=M, V=V, D=D,
-                       need_dh=int(dh is not None), need_dw=int(dw is not None), need_db=int(need_db), **args)
+                       need_dh=int(dh is not None), need_dw=int(dw is not None), need_db=int(need_db),
+                       filter_eps=eps, **args)
         return dh, dw, db
 
     def _gemm_backward(self, kernel, hidden, weight, dh, dw, db, flags, args):
