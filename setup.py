@@ -4,7 +4,8 @@ Extensions (both optional; the package installs without them and backend="native
 - fastpref._native_cpu  (csrc/cpu): whenever torch's C++ extension tooling and a C++ compiler are present.
 - fastpref._native_cuda (csrc/cuda): when torch is a CUDA build and nvcc is found. CUDA_HOME is set to the
   toolkit root explicitly (nvcc on PATH may be a wrapper script), the `nvidia` pip package's include folder
-  (cuBLAS headers that ATen/cuda includes) is added, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+  (cuBLAS headers that ATen/cuda includes) is added, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX".
+Compiler flags and the default arch list live in csrc/build_flags.py, which csrc/check_cuda_compile.py uses too.
 An extension that fails to compile prints a warning; the reasons land in fastpref/_native_build.json,
 which the loader quotes. FASTPREF_NO_NATIVE=1 skips both, FASTPREF_NO_CUDA=1 skips the CUDA one.
 """
@@ -17,6 +18,9 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "csrc"))
+from build_flags import CPU_FLAGS, CUDA_ARCH_LIST, CUDA_CXX_FLAGS, NVCC_FLAGS  # noqa: E402  (one definition)
+
 NOTES_FILE = os.path.join(HERE, "fastpref", "_native_build.json")
 notes = {}  # module name -> why it was not built
 
@@ -56,11 +60,6 @@ def nvidia_include_dirs():
             if os.path.isdir(path):
                 dirs.append(path)
     return dirs
-
-
-# -fno-trapping-math lets GCC if-convert (and so vectorize) the branch-free exp/tanh of csrc/cpu/rowmath.cpp;
-# with it on, every row loop stays scalar (about 10x slower). torch itself is built with both flags.
-CPU_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]  # -g0: no debug info (2x faster build)
 
 
 def native_extensions():
@@ -108,12 +107,12 @@ def native_extensions():
     elif cuda_home is None:
         notes["_native_cuda"] = "nvcc was not found (set CUDA_HOME to the CUDA toolkit root)"
     else:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
         cuda_src = ["csrc/cuda/native_cuda.cpp"] + sorted(
             f"csrc/cuda/{f}" for f in os.listdir(os.path.join(HERE, "csrc", "cuda")) if f.endswith(".cu"))
         exts.append(CUDAExtension(
             "fastpref._native_cuda", cuda_src, include_dirs=nvidia_include_dirs(),
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]}))
+            extra_compile_args={"cxx": list(CUDA_CXX_FLAGS), "nvcc": list(NVCC_FLAGS)}))
         notes["_native_cuda"] = "the build did not run"
     return exts, {"build_ext": SafeBuildExt}
 

@@ -30,8 +30,9 @@ if [ -z "${CUDA_HOME:-}" ]; then
   CUDA_HOME="$(sed -n 's|.*exec \(/[^ ]*\)/bin/nvcc.*|\1|p' "$NVCC" | head -1)"
   [ -n "$CUDA_HOME" ] || CUDA_HOME="$(dirname "$(dirname "$NVCC")")"
 fi
-export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}"
-echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+# TORCH_CUDA_ARCH_LIST: the build's own default (csrc/build_flags.py) unless the caller sets one.
+export CUDA_HOME MAX_JOBS="${MAX_JOBS:-2}"
+echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-(csrc/build_flags.py default)}"
 # A scratch copy of the sources, so that the CUDA-torch .so files never land in the working tree.
 git -C "$ROOT" ls-files -z -co --exclude-standard | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK" 2>/dev/null || true)
 cd "$WORK"

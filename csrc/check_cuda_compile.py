@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Compile every csrc/cuda/*.cu for sm_80 and sm_90 with `nvcc -Xptxas -v`; fail on errors or spills.
 
+The nvcc flags and the architectures are those of the shipped build (csrc/build_flags.py, which setup.py
+builds with), so that what is checked here is what runs.
+
 The .cu files include no torch headers, so this needs only nvcc (no GPU, no CUDA build of torch) and
 runs in seconds. It prints registers / shared memory / stack / spills per kernel and exits 1 when a file
 does not compile, or when any kernel spills (spill stores/loads > 0) or has a stack frame (> 0 bytes:
 with no local arrays or recursion in these kernels, a stack frame means spilled registers).
 
-    python csrc/check_cuda_compile.py [--arch 80,90] [--json out.json]
+    python csrc/check_cuda_compile.py [--arch 80,90] [--json out.json]   (default: the build's arch list)
 Exit codes: 0 ok, 1 compile error or spill, 2 nvcc not found.
 """
 from __future__ import annotations
@@ -23,6 +26,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from build_flags import CUDA_ARCH_LIST, NVCC_FLAGS, sm_versions  # noqa: E402  (the shipped build's flags)
+
+# What torch's CUDAExtension adds to NVCC_FLAGS besides its defines; -Xptxas -v makes ptxas report usage.
+TORCH_ADDS = ["-std=c++17"]
 ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+)'")
 FRAME = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")
 USED = re.compile(r"Used (?P<regs>\d+) registers(?:.*?(?P<smem>\d+) bytes smem)?")
@@ -61,16 +70,21 @@ def parse(text: str) -> list[dict]:
     return kernels
 
 
+def nvcc_command(nvcc: str, src: str, arch: str, obj: str) -> list[str]:
+    """The compile command: the shipped NVCC_FLAGS, the architecture, and -Xptxas -v for the report."""
+    return [nvcc, f"-arch=sm_{arch}", *NVCC_FLAGS, *TORCH_ADDS, "-Xptxas", "-v", "-c", src, "-o", obj]
+
+
 def compile_one(nvcc: str, src: str, arch: str, tmp: str) -> tuple[int, str, list[dict]]:
     obj = os.path.join(tmp, f"{os.path.basename(src)}.{arch}.o")
-    cmd = [nvcc, f"-arch=sm_{arch}", "-O3", "-std=c++17", "-Xptxas", "-v", "-c", src, "-o", obj]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(nvcc_command(nvcc, src, arch, obj), capture_output=True, text=True)
     return p.returncode, p.stdout + p.stderr, parse(p.stdout + p.stderr)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="80,90", help="comma-separated SM versions (default 80,90)")
+    ap.add_argument("--arch", default=",".join(sm_versions()),
+                    help=f"comma-separated SM versions (default: those of {CUDA_ARCH_LIST!r})")
     ap.add_argument("--json", help="also write the per-kernel table as JSON here")
     args = ap.parse_args(argv)
     nvcc = shutil.which("nvcc")

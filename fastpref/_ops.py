@@ -65,9 +65,9 @@ def token_stats_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
         return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
                           inputs)
     ent = _opt(entropy)
-    grads = backends.by_name(backend).stats_backward(
-        hidden, weight, bias, labels, lse, ent, grad_logp.float().contiguous(), grad_lse.float().contiguous(),
-        None if ent is None else grad_entropy.float().contiguous(), LogitOptions(temperature, softcap), tuple(needs))
+    grads = backends.stats_backward(
+        backends.by_name(backend), hidden, weight, bias, labels, lse, ent, grad_logp, grad_lse,
+        None if ent is None else grad_entropy, LogitOptions(temperature, softcap), tuple(needs))
     return _grads_out(grads, inputs)
 
 
@@ -176,9 +176,9 @@ def token_kl_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     if hidden.shape[0] == 0:
         return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
                           inputs)
-    grads = backends.by_name(backend).kl_backward(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
-        grad_kl.float().contiguous(), None if labels is None else grad_logp.float().contiguous(),
+    grads = backends.kl_backward(
+        backends.by_name(backend), hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
+        grad_kl, None if labels is None else grad_logp,
         LogitOptions(temperature, softcap), LogitOptions(temperature, ref_softcap), direction, tuple(needs))
     return _grads_out(grads, inputs)
 

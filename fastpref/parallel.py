@@ -92,8 +92,8 @@ class _VocabParallelStats(torch.autograd.Function):
         g_owned = torch.where(owned, g_logp, zero)
         # backend: dz = g_owned·[v = y] + p·(g_lse − g_logp − g_ent·(log p + H)), p from the global lse
         needs = tuple(ctx.needs_input_grad[:3])
-        dh, dw, db = backend.stats_backward(hidden, weight, bias, lab, lse, ent, g_owned, g_lse - g_logp + g_owned,
-                                            None if g_ent is None else g_ent.float(), opts, needs)
+        dh, dw, db = backends.stats_backward(backend, hidden, weight, bias, lab, lse, ent, g_owned,
+                                             g_lse - g_logp + g_owned, g_ent, opts, needs)
         if dh is not None:
             dh = _all_reduce(dh.float().contiguous(), group).to(hidden.dtype)
         return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
@@ -142,12 +142,13 @@ class _VocabParallelKL(torch.autograd.Function):
                     total[i] = g.float() if total[i] is None else total[i] + g.float()
 
         if g_kl is not None:
-            add(backend.kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, None, lse, ref_lse, kl,
-                                    g_kl.float(), None, opts, ref_opts, direction, needs))
+            add(backends.kl_backward(backend, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, None, lse,
+                                     ref_lse, kl, g_kl, None, opts, ref_opts, direction, needs))
         if g_logp is not None and lab is not None:  # a second pass: the label term, with the global softmax
             g = g_logp.float()
             g_owned = torch.where(owned, g, torch.zeros_like(g))
-            add(backend.stats_backward(hidden, weight, bias, lab, lse, None, g_owned, g_owned - g, None, opts, needs))
+            add(backends.stats_backward(backend, hidden, weight, bias, lab, lse, None, g_owned, g_owned - g, None, opts,
+                                        needs))
         dh, dw, db = total
         if dh is not None:
             dh = _all_reduce(dh.contiguous(), group).to(hidden.dtype)

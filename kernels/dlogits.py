@@ -31,7 +31,8 @@ def stats_dx(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, row0, col0, M, V, 
     valid = rmask[:, None] & (cols < V)[None, :]
     logp = tl.where(valid, z - lse[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
-    dz = p * (g_lse - g_logp)[:, None] - (g_ent[:, None] * p) * (logp + ent[:, None])
+    # p = 0 at banned (−inf) tokens, where logp = −inf: the entropy term is 0 there, not 0·(−inf)
+    dz = p * (g_lse - g_logp)[:, None] - tl.where(p > 0, (g_ent[:, None] * p) * (logp + ent[:, None]), 0.0)
     at_label = cols[None, :] == labels[:, None]
     dz += tl.where(at_label, g_logp[:, None], 0.0)
     weight = tl.max(tl.max(tl.where(at_label, 1.0, p), axis=1), axis=0)
@@ -72,7 +73,7 @@ def kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, row0
         back = d_hi - zf
         d_lo = (zf - (d_hi - back)) - (zrf + back)  # two-sum: z − zr = d_hi + d_lo exactly
         bracket = tl.where(valid, (d_hi - c_hi[:, None]) + (d_lo - c_lo[:, None]), 0.0)
-        dz = g_kl[:, None] * p * bracket
+        dz = g_kl[:, None] * tl.where(p > 0, p * bracket, 0.0)  # 0 at banned tokens, not 0·NaN
     else:
         dz = g_kl[:, None] * (p - q)
     dz -= g_logp[:, None] * p

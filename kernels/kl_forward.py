@@ -58,11 +58,11 @@ def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, n_splits, til
         zr_finite = tl.where(cmask, zr, 0.0)
         z_finite = tl.where(cmask, z, 0.0)
         diff = zr_finite - z_finite
-        cf = cf * scale_r + tl.sum(er * diff, axis=1)
+        cf = cf * scale_r + tl.sum(tl.where(er > 0, er * diff, 0.0), axis=1)  # 0 at banned tokens, not NaN
         scale64 = scale.to(tl.float64)
         e64 = e.to(tl.float64)
         diff64 = z_finite.to(tl.float64) - zr_finite.to(tl.float64)
-        cr = cr * scale64 + tl.sum(e64 * diff64, axis=1)
+        cr = cr * scale64 + tl.sum(tl.where(e64 > 0, e64 * diff64, 0.0), axis=1)
         s = s * scale64 + tl.sum(e64, axis=1)
         sr = sr * scale_r + tl.sum(er, axis=1)
         m = m_new

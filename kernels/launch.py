@@ -6,6 +6,7 @@ launch is always one of the reported configurations.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 
@@ -40,13 +41,21 @@ def signature(kernel: str, dtype: torch.dtype, constexprs: dict) -> tuple[dict, 
     return sig, attrs
 
 
+def device_guard(device: torch.device):
+    """The tensors' GPU made current for a launch (Triton launches on the current device and its current
+    stream): tensors on cuda:1 while cuda:0 is current, as with a reference model on a second GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def launch(kernel: str, grid, dtype: torch.dtype, device: torch.device, flags: dict, **args) -> None:
-    """Run one kernel; grid(cfg) gives the launch grid for the preset selected for this device/dtype."""
+    """Run one kernel on ``device`` (the tensors' device); grid(cfg) gives the launch grid for the preset
+    selected for this device/dtype."""
     mod = module(kernel)
     cfg = presets.select(kernel, dtype, device)
     interp = device.type == "cpu"
     consts = specialize(kernel, cfg, flags, interp)
-    mod.kernel[grid(cfg)](*(args[name] for name, _ in mod.ARGS), **consts, **cfg.options())
+    with device_guard(device):
+        mod.kernel[grid(cfg)](*(args[name] for name, _ in mod.ARGS), **consts, **cfg.options())
 
 
 def vocab_splits(rows: int, vocab: int, device: torch.device, dtype: torch.dtype, kernel: str,
@@ -100,7 +109,8 @@ def combine_stats(part: torch.Tensor):
     top, total, scale, shift = _merge(m, s)
     if scale is None:
         return top, total, t[0], s2[0], zl[0]
-    t = ((t + shift * s) * scale).sum(0)
+    # a split of banned (−inf) tokens only has m = −inf, s = 0: its share is 0, not (−inf·0)·0
+    t = torch.where(s > 0, (t + shift * s) * scale, 0.0).sum(0)
     s2 = (s2 * scale * scale).sum(0)
     return top, total, t, s2, zl.sum(0)
 

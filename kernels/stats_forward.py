@@ -42,7 +42,7 @@ def kernel(H, W, B, Labels, Part, M, V, D, n_splits, tiles_per_split, inv_temp, 
                            BN, BV, BD, SOFTCAP, INTERP)
         m_new, shift, e = lse_step(z, m, s)
         scale = tl.exp(shift)
-        d = tl.where((cols < V)[None, :], z - m_new[:, None], 0.0)
+        d = tl.where(e > 0, z - m_new[:, None], 0.0)  # e·d = 0 at −inf columns (masked or banned), not NaN
         t = (t + shift * s) * scale + tl.sum(e * d, axis=1)
         s2 = s2 * scale * scale + tl.sum(e * e, axis=1)
         s = s * scale + tl.sum(e, axis=1)

@@ -87,11 +87,12 @@ def logits_tile(H, W, B, row0, col0, M, V, D, inv_temp, inv_cap, cap_scale,
 def lse_step(z, m, s):
     """One online log-sum-exp step over tile z: (m_new, shift = m − m_new (0 on the first tile), e = e^{z−m_new}).
 
-    The caller rescales its running sums by exp(shift); e is 0 at masked (−inf) columns.
+    The caller rescales its running sums by exp(shift); e is 0 at masked and banned (−inf) columns, also
+    while every logit so far is −inf (then 0 is subtracted instead of m_new: exp(−inf − (−inf)) is NaN).
     """
     m_new = tl.maximum(m, tl.max(z, axis=1))
     shift = tl.where(m == float("-inf"), 0.0, m - m_new)
-    e = tl.exp(z - m_new[:, None])
+    e = tl.exp(z - tl.where(m_new == float("-inf"), 0.0, m_new)[:, None])
     return m_new, shift, e
 
 

@@ -28,6 +28,15 @@ def naive_logits(h, w, b, temperature=1.0, softcap=None, dtype=torch.float64):
     return x / temperature
 
 
+def expect(log_w, x):
+    """Σ_v exp(log_w_v)·x_v per row, with 0 where log_w = −inf (a banned token: 0·(±inf) counts as 0).
+
+    The masked entries are replaced before the product, so the gradients stay NaN-free as well."""
+    keep = log_w > float("-inf")
+    zero = torch.zeros_like(x)
+    return (torch.where(keep, log_w, zero).exp() * torch.where(keep, x, zero)).sum(-1)
+
+
 def naive_stats(h, w, b, labels, *, temperature=1.0, softcap=None, ignore_index=-100, dtype=torch.float64):
     """(logp, lse, entropy, log_sum_p2) per row, 0 at ignored rows. h [N, D], labels [N]."""
     z = naive_logits(h, w, b, temperature, softcap, dtype)
@@ -36,7 +45,7 @@ def naive_stats(h, w, b, labels, *, temperature=1.0, softcap=None, ignore_index=
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     logp = logprobs.gather(1, safe[:, None]).squeeze(1)
     lse = torch.logsumexp(z, dim=-1)
-    ent = -(logprobs.exp() * logprobs).sum(-1)
+    ent = -expect(logprobs, logprobs)
     p2 = torch.logsumexp(2 * logprobs, dim=-1)
     zero = torch.zeros_like(lse)
     return tuple(torch.where(valid, t, zero) for t in (logp, lse, ent, p2))
@@ -47,10 +56,7 @@ def naive_kl(h, w, b, rh, rw, rb, labels, *, direction="forward", temperature=1.
     """(kl, logp, ref_logp) per row; logp None without labels."""
     lp = torch.log_softmax(naive_logits(h, w, b, temperature, softcap, dtype), -1)
     lq = torch.log_softmax(naive_logits(rh, rw, rb, temperature, ref_softcap, dtype), -1)
-    if direction == "forward":
-        kl = (lq.exp() * (lq - lp)).sum(-1)
-    else:
-        kl = (lp.exp() * (lp - lq)).sum(-1)
+    kl = expect(lq, lq - lp) if direction == "forward" else expect(lp, lp - lq)
     if labels is None:
         return kl, None, None
     valid = labels != ignore_index

@@ -9,6 +9,7 @@ import fastpref
 from cases import BACKENDS, DEVICE, Case, require_backend
 from fastpref import backends
 from oracle import assert_three_way, grads_of, leaf, naive_stats
+from test_banned_tokens import _head, tiled  # noqa: F401 (tiled: the fixture)
 
 CASES = {
     "bias_ignore": Case(bias=True, ignore_frac=0.3, seed=71),
@@ -68,6 +69,28 @@ def test_frozen_head_hidden_grad(backend, case, monkeypatch):
 def test_frozen_head_each_output(backend, outputs, monkeypatch):
     _no_vocabulary_backward(monkeypatch, backend)
     _check(backend, Case(bias=True, softcap=4.0, ignore_frac=0.2, seed=79), outputs)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("tiled", BACKENDS, indirect=True)
+def test_frozen_head_with_banned_tokens(tiled, softcap, monkeypatch):
+    """−inf bias entries, a whole first tile of them included (the running max is −inf after it)."""
+    _no_vocabulary_backward(monkeypatch, tiled)
+    case, h, w, b, labels = _head(64, softcap)
+    opts = dict(temperature=0.8, softcap=softcap)
+    ups = case.upstream(3)
+    grads = {}
+    for tag, dt, name in (("ours", torch.float32, tiled), ("gold", torch.float64, None),
+                          ("ref", torch.float32, None)):
+        x = leaf(h, dt)
+        if name is None:
+            outs = naive_stats(x, w.to(dt), b.to(dt), labels, dtype=dt, **opts)[:3]
+        else:
+            st = fastpref.token_stats(x, w, labels, bias=b, entropy=True, backend=name, **opts)
+            outs = [st.logp, st.lse, st.entropy]
+        grads[tag] = grads_of(list(outs), ups, [x])[0]
+    assert_three_way("d_hidden", grads["ours"], grads["ref"], grads["gold"], torch.float32, grad=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

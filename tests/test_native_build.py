@@ -2,7 +2,9 @@
 within its documented bound (and does not grow with V), and an unavailable extension says why."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -34,6 +36,58 @@ def test_cuda_kernels_compile_without_spills():
     assert "no spills" in p.stdout
     for arch in ("sm_80", "sm_90"):
         assert arch in p.stdout
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_fastpref_{name}", os.path.join(ROOT, "csrc", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _shipped_cuda_build(monkeypatch, tmp_path) -> tuple[list[str], str]:
+    """(nvcc flags, TORCH_CUDA_ARCH_LIST) that setup.py gives the CUDA extension, recorded by running it
+    with a stand-in CUDA build of torch, a stand-in toolkit and setuptools.setup stubbed out."""
+    import setuptools
+    import torch.utils.cpp_extension as cpp_ext
+
+    recorded = {}
+
+    def cuda_extension(name, sources, **kwargs):
+        recorded.update(name=name, **kwargs)
+        return cpp_ext.CppExtension(name, [])
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_ext, "CUDAExtension", cuda_extension)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    for var in ("TORCH_CUDA_ARCH_LIST", "FASTPREF_NO_NATIVE", "FASTPREF_NO_CUDA"):
+        monkeypatch.setenv(var, "")  # recorded, so that the original state comes back after the test
+        monkeypatch.delenv(var)
+    runpy.run_path(os.path.join(ROOT, "setup.py"))
+    assert recorded.get("name") == "fastpref._native_cuda", "setup.py did not declare the CUDA extension"
+    return recorded["extra_compile_args"]["nvcc"], os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def test_cuda_compile_check_uses_exactly_the_shipped_flags(monkeypatch, tmp_path):
+    """One definition of the nvcc flags (csrc/build_flags.py), without fast math (tanh.approx.f32 breaks the
+    float32 tolerance of softcapped logits), used by setup.py and by csrc/check_cuda_compile.py."""
+    nvcc_flags, arch_list = _shipped_cuda_build(monkeypatch, tmp_path)
+    flags = _load_script("build_flags")
+    bad = [f for f in nvcc_flags if f in flags.FAST_MATH_FLAGS or "fast_math" in f or "fast-math" in f]
+    assert not bad, f"the shipped CUDA build uses fast-math flags {bad}"
+    assert "+PTX" in arch_list, f"the CUDA build embeds no PTX for newer GPUs (TORCH_CUDA_ARCH_LIST={arch_list})"
+    check = _load_script("check_cuda_compile")
+    cmd = check.nvcc_command("nvcc", "k.cu", "90", "k.o")
+    report_only = ["nvcc", "-arch=sm_90", *check.TORCH_ADDS, "-Xptxas", "-v", "-c", "k.cu", "-o", "k.o"]
+    rest = list(cmd)
+    for item in report_only:
+        rest.remove(item)
+    assert rest == nvcc_flags, f"the compile check uses {rest}, the build {nvcc_flags}"
+    assert flags.sm_versions(arch_list) == ["80", "90"]
 
 
 def _cpu_flags() -> set[str]:
@@ -143,3 +197,29 @@ def test_unavailable_reasons():
     assert ok.supports(torch.device("cpu"), torch.float32) is None
     assert ok.supports(torch.device("cpu"), torch.bfloat16) is None
     assert "float64" in ok.supports(torch.device("cpu"), torch.float64)
+
+
+def test_cuda_support_is_probed_per_device(monkeypatch):
+    """supports() asks the extension whether each GPU can run its kernels (once per device): a build for
+    sm_80/sm_90 without usable PTX imports on sm_120 and then fails at every launch. Fake devices here."""
+    from fastpref.backends.native_backend import NativeBackend
+
+    class FakeCudaModule:
+        def __init__(self):
+            self.probed = []
+
+        def kernel_image_error(self, index):
+            self.probed.append(index)
+            return "" if index == 0 else "no kernel image is available for execution on the device"
+
+    caps = {0: (9, 0), 1: (12, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: caps[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    mod = FakeCudaModule()
+    backend = NativeBackend(None, "no CPU module", mod, None)
+    assert backend.supports(torch.device("cuda", 0), torch.float16) is None
+    why = backend.supports(torch.device("cuda", 1), torch.float32)
+    assert why is not None and "sm_120" in why and "no kernel image" in why and "rebuild" in why
+    assert backend.supports(torch.device("cuda"), torch.float32) == why  # the current device, cuda:1
+    backend.supports(torch.device("cuda", 0))
+    assert mod.probed == [0, 1], "each device is probed once and the answer cached"

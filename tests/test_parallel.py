@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastpref
+from cases import require_backend
 from fastpref.parallel import vocab_parallel_token_kl, vocab_parallel_token_stats
 
 WORLD = 2
@@ -95,6 +96,59 @@ def test_vocab_parallel_matches_full(backend):
             close(r[f"kl_{direction}"], kl.kl), close(r[f"kl_logp_{direction}"], kl.logp)
             close(r[f"kl_ref_logp_{direction}"], kl.ref_logp)
             close(r[f"kl_dh_{direction}"], hk.grad), close(r[f"kl_dw_{direction}"], wk.grad[s:e])
+
+
+def _sums_worker(rank, port, names, results):
+    """Every output's plain .sum(): autograd hands the backward expanded (stride-0) upstream gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        h, w, b, rh, rw, y, _ = _data()
+        y = y.clamp(min=0)  # no ignored rows: their scatter would hand the backward a contiguous gradient
+        s, e = _bounds(rank)
+        out = {}
+        for name in names:
+            hh = h.clone().requires_grad_()
+            ws, bs = w[s:e].clone().requires_grad_(), b[s:e].clone().requires_grad_()
+            st = vocab_parallel_token_stats(hh, ws, y, vocab_range=(s, e), bias=bs, entropy=True, backend=name)
+            (st.logp.sum() + st.lse.sum() + st.entropy.sum()).backward()
+            out.update({f"{name}_dh": hh.grad, f"{name}_dw": ws.grad, f"{name}_db": bs.grad})
+            for direction in ("forward", "reverse"):
+                hk, wk = h.clone().requires_grad_(), w[s:e].clone().requires_grad_()
+                kl = vocab_parallel_token_kl(hk, wk, rh, rw[s:e], y, vocab_range=(s, e), direction=direction,
+                                             backend=name)
+                (kl.kl.sum() + kl.logp.sum()).backward()
+                out.update({f"{name}_kl_dh_{direction}": hk.grad, f"{name}_kl_dw_{direction}": wk.grad})
+        results[rank] = {k: v.detach().clone() for k, v in out.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_sums_of_outputs_on_triton_and_native():
+    """``out.sum()`` gives stride-0 upstream gradients; the kernels must read them as [M] vectors."""
+    names = ["triton", "native"]
+    for name in names:
+        require_backend(name)
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_sums_worker, args=(_free_port(), names, results), nprocs=WORLD, start_method="spawn")
+    h, w, b, rh, rw, y, _ = _data()
+    y = y.clamp(min=0)
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    st = fastpref.token_stats(hh, ww, y, bias=bb, entropy=True, backend="torch")
+    (st.logp.sum() + st.lse.sum() + st.entropy.sum()).backward()
+    want = {"dh": hh.grad, "dw": ww.grad, "db": bb.grad}
+    for direction in ("forward", "reverse"):
+        hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+        kl = fastpref.token_kl(hk, wk, rh, rw, y, direction=direction, backend="torch")
+        (kl.kl.sum() + kl.logp.sum()).backward()
+        want.update({f"kl_dh_{direction}": hk.grad, f"kl_dw_{direction}": wk.grad})
+    for rank in range(WORLD):
+        s, e = _bounds(rank)
+        for name in names:
+            for key, full in want.items():
+                local = full if "dh" in key else full[s:e]
+                torch.testing.assert_close(results[rank][f"{name}_{key}"], local, atol=1e-4, rtol=1e-4,
+                                           msg=lambda m: f"{name} rank {rank} {key}: {m}")
 
 
 def _fsdp_worker(rank, port, results):

@@ -122,3 +122,42 @@ def test_interpreter_preset_and_splits():
     assert launch.vocab_splits(1, 1, cpu, torch.float32, "stats_forward") == (1, 1, 1)
     assert launch.vocab_splits(1, 5 * bv + 1, cpu, torch.float32, "stats_forward", splits=4) == (1, 3, 2)
     assert launch.vocab_splits(200, 3 * bv, cpu, torch.float32, "kl_forward", splits=99)[1:] == (3, 1)
+
+
+def test_every_launch_is_guarded_with_the_tensors_device(monkeypatch):
+    """Tensors on cuda:1 while cuda:0 is current: the launch must make cuda:1 current (and so its stream).
+    Checked without a GPU: torch.cuda.device is replaced by a recorder and each kernel by a stub."""
+    from fastpref.kernels import launch, presets
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    class Kernel:
+        def __init__(self):
+            self.calls = []
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.calls.append(list(entered))
+            return run
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(presets, "select", lambda kernel, dtype, device: presets.INTERPRETER)
+    for kernel in presets.KERNELS:
+        mod = launch.module(kernel)
+        stub = Kernel()
+        monkeypatch.setattr(mod, "kernel", stub)
+        entered.clear()
+        launch.launch(kernel, lambda cfg: (1,), torch.float16, torch.device("cuda", 1),
+                      {f: False for f in mod.FLAGS}, **{name: None for name, _ in mod.ARGS})
+        assert stub.calls == [[1]], f"{kernel} launched outside a guard for cuda:1 ({stub.calls})"
+        assert entered == [1, None]

@@ -36,6 +36,7 @@ FP_HOT float transform_row(float* x, const float* bias, int64_t n, Transform tr)
 static constexpr int64_t SUM_BLOCK = 128;
 
 FP_HOT RowSums exp_sums_row(const float* z, int64_t n, float m, bool want_t, bool want_s2) {
+  m = exp_base(m);
   double S = 0, Tt = 0, S2 = 0;
   for (int64_t b = 0; b < n; b += SUM_BLOCK) {
     const int64_t e_ = b + SUM_BLOCK < n ? b + SUM_BLOCK : n;
@@ -45,7 +46,7 @@ FP_HOT RowSums exp_sums_row(const float* z, int64_t n, float m, bool want_t, boo
       for (int64_t j = b; j < e_; ++j) {
         float d = z[j] - m, e = fexp(d);
         s += e;
-        t += e * d;
+        t += weighted(e, d);
         s2 += e * e;
       }
     } else if (want_t) {
@@ -53,7 +54,7 @@ FP_HOT RowSums exp_sums_row(const float* z, int64_t n, float m, bool want_t, boo
       for (int64_t j = b; j < e_; ++j) {
         float d = z[j] - m, e = fexp(d);
         s += e;
-        t += e * d;
+        t += weighted(e, d);
       }
     } else if (want_s2) {
 #pragma omp simd reduction(+ : s, s2)
@@ -74,6 +75,7 @@ FP_HOT RowSums exp_sums_row(const float* z, int64_t n, float m, bool want_t, boo
 }
 
 FP_HOT float cross_row(const float* w, const float* o, int64_t n, float mw, float* sum_e) {
+  mw = exp_base(mw);
   double C = 0, S = 0;
   for (int64_t b = 0; b < n; b += SUM_BLOCK) {
     const int64_t e_ = b + SUM_BLOCK < n ? b + SUM_BLOCK : n;
@@ -82,7 +84,7 @@ FP_HOT float cross_row(const float* w, const float* o, int64_t n, float mw, floa
     for (int64_t j = b; j < e_; ++j) {
       float e = fexp(w[j] - mw);
       s += e;
-      c += e * (w[j] - o[j]);
+      c += weighted(e, w[j] - o[j]);
     }
     C += c;
     S += s;
@@ -102,33 +104,34 @@ FP_HOT void stats_grad_row(float* x, const float* bias, int64_t n, Transform tr,
     for (int64_t j = 0; j < n; ++j) {
       float c = ftanh(x[j] * tr.inv_cap);
       float lp = c * tr.cap_t - lse, p = fexp(lp);
-      float dz = p * coef - (g_ent * p) * (lp + ent);
+      float dz = p * coef - g_ent * weighted(p, lp + ent);
       x[j] = dz * ((1.0f - c * c) * tr.inv_t);
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       float lp = x[j] * tr.inv_t - lse, p = fexp(lp);
-      float dz = p * coef - (g_ent * p) * (lp + ent);
+      float dz = p * coef - g_ent * weighted(p, lp + ent);
       x[j] = dz * tr.inv_t;
     }
   }
 }
 
 FP_HOT void frozen_weights_row(float* z, float* t, int64_t n, float m, Transform tr) {
+  m = exp_base(m);
   const float inv_cap_t = tr.softcap ? 1.0f / tr.cap_t : 0.0f;  // c = tanh(x/cap) = z·T/cap
   if (t != nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float d = z[j] - m, e = fexp(d), c = z[j] * inv_cap_t;
+      const float d = z[j] - m, e = fexp(d), c = tr.softcap ? z[j] * inv_cap_t : 0.0f;
       const float we = e * (1.0f - c * c) * tr.inv_t;
-      t[j] = e > 0.0f ? we * d : 0.0f;
+      t[j] = weighted(we, d);  // 0 at banned (−inf) tokens
       z[j] = we;
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float e = fexp(z[j] - m), c = z[j] * inv_cap_t;
+      const float e = fexp(z[j] - m), c = tr.softcap ? z[j] * inv_cap_t : 0.0f;
       z[j] = e * (1.0f - c * c) * tr.inv_t;
     }
   }
@@ -158,7 +161,7 @@ FP_HOT void kl_grad_row(float* x, const float* bias, const float* rz, int64_t n,
       float z = tr.softcap ? c * tr.cap_t : x[j] * tr.inv_t;
       float d = tr.softcap ? (1.0f - c * c) * tr.inv_t : tr.inv_t;
       float lp = z - lse, lq = rz[j] - ref_lse, p = fexp(lp);
-      float dz = g_kl * p * (lp - lq - kl) - g_logp * p;
+      float dz = g_kl * weighted(p, lp - lq - kl) - g_logp * p;
       x[j] = dz * d;
     }
   }

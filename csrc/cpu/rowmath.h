@@ -55,6 +55,17 @@ FP_INLINE float ftanh(float x) {
   return x < 0.0f ? -t : t;
 }
 
+// e·x, or 0 where that is NaN: a banned token (bias −inf) has e = 0 and x = ±inf or NaN, and 0·(±inf) is NaN.
+// (A NaN test rather than e > 0: GCC then keeps every load unconditional and vectorizes the baseline clone too.)
+FP_INLINE float weighted(float e, float x) {
+  const float ex = e * x;
+  return ex == ex ? ex : 0.0f;
+}
+
+// The max to subtract from a row's logits: 0 while all of them are −inf (banned tokens), where
+// exp(−inf − (−inf)) would be NaN; the exps are then 0 as they should be.
+FP_INLINE float exp_base(float m) { return m == -std::numeric_limits<float>::infinity() ? 0.0f : m; }
+
 // How raw GEMM outputs x (plus bias) become logits: z = softcap ? cap·tanh(x/cap)/T : x/T.
 struct Transform {
   bool softcap;
@@ -71,7 +82,7 @@ float transform_row(float* x, const float* bias, int64_t n, Transform tr);
 struct RowSums {
   float s, t, s2;
 };
-// Σ e_j, Σ e_j·d_j, Σ e_j² with d_j = z_j − m, e_j = exp(d_j); t / s2 only when asked.
+// Σ e_j, Σ e_j·d_j, Σ e_j² with d_j = z_j − m, e_j = exp(d_j); t / s2 only when asked. −inf entries add 0.
 RowSums exp_sums_row(const float* z, int64_t n, float m, bool want_t, bool want_s2);
 
 // Σ exp(w_j − mw)·(w_j − o_j) — the cross term of the KL, weighted by the softmax of w.

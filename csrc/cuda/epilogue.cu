@@ -55,6 +55,12 @@ __device__ __forceinline__ void block_reduce(float (&v)[K]) {
   __syncthreads();  // buf is reused by the next call
 }
 
+// e·x, or 0 where e = 0: a banned token (bias −inf) has e = 0 and x = ±inf or NaN, and 0·(±inf) is NaN.
+__device__ __forceinline__ float weighted(float e, float x) { return e > 0.0f ? e * x : 0.0f; }
+
+// The max to subtract: 0 while every logit so far is −inf (banned tokens), where exp(−inf − (−inf)) is NaN.
+__device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.0f : m; }
+
 // Rescale factor of the old running sums when the max moves from mo to mn (mo = −inf: nothing yet).
 __device__ __forceinline__ float rescale(float mo, float mn, float* shift) {
   *shift = isinf(mo) ? 0.0f : mo - mn;
@@ -74,12 +80,12 @@ stats_fwd_kernel(float* __restrict__ tile, int cols, const float* __restrict__ b
     mx[0] = fmaxf(mx[0], v);
   }
   block_reduce<1, true>(mx);
-  const float mo = m[row], mn = fmaxf(mo, mx[0]);
+  const float mo = m[row], mn = fmaxf(mo, mx[0]), base = exp_base(mn);
   float acc[3] = {0.0f, 0.0f, 0.0f};  // Σe, Σe·d, Σe²
   for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
-    float d = z[j] - mn, e = expf(d);
+    float d = z[j] - base, e = expf(d);
     acc[0] += e;
-    acc[1] += e * d;
+    acc[1] += weighted(e, d);
     acc[2] += e * e;
   }
   block_reduce<3, false>(acc);
@@ -121,7 +127,7 @@ stats_bwd_kernel(float* __restrict__ tile, int cols, const float* __restrict__ b
   const float coef = (g_lse ? g_lse[row] : 0.0f) - gl;
   const float lp = transform(x, tr) - lse[row], p = expf(lp);
   float dz = p * coef;
-  if (g_ent) dz -= (g_ent[row] * p) * (lp + ent[row]);
+  if (g_ent) dz -= g_ent[row] * weighted(p, lp + ent[row]);
   if (labels && labels[row] - c0 == j) dz += gl;
   *p_x = dz * dzdx(x, tr);
 }
@@ -148,10 +154,10 @@ kl_fwd_kernel(float* __restrict__ zt, float* __restrict__ rzt, int cols, const f
   float acc[3] = {0.0f, 0.0f, 0.0f};  // Σe_pol, Σe_ref, cross
   for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
     float a = z[j], b = rz[j];
-    float e = expf(a - mn), re = expf(b - rmn);
+    float e = expf(a - exp_base(mn)), re = expf(b - exp_base(rmn));
     acc[0] += e;
     acc[1] += re;
-    acc[2] += reverse ? e * (a - b) : re * (b - a);
+    acc[2] += reverse ? weighted(e, a - b) : weighted(re, b - a);
   }
   block_reduce<3, false>(acc);
   if (threadIdx.x == 0) {
@@ -200,7 +206,7 @@ kl_bwd_kernel(float* __restrict__ zt, const float* __restrict__ rzt, int cols, c
   const float lq = transform(rzt[k] + (ref_bias ? ref_bias[j] : 0.0f), rtr) - ref_lse[row];
   const float lp = transform(x, tr) - lse[row], p = expf(lp);
   const float gk = g_kl ? g_kl[row] : 0.0f, gl = g_logp ? g_logp[row] : 0.0f;
-  float dz = reverse ? gk * p * (lp - lq - kl[row]) : gk * (p - expf(lq));
+  float dz = reverse ? gk * weighted(p, lp - lq - kl[row]) : gk * (p - expf(lq));
   dz -= gl * p;
   if (labels && labels[row] - c0 == j) dz += gl;
   zt[k] = dz * dzdx(x, tr);
@@ -209,6 +215,13 @@ kl_bwd_kernel(float* __restrict__ zt, const float* __restrict__ rzt, int cols, c
 inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 }  // namespace
+
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, stats_fwd_kernel);
+  if (err != cudaSuccess) cudaGetLastError();
+  return err;
+}
 
 void stats_fwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, Transform tr,
                     const int64_t* labels, int64_t c0, float* m, float* s, float* t, float* s2, float* zl,

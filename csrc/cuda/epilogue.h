@@ -47,4 +47,9 @@ void kl_bwd_tile(float* z, const float* rz, int64_t rows, int64_t cols, const fl
                  const float* ref_lse, const float* kl, const float* g_kl, const float* g_logp,
                  cudaStream_t stream);
 
+// cudaSuccess when this build holds a kernel image the current device can run (its machine code, or PTX the
+// driver compiles for it); else the error, e.g. cudaErrorNoKernelImageForDevice. Launches nothing; the error
+// is cleared, so that the next launch check does not report it.
+cudaError_t kernel_image_status();
+
 }  // namespace fastpref_cuda

@@ -360,4 +360,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     g_chunk = chunk;
   });
   m.def("get_tiling", []() { return std::make_pair(g_rows, g_chunk); });
+  m.def("kernel_image_error", [](int64_t device) {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    const cudaError_t err = kernel_image_status();
+    return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+  }, "'' when CUDA device `device` can run this build's kernels, else the CUDA error (no kernel image, ...)");
 }

@@ -86,4 +86,39 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     return b
 
 
-__all__ = ["Backend", "BackendUnavailable", "available", "by_name", "resolve"]
+def row_vector(x: torch.Tensor | None, rows: int, name: str) -> torch.Tensor | None:
+    """None, or ``x`` as a contiguous float32 [rows] tensor: the only form a backend's backward accepts.
+
+    Autograd hands out expanded upstream gradients (the gradient of ``out.sum()`` has stride 0) and other
+    views; the Triton and CUDA kernels read ``G[row]`` from the storage directly, so such a gradient would
+    be read past its end.
+    """
+    if x is None:
+        return None
+    if tuple(x.shape) != (rows,):
+        raise ValueError(f"{name} must have shape [{rows}], got {tuple(x.shape)}")
+    return x.to(torch.float32).contiguous()
+
+
+def stats_backward(impl: Backend, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                   opts, needs):
+    """``impl.stats_backward`` with every per-row input made a contiguous float32 [M] tensor (``row_vector``):
+    the one entry point of the backward for every caller."""
+    M = hidden.shape[0]
+    vec = [row_vector(x, M, n) for x, n in ((lse, "lse"), (entropy, "entropy"), (grad_logp, "grad_logp"),
+                                            (grad_lse, "grad_lse"), (grad_entropy, "grad_entropy"))]
+    return impl.stats_backward(hidden, weight, bias, labels, *vec, opts, needs)
+
+
+def kl_backward(impl: Backend, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
+                grad_kl, grad_logp, opts, ref_opts, direction, needs):
+    """``impl.kl_backward`` with every per-row input made a contiguous float32 [M] tensor (``row_vector``)."""
+    M = hidden.shape[0]
+    vec = [row_vector(x, M, n) for x, n in ((lse, "lse"), (ref_lse, "ref_lse"), (kl, "kl"), (grad_kl, "grad_kl"),
+                                            (grad_logp, "grad_logp"))]
+    return impl.kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *vec, opts, ref_opts,
+                            direction, needs)
+
+
+__all__ = ["Backend", "BackendUnavailable", "available", "by_name", "kl_backward", "resolve", "row_vector",
+           "stats_backward"]

@@ -57,6 +57,17 @@ def _cap(softcap):
     return 0.0 if softcap is None else float(softcap)
 
 
+def cuda_device_reason(capability: tuple[int, int], image_error: str) -> str | None:
+    """Why the CUDA extension cannot run on a GPU of this compute capability, given its kernel-image probe
+    (``kernel_image_error``: '' when the device can run the build's machine code or JIT its PTX)."""
+    if not image_error:
+        return None
+    major, minor = capability
+    return (f"the native CUDA extension has no kernel this GPU (sm_{major}{minor}) can run ({image_error}); "
+            "rebuild it on this machine (`pip install --no-build-isolation -e .`, TORCH_CUDA_ARCH_LIST naming "
+            "this GPU) or use backend='triton'")
+
+
 def _d(*xs):
     """Detached tensors (None stays None): the extensions call ATen out= ops, which refuse autograd inputs."""
     return tuple(None if x is None else x.detach() for x in xs)
@@ -67,6 +78,16 @@ class NativeBackend:
 
     def __init__(self, cpu, cpu_why, cuda, cuda_why):
         self.cpu, self.cpu_why, self.cuda, self.cuda_why = cpu, cpu_why, cuda, cuda_why
+        self._device_why: dict[int, str | None] = {}  # CUDA device index → cuda_device_reason, probed once
+
+    def _cuda_device_why(self, device: torch.device) -> str | None:
+        """Whether the extension's kernels load on this GPU: an extension built without this GPU's
+        architecture (and without PTX it can compile) imports fine and then fails at every launch."""
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index not in self._device_why:
+            self._device_why[index] = cuda_device_reason(torch.cuda.get_device_capability(index),
+                                                         self.cuda.kernel_image_error(index))
+        return self._device_why[index]
 
     def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         device = torch.device(device)
@@ -76,6 +97,9 @@ class NativeBackend:
         elif device.type == "cuda":
             if self.cuda is None:
                 return self.cuda_why
+            why = self._cuda_device_why(device)
+            if why is not None:
+                return why
         else:
             return f"the native backend runs on CPU and CUDA tensors, not on {device.type}"
         if dtype is not None and dtype not in _DTYPES:

@@ -35,6 +35,11 @@ def logits_tile(h: Tensor, w: Tensor, b: Tensor | None, opts: LogitOptions) -> t
     return c * (opts.softcap / opts.temperature), (1.0 - c * c) / opts.temperature
 
 
+def weighted(e: Tensor, x: Tensor) -> Tensor:
+    """e·x with 0 where e = 0: a banned token (−inf bias) has e = 0 and x = ±inf or NaN there."""
+    return torch.where(e > 0, e * x, torch.zeros_like(x))
+
+
 class OnlineLogSumExp:
     """Running max m and s = Σ exp(z − m) per row, over vocabulary tiles.
 
@@ -56,9 +61,11 @@ class OnlineLogSumExp:
         first = torch.isinf(self.m)
         shift = torch.where(first, torch.zeros_like(m_new), self.m - m_new)  # ≤ 0
         scale = torch.exp(shift)
-        e = torch.exp(z - m_new[:, None])
+        # while every logit so far is −inf (banned tokens) subtract 0, not −inf: exp(−inf − (−inf)) is NaN
+        base = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)[:, None]
+        e = torch.exp(z - base)
         if self.t is not None:
-            self.t = (self.t + shift * self.s) * scale + (e * (z - m_new[:, None])).sum(1)
+            self.t = (self.t + shift * self.s) * scale + weighted(e, z - base).sum(1)
         if self.s2 is not None:
             self.s2 = self.s2 * scale * scale + (e * e).sum(1)
         self.s = self.s * scale + e.sum(1)
@@ -213,7 +220,7 @@ class TorchBackend:
                 p = torch.exp(logp_all)
                 dz = p * coef[r0:r1, None]
                 if grad_entropy is not None:
-                    dz -= (grad_entropy[r0:r1, None] * p) * (logp_all + entropy[r0:r1, None])
+                    dz -= grad_entropy[r0:r1, None] * weighted(p, logp_all + entropy[r0:r1, None])
                 _add_label(dz, labels[r0:r1], c0, g_logp[r0:r1])
                 dx = dz * dzdx if dzdx is not None else dz / opts.temperature
                 grads.add(dx, h32[r0:r1], w, r0, r1)
@@ -243,9 +250,9 @@ class TorchBackend:
                 e_pol, scale_pol = pol.update(z)
                 e_ref, scale_ref = ref.update(rz)
                 if direction == "forward":
-                    cross = cross * scale_ref + (e_ref * (rz - z)).sum(1)
+                    cross = cross * scale_ref + weighted(e_ref, rz - z).sum(1)
                 else:
-                    cross = cross * scale_pol + (e_pol * (z - rz)).sum(1)
+                    cross = cross * scale_pol + weighted(e_pol, z - rz).sum(1)
                 if labels is not None:
                     z_label += _gather_label(z, labels[r0:r1], c0)
                     rz_label += _gather_label(rz, labels[r0:r1], c0)
@@ -283,7 +290,7 @@ class TorchBackend:
                 if direction == "forward":
                     dz = g_kl[r0:r1, None] * (p - torch.exp(ref_logp_all))
                 else:
-                    dz = g_kl[r0:r1, None] * p * (logp_all - ref_logp_all - kl[r0:r1, None])
+                    dz = g_kl[r0:r1, None] * weighted(p, logp_all - ref_logp_all - kl[r0:r1, None])
                 dz -= g_logp[r0:r1, None] * p
                 if labels is not None:
                     _add_label(dz, labels[r0:r1], c0, g_logp[r0:r1])
