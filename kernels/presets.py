@@ -69,7 +69,7 @@ _GPU: dict[tuple[str, int, int], Config] = {
     ("stats_dlogits", 90, 32): Config(BN=64, BV=128, BD=32, num_warps=8, num_stages=2),
     ("kl_dlogits", 80, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=2),
     ("kl_dlogits", 90, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=3),
-    ("kl_dlogits", 80, 32): Config(BN=32, BV=64, BD=32, num_warps=4, num_stages=2),
+    ("kl_dlogits", 80, 32): Config(BN=32, BV=64, BD=16, num_warps=4, num_stages=2),
     ("kl_dlogits", 90, 32): Config(BN=32, BV=64, BD=32, num_warps=4, num_stages=2),
 }
 
