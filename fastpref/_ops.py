@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import backends
+from . import _frozen, backends
 from ._checks import PLAIN_TENSORS
 from .options import LogitOptions
 
@@ -131,6 +131,61 @@ def fused_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
     """The fused stats op (arguments as ``token_stats_op``): directly when eager, else the custom op."""
     args = (hidden, weight, bias, labels, backend, temperature, softcap, entropy, log_sum_p2)
     return _EagerStats.apply(*args) if _direct(hidden, weight, bias, labels) else token_stats_op(*args)
+
+
+# ---- single model, frozen head (weight and bias need no gradient): fastpref._frozen ---------------------
+def _frozen_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, backend: str,
+                 temperature: float, softcap: Optional[float], entropy: bool,
+                 log_sum_p2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """token_stats plus EA = E_p[(dz/dx)·W] and EC = E_p[(log p + H)·(dz/dx)·W] (float32 [M, D]; EC empty
+    without entropy), from which the backward forms dL/dh without a pass over the vocabulary."""
+    M = hidden.shape[0]
+    if M == 0:
+        return tuple(_f32(0, hidden) for _ in range(6))
+    logp, lse, ent, p2, ea, ec = backends.resolve(backend, hidden.device, hidden.dtype).stats_forward_frozen(
+        hidden, weight, bias, labels, LogitOptions(temperature, softcap), entropy, log_sum_p2)
+    none = lambda t: _f32(_NONE, hidden) if t is None else t  # noqa: E731
+    return logp, lse, none(ent), none(p2), ea, none(ec)
+
+
+token_stats_frozen_op = torch.library.custom_op("fastpref::token_stats_frozen", mutates_args=())(_frozen_impl)
+
+
+@token_stats_frozen_op.register_fake
+def _(hidden, weight, bias, labels, backend, temperature, softcap, entropy, log_sum_p2):
+    M, D = hidden.shape
+    f = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return f(M), f(M), f(M if entropy else 0), f(M if log_sum_p2 else 0), f(M, D), f(M, D) if entropy else f(0)
+
+
+def _frozen_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, backend, temperature, softcap, _ent, _p2 = inputs
+    logp, lse, ent, _, ea, ec = output
+    ctx.save_for_backward(weight, labels, logp, lse, ent, ea, ec)
+    ctx.cfg = (hidden.dtype, LogitOptions(temperature, softcap))
+
+
+def _frozen_backward(ctx, grad_logp, grad_lse, grad_entropy, _grad_p2, _grad_ea, _grad_ec):
+    weight, labels, logp, lse, ent, ea, ec = ctx.saved_tensors
+    dtype, opts = ctx.cfg
+    if not ctx.needs_input_grad[0] or lse.numel() == 0:
+        return (None,) * 9
+    g_ent = None if _opt(ent) is None else grad_entropy.float()
+    dh = _frozen.hidden_grad(weight, labels, logp, lse, ea, _opt(ec), grad_logp.float(), grad_lse.float(), g_ent,
+                             opts)
+    return (dh.to(dtype),) + (None,) * 8
+
+
+token_stats_frozen_op.register_autograd(_frozen_backward, setup_context=_frozen_setup)
+_EagerFrozen = _eager_function("_EagerFrozen", _frozen_impl, _frozen_setup, _frozen_backward)
+
+
+def fused_stats_frozen(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, backend: str,
+                       temperature: float, softcap: float | None, entropy: bool,
+                       log_sum_p2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The frozen-head stats op (arguments as ``token_stats_frozen_op``): directly when eager, else the op."""
+    args = (hidden, weight, bias, labels, backend, temperature, softcap, entropy, log_sum_p2)
+    return _EagerFrozen.apply(*args) if _direct(hidden, weight, bias, labels) else token_stats_frozen_op(*args)
 
 
 # ---- two models: KL ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Forward of token_kl: one streaming pass over the vocabulary computing both models' logits tiles.
 
-Grid (row blocks, vocabulary splits) as in stats_forward. Per row: policy (m, s), reference (mr, sr),
+Grid (row blocks × vocabulary splits, grouped) as in stats_forward. Per row: policy (m, s), reference (mr, sr),
 cf = Σ e^{zr−mr}(zr − z) (forward KL, weighted by the reference), cr = Σ e^{z−m}(z − zr) (reverse KL,
 weighted by the policy), and both label logits. Partials Part[k, split, row] with
 k = m, mr, sr, cf, z_label, zr_label and Part64[k, split, row] with k = s, cr in float64:
@@ -12,25 +12,25 @@ The policy and the reference may have different hidden sizes (D, Dr).
 import triton
 import triton.language as tl
 
-from .tiles import label_pick, logits_tile, lse_step
+from .tiles import grouped_tiles, label_pick, logits_tile, lse_step
 
 ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("RH", "in"), ("RW", "in"), ("RB", "in"),
         ("Labels", "i64*"), ("Part", "f32*"), ("Part64", "f64*"),
-        ("M", "i32"), ("V", "i32"), ("D", "i32"), ("Dr", "i32"), ("tiles_per_split", "i32"),
+        ("M", "i32"), ("V", "i32"), ("D", "i32"), ("Dr", "i32"), ("n_splits", "i32"), ("tiles_per_split", "i32"),
         ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"), ("ref_inv_cap", "f32"),
         ("ref_cap_scale", "f32"))
 FLAGS = ("SOFTCAP", "REF_SOFTCAP")
-BLOCKS = ("BN", "BV", "BD")
+BLOCKS = ("BN", "BV", "BD", "GROUP")
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])
-def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, tiles_per_split,
+@triton.jit(do_not_specialize=["n_splits", "tiles_per_split"])
+def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, n_splits, tiles_per_split,
            inv_temp, inv_cap, cap_scale, ref_inv_cap, ref_cap_scale,
-           BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+           BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr,
            SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    # GROUP row blocks × all their splits are consecutive programs: the hidden-state tiles of a group stay in
+    # L2 while its splits stream different vocabulary ranges (launch.vocab_splits picks whole waves).
+    pid_n, split = grouped_tiles(tl.program_id(0), tl.cdiv(M, BN), n_splits, GROUP)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < M
     labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32)

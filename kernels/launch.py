@@ -62,8 +62,8 @@ def vocab_splits(rows: int, vocab: int, device: torch.device, dtype: torch.dtype
                  splits: int | None = None) -> tuple[int, int, int]:
     """(row blocks, splits, vocabulary tiles per split) for the forward kernels; every split is non-empty.
 
-    Without ``splits``: on a GPU, enough splits for about two programs per SM, each split keeping at
-    least MIN_SPLIT_TILES vocabulary tiles; under the interpreter one split.
+    Without ``splits``: on a GPU, ``whole_waves`` over the SMs (presets.CTAS_PER_SM programs each), each
+    split keeping at least MIN_SPLIT_TILES vocabulary tiles; under the interpreter one split.
     """
     cfg = presets.select(kernel, dtype, device)
     n_rows = math.ceil(rows / cfg.BN)
@@ -71,11 +71,26 @@ def vocab_splits(rows: int, vocab: int, device: torch.device, dtype: torch.dtype
     if splits is None:
         splits = 1
         if device.type == "cuda":
-            target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-            splits = max(1, min(math.ceil(target / n_rows), tiles // presets.MIN_SPLIT_TILES))
+            slots = torch.cuda.get_device_properties(device).multi_processor_count * presets.CTAS_PER_SM
+            splits = whole_waves(n_rows, tiles // presets.MIN_SPLIT_TILES, slots)
     splits = max(1, min(splits, tiles))
     per = math.ceil(tiles / splits)
     return n_rows, math.ceil(tiles / per), per
+
+
+def whole_waves(n_rows: int, max_splits: int, slots: int, min_fill: float = 0.9) -> int:
+    """The fewest vocabulary splits s ≤ max_splits for which n_rows·s programs make at least two waves of
+    ``slots`` concurrent programs, filled to at least ``min_fill`` on average (n_rows·s / (waves·slots));
+    when none does, the smallest s with the best fill."""
+    best, best_fill = 1, 0.0
+    for s in range(1, max(1, max_splits) + 1):
+        programs = n_rows * s
+        fill = programs / (math.ceil(programs / slots) * slots)
+        if programs >= 2 * slots and fill >= min_fill:
+            return s
+        if fill > best_fill + 1e-12:
+            best, best_fill = s, fill
+    return best
 
 
 def _merge(m: torch.Tensor, s: torch.Tensor):

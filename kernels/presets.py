@@ -8,7 +8,8 @@ interpreter's cost grows with the number of programs × inner steps, not with th
 
 BN rows × BV vocabulary columns per logits tile; BD: hidden-size chunk of the logits product;
 BDG: hidden-size chunk of the gradient products (backward); GROUP: row blocks sharing vocabulary blocks
-in L2 (backward swizzle); MIN_SPLIT_TILES: fewest vocabulary tiles per split in the forward V-split.
+in L2 (backward swizzle; in the forward, row blocks whose vocabulary splits run next to each other);
+MIN_SPLIT_TILES: fewest vocabulary tiles per split in the forward V-split.
 """
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ class Config:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward")
+KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward", "stats_dlogits", "kl_dlogits")
 ARCHS = (80, 90)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 INTERPRETER = Config(BN=64, BV=256, BD=64, BDG=64, GROUP=4, num_warps=4, num_stages=1)
 MIN_SPLIT_TILES = 4
+CTAS_PER_SM = 1  # forward programs resident per SM (8-warp CTAs near 255 registers: one fits)
 
 _GPU: dict[tuple[str, int, int], Config] = {
     # (kernel, arch class, operand bits). Tuned with the report so that no variant spills (see report.py).
@@ -60,6 +62,15 @@ _GPU: dict[tuple[str, int, int], Config] = {
     ("kl_backward", 90, 16): Config(BN=64, BV=128, BD=32, BDG=64, num_warps=8, num_stages=3),
     ("kl_backward", 80, 32): Config(BN=32, BV=64, BD=16, BDG=16, num_warps=4, num_stages=2),
     ("kl_backward", 90, 32): Config(BN=32, BV=64, BD=32, BDG=16, num_warps=4, num_stages=2),
+    # GEMM backward, stage 1 (dL/dx blocks into scratch): the forward's tiles plus a store.
+    ("stats_dlogits", 80, 16): Config(BN=64, BV=128, BD=32, num_warps=8, num_stages=3),
+    ("stats_dlogits", 90, 16): Config(BN=128, BV=128, BD=64, num_warps=8, num_stages=3),
+    ("stats_dlogits", 80, 32): Config(BN=64, BV=128, BD=32, num_warps=8, num_stages=2),
+    ("stats_dlogits", 90, 32): Config(BN=64, BV=128, BD=32, num_warps=8, num_stages=2),
+    ("kl_dlogits", 80, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=2),
+    ("kl_dlogits", 90, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=3),
+    ("kl_dlogits", 80, 32): Config(BN=32, BV=64, BD=16, num_warps=4, num_stages=2),
+    ("kl_dlogits", 90, 32): Config(BN=32, BV=64, BD=32, num_warps=4, num_stages=2),
 }
 
 

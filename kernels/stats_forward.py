@@ -1,6 +1,6 @@
 """Forward of token_stats: per row block, stream over a range of vocabulary tiles.
 
-Grid (row blocks, vocabulary splits). Each program keeps, per row, the running max m, s = Σe^{z−m},
+Grid: row blocks × vocabulary splits, flattened and grouped (``tiles.grouped_tiles``). Each program keeps, per row, the running max m, s = Σe^{z−m},
 t = Σe^{z−m}(z−m), s2 = Σe^{2(z−m)} and the label's logit, and writes them as one split's partials
 Part[k, split, row] (k = m, s, t, s2, z_label); a tiny torch reduction (``launch.combine_stats``)
 merges the splits. Small-N problems use several splits so that the GPU still fills up.
@@ -8,24 +8,24 @@ merges the splits. Small-N problems use several splits so that the GPU still fil
 import triton
 import triton.language as tl
 
-from .tiles import label_pick, logits_tile, lse_step
+from .tiles import grouped_tiles, label_pick, logits_tile, lse_step
 
 # Argument order and kinds, shared by the launcher and the ahead-of-time report.
 # "in": pointer of the input dtype; "f32*"/"i64*": float32/int64 pointers; "i32"/"f32": scalars.
 ARGS = (("H", "in"), ("W", "in"), ("B", "in"), ("Labels", "i64*"), ("Part", "f32*"),
-        ("M", "i32"), ("V", "i32"), ("D", "i32"), ("tiles_per_split", "i32"),
+        ("M", "i32"), ("V", "i32"), ("D", "i32"), ("n_splits", "i32"), ("tiles_per_split", "i32"),
         ("inv_temp", "f32"), ("inv_cap", "f32"), ("cap_scale", "f32"))
 FLAGS = ("SOFTCAP",)
-BLOCKS = ("BN", "BV", "BD")
+BLOCKS = ("BN", "BV", "BD", "GROUP")
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])
-def kernel(H, W, B, Labels, Part, M, V, D, tiles_per_split, inv_temp, inv_cap, cap_scale,
-           BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+@triton.jit(do_not_specialize=["n_splits", "tiles_per_split"])
+def kernel(H, W, B, Labels, Part, M, V, D, n_splits, tiles_per_split, inv_temp, inv_cap, cap_scale,
+           BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr,
            SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    # GROUP row blocks × all their splits are consecutive programs: the hidden-state tiles of a group stay in
+    # L2 while its splits stream different vocabulary ranges (launch.vocab_splits picks whole waves).
+    pid_n, split = grouped_tiles(tl.program_id(0), tl.cdiv(M, BN), n_splits, GROUP)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < M
     labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 pytestmark = pytest.mark.aot
 
-KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward")
+KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward", "stats_dlogits", "kl_dlogits")
 ROW = re.compile(r"(\w+)\s+90\s+bf16\s+-\s+(\w+)\s+(\S+)\s+.*?\s(\d+)\s+(\d+)\s+(\d+)\s+(yes|no)\s")
 
 

@@ -133,9 +133,13 @@ static void check_f32_vec(const OptTensor& t, int64_t N, const char* what) {
 // ---------------------------------------------------------------------------------------------------
 // token_stats
 // ---------------------------------------------------------------------------------------------------
-std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
-                                  const Tensor& labels, double temperature, double softcap, bool want_ent,
-                                  bool want_p2) {
+// With `frozen` (a head whose weight and bias need no gradient) the forward also returns
+// EA = E_p[(dz/dx)·W] and, with entropy, EC = E_p[(log p + H)·(dz/dx)·W] (float32 [N, D]; fastpref/_frozen.py):
+// per row, A = Σ e^{z−m}·(dz/dx)·W and T = Σ e^{z−m}(z − m)·(dz/dx)·W are rescaled with the running max and
+// fed by one extra GEMM per tile each (weights tile [rows, cols] · W chunk [cols, D]).
+static std::vector<Tensor> stats_forward_impl(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                              const Tensor& labels, double temperature, double softcap,
+                                              bool want_ent, bool want_p2, bool frozen) {
   check_inputs(hidden, weight, bias, "stats_forward");
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == hidden.size(0),
               "stats_forward: labels must be contiguous int64 [N]");
@@ -145,6 +149,8 @@ std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, co
   Tensor logp = at::empty({N}, f32), lse = at::empty({N}, f32);
   Tensor ent = want_ent ? at::empty({N}, f32) : Tensor();
   Tensor p2 = want_p2 ? at::empty({N}, f32) : Tensor();
+  Tensor ea = frozen ? at::zeros({N, D}, f32) : Tensor();
+  Tensor ec = (frozen && want_ent) ? at::zeros({N, D}, f32) : Tensor();
   const Tiling tl = tiling(N, V);
   const int64_t R = tl.rows, C = tl.chunk;
   const int64_t* lab = labels.data_ptr<int64_t>();
@@ -156,10 +162,13 @@ std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, co
 
   at::parallel_for(0, tl.blocks, 1, [&](int64_t b0, int64_t b1) {
     Tensor tilebuf = cnt.alloc(R * C, f32), hbuf, wbuf, bbuf;
+    Tensor tile2buf = (frozen && want_ent) ? cnt.alloc(R * C, f32) : Tensor();
     std::vector<float> m(R), s(R), t(R), s2(R), zl(R);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * R, rows = std::min(R, N - r0);
       Tensor H = f32_rows(hidden, r0, rows, hbuf, R * D, cnt);
+      Tensor A = frozen ? ea.narrow(0, r0, rows) : Tensor();
+      Tensor Tz = (frozen && want_ent) ? ec.narrow(0, r0, rows) : Tensor();
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(s.begin(), s.end(), 0.f);
       std::fill(t.begin(), t.end(), 0.f);
@@ -185,6 +194,19 @@ std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, co
           if (want_p2) s2[i] = s2[i] * sc * sc + r.s2;
           s[i] = s[i] * sc + r.s;
           m[i] = mn;
+          if (frozen) {
+            float* a = A.data_ptr<float>() + i * D;
+            if (want_ent) {
+              float* tz = Tz.data_ptr<float>() + i * D;
+              for (int64_t d = 0; d < D; ++d) tz[d] = (tz[d] + shift * a[d]) * sc;
+            }
+            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+            frozen_weights_row(x, want_ent ? tile2buf.data_ptr<float>() + i * cols : nullptr, cols, mn, tr);
+          }
+        }
+        if (frozen) {
+          A.addmm_(tile, W);
+          if (want_ent) Tz.addmm_(tile2buf.narrow(0, 0, rows * cols).view({rows, cols}), W);
         }
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -193,11 +215,35 @@ std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, co
         o_logp[r0 + i] = zl[i] - L;
         if (want_ent) o_ent[r0 + i] = ls - t[i] / s[i];
         if (want_p2) o_p2[r0 + i] = std::log(s2[i]) - 2.f * ls;
+        if (frozen) {  // EA = A/s, EC = (T − (t/s)·A)/s
+          float* a = A.data_ptr<float>() + i * D;
+          const float inv = 1.f / s[i];
+          if (want_ent) {
+            float* tz = Tz.data_ptr<float>() + i * D;
+            const float mean = t[i] * inv;
+            for (int64_t d = 0; d < D; ++d) tz[d] = (tz[d] - mean * a[d]) * inv;
+          }
+          for (int64_t d = 0; d < D; ++d) a[d] *= inv;
+        }
       }
     }
   });
   g_last_scratch = cnt.bytes.load();
-  return {logp, lse, ent, p2};
+  return {logp, lse, ent, p2, ea, ec};
+}
+
+std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                  const Tensor& labels, double temperature, double softcap, bool want_ent,
+                                  bool want_p2) {
+  auto out = stats_forward_impl(hidden, weight, bias, labels, temperature, softcap, want_ent, want_p2, false);
+  out.resize(4);
+  return out;
+}
+
+std::vector<Tensor> stats_forward_frozen(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                         const Tensor& labels, double temperature, double softcap,
+                                         bool want_ent, bool want_p2) {
+  return stats_forward_impl(hidden, weight, bias, labels, temperature, softcap, want_ent, want_p2, true);
 }
 
 // The gradients of one backward: dH (float32 [N, D]; its rows belong to the thread of their block) and
@@ -504,6 +550,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fastpref_cpu;
   m.doc() = "fastpref native CPU kernels (vocabulary-chunked GEMM + fused per-row epilogue)";
   m.def("stats_forward", &stats_forward);
+  m.def("stats_forward_frozen", &stats_forward_frozen);
   m.def("stats_backward", &stats_backward);
   m.def("kl_forward", &kl_forward);
   m.def("kl_backward", &kl_backward);

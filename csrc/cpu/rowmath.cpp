@@ -117,6 +117,26 @@ FP_HOT void stats_grad_row(float* x, const float* bias, int64_t n, Transform tr,
   }
 }
 
+FP_HOT void frozen_weights_row(float* z, float* t, int64_t n, float m, Transform tr) {
+  m = exp_base(m);
+  const float inv_cap_t = tr.softcap ? 1.0f / tr.cap_t : 0.0f;  // c = tanh(x/cap) = z·T/cap
+  if (t != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = z[j] - m, e = fexp(d), c = tr.softcap ? z[j] * inv_cap_t : 0.0f;
+      const float we = e * (1.0f - c * c) * tr.inv_t;
+      t[j] = weighted(we, d);  // 0 at banned (−inf) tokens
+      z[j] = we;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = fexp(z[j] - m), c = tr.softcap ? z[j] * inv_cap_t : 0.0f;
+      z[j] = e * (1.0f - c * c) * tr.inv_t;
+    }
+  }
+}
+
 FP_HOT void kl_grad_row(float* x, const float* bias, const float* rz, int64_t n, Transform tr, float lse,
                         float ref_lse, float kl, float g_kl, float g_logp, bool reverse) {
   if (bias != nullptr) {

@@ -98,6 +98,10 @@ void stats_grad_row(float* x, const float* bias, int64_t n, Transform tr, float 
 void kl_grad_row(float* x, const float* bias, const float* rz, int64_t n, Transform tr, float lse,
                         float ref_lse, float kl, float g_kl, float g_logp, bool reverse);
 
+// Frozen heads, one row of logits z (transformed): z[j] ← e_j·dz/dx_j and, when t is not null,
+// t[j] ← e_j·dz/dx_j·(z_j − m), with e_j = exp(z_j − m) (0 where z_j = −inf).
+void frozen_weights_row(float* z, float* t, int64_t n, float m, Transform tr);
+
 // dz/dx at one raw value (label fix-ups).
 inline float dzdx_at(float raw, Transform tr) {
   if (!tr.softcap) return tr.inv_t;

@@ -27,6 +27,13 @@ class Backend(Protocol):
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """(logp, lse, entropy or None, log_sum_p2 or None), each float32 [M]."""
 
+    def stats_forward_frozen(
+        self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+        opts: LogitOptions, entropy: bool, log_sum_p2: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+        """stats_forward plus, for a frozen head, EA = E_p[(dz/dx)·W] and (with entropy)
+        EC = E_p[(log p + H)·(dz/dx)·W], float32 [M, D] (see fastpref._frozen)."""
+
     def stats_backward(
         self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
         lse: Tensor, entropy: Tensor | None,

@@ -119,6 +119,16 @@ class NativeBackend:
             *_d(hidden, weight, bias, labels), float(opts.temperature), _cap(opts.softcap), entropy, log_sum_p2)
         return logp, lse, ent, p2
 
+    def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        mod = self._mod(hidden)
+        if not hasattr(mod, "stats_forward_frozen"):  # the CUDA module does not accumulate E_p[W] (yet)
+            from .torch_backend import TorchBackend
+
+            return TorchBackend().stats_forward_frozen(hidden, weight, bias, labels, opts, entropy, log_sum_p2)
+        logp, lse, ent, p2, ea, ec = mod.stats_forward_frozen(
+            *_d(hidden, weight, bias, labels), float(opts.temperature), _cap(opts.softcap), entropy, log_sum_p2)
+        return logp, lse, ent if entropy else None, p2 if log_sum_p2 else None, ea, ec if entropy else None
+
     def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
                        opts, needs):
         dh, dw, db = self._mod(hidden).stats_backward(

@@ -70,6 +70,7 @@ class OnlineLogSumExp:
             self.s2 = self.s2 * scale * scale + (e * e).sum(1)
         self.s = self.s * scale + e.sum(1)
         self.m = m_new
+        self.shift = shift
         return e, scale
 
     def lse(self) -> Tensor:
@@ -80,6 +81,30 @@ class OnlineLogSumExp:
 
     def log_sum_p2(self) -> Tensor:
         return torch.log(self.s2) - 2.0 * torch.log(self.s)
+
+
+class ExpectedWeight:
+    """Frozen heads (fastpref._frozen): per row A = Σ e^{z−m}·(dz/dx)·W and, with ``entropy``,
+    T = Σ e^{z−m}·(z − m)·(dz/dx)·W, float32 [rows, D], rescaled as the running max m of an OnlineLogSumExp moves."""
+
+    def __init__(self, rows: int, dim: int, device: torch.device, entropy: bool):
+        self.a = torch.zeros(rows, dim, device=device, dtype=torch.float32)
+        self.t = torch.zeros(rows, dim, device=device, dtype=torch.float32) if entropy else None
+
+    def update(self, lse: OnlineLogSumExp, e: Tensor, scale: Tensor, z: Tensor, dzdx: Tensor | float,
+               w: Tensor) -> None:
+        """After lse.update(z) returned (e, scale): fold in the tile with weight rows w [chunk, D] (float32)."""
+        ed = e * dzdx
+        if self.t is not None:
+            d = torch.where(e > 0, z - lse.m[:, None], torch.zeros_like(z))  # 0 where z = −inf
+            self.t = (self.t + lse.shift[:, None] * self.a) * scale[:, None] + (ed * d) @ w
+        self.a = self.a * scale[:, None] + ed @ w
+
+    def expectations(self, lse: OnlineLogSumExp) -> tuple[Tensor, Tensor | None]:
+        """(EA, EC): E_p[(dz/dx)·W] and E_p[(log p + H)·(dz/dx)·W] = (T − (t/s)·A)/s."""
+        inv_s = (1.0 / lse.s)[:, None]
+        ec = None if self.t is None else (self.t - (lse.t / lse.s)[:, None] * self.a) * inv_s
+        return self.a * inv_s, ec
 
 
 def _gather_label(z: Tensor, labels: Tensor, start: int) -> Tensor:
@@ -138,16 +163,29 @@ class TorchBackend:
 
     # ---- single model: log-prob, log-sum-exp, entropy, log Σp² -------------------------------
     def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        return self._stats_forward(hidden, weight, bias, labels, opts, entropy, log_sum_p2, False)[:4]
+
+    def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        return self._stats_forward(hidden, weight, bias, labels, opts, entropy, log_sum_p2, True)
+
+    def _stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2, frozen_head):
         M, V = hidden.shape[0], weight.shape[0]
         rows, chunk = _tiling(M, V)
         h32 = hidden.float()
         out = {k: torch.empty(M, device=hidden.device, dtype=torch.float32) for k in ("logp", "lse", "ent", "p2")}
+        f32 = dict(device=hidden.device, dtype=torch.float32)
+        ea = torch.empty(M, hidden.shape[1], **f32) if frozen_head else None
+        ec = torch.empty(M, hidden.shape[1], **f32) if frozen_head and entropy else None
         for r0, r1 in _blocks(M, rows):
             acc = OnlineLogSumExp(r1 - r0, hidden.device, entropy=entropy, square=log_sum_p2)
-            z_label = torch.zeros(r1 - r0, device=hidden.device, dtype=torch.float32)
+            expect = ExpectedWeight(r1 - r0, hidden.shape[1], hidden.device, entropy) if frozen_head else None
+            z_label = torch.zeros(r1 - r0, **f32)
             for c0, c1 in _blocks(V, chunk):
-                z, _ = logits_tile(h32[r0:r1], weight[c0:c1], None if bias is None else bias[c0:c1], opts)
-                acc.update(z)
+                w = weight[c0:c1]
+                z, dzdx = logits_tile(h32[r0:r1], w, None if bias is None else bias[c0:c1], opts)
+                e, scale = acc.update(z)
+                if expect is not None:
+                    expect.update(acc, e, scale, z, 1.0 / opts.temperature if dzdx is None else dzdx, w.float())
                 z_label += _gather_label(z, labels[r0:r1], c0)
             lse = acc.lse()
             out["lse"][r0:r1] = lse
@@ -156,7 +194,13 @@ class TorchBackend:
                 out["ent"][r0:r1] = acc.entropy()
             if log_sum_p2:
                 out["p2"][r0:r1] = acc.log_sum_p2()
-        return out["logp"], out["lse"], out["ent"] if entropy else None, out["p2"] if log_sum_p2 else None
+            if expect is not None:
+                a, c = expect.expectations(acc)
+                ea[r0:r1] = a
+                if ec is not None:
+                    ec[r0:r1] = c
+        return (out["logp"], out["lse"], out["ent"] if entropy else None, out["p2"] if log_sum_p2 else None,
+                ea, ec)
 
     def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
                        opts, needs):

@@ -1,13 +1,21 @@
 """Fused Triton kernels (kernels/, installed as fastpref.kernels), behind the backend interface.
 
 Forward: one streaming pass over the vocabulary per row block (optionally split over the vocabulary and
-merged by a tiny torch reduction). Backward: one program per (row block, vocabulary block) recomputing
-the logits tile and scattering float32 atomics into dH, dW, db. No [N, V] tensor is ever formed.
+merged by a tiny torch reduction). Backward, two strategies (docs/gpu-strategies.md), chosen by the
+``backward`` attribute or the environment variable FASTPREF_TRITON_BACKWARD:
+- "gemm" (default: what the arithmetic favours, not yet measured on a GPU): a kernel writes dL/dx of a bounded
+  block of rows × vocabulary into scratch, then cuBLAS GEMMs with float32 accumulation form dH, dW, db.
+  Deterministic; scratch ≤ max(256 MiB, 1% of the naive logits) (``kernels/gemm_backward.py``).
+- "atomic": one program per (row block, vocabulary block) recomputing the logits tile and scattering
+  float32 atomics into dH, dW, db. No scratch; not deterministic (refused under
+  torch.use_deterministic_algorithms(True)).
+No [N, V] tensor is ever formed.
 Runs on CUDA (fp16/bf16/fp32, sm_80+) and, for tests, on CPU tensors under TRITON_INTERPRET=1 (fp32/fp16).
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -21,6 +29,53 @@ def _scalars(opts) -> dict:
                 cap_scale=0.0 if cap is None else cap / opts.temperature)
 
 
+STRATEGIES = ("gemm", "atomic")
+STRATEGY_ENV = "FASTPREF_TRITON_BACKWARD"
+_STAGE1 = {"stats_backward": "stats_dlogits", "kl_backward": "kl_dlogits"}
+
+
+def backward_strategy(choice: str | None = None) -> str:
+    """The backward strategy: ``choice``, else $FASTPREF_TRITON_BACKWARD, else "gemm".
+
+    Under torch.use_deterministic_algorithms(True), "atomic" raises (or warns in warn_only mode)."""
+    name = choice or os.environ.get(STRATEGY_ENV) or "gemm"
+    if name not in STRATEGIES:
+        raise ValueError(f"the Triton backward strategy must be one of {STRATEGIES} "
+                         f"(argument or {STRATEGY_ENV}); got {name!r}")
+    if name == "atomic" and torch.are_deterministic_algorithms_enabled():
+        msg = ("the Triton backend's 'atomic' backward adds float32 atomics in a varying order and is not "
+               f"deterministic; with torch.use_deterministic_algorithms(True) use the 'gemm' strategy "
+               f"({STRATEGY_ENV}=gemm, the default)")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(msg)
+        warnings.warn(msg, stacklevel=3)
+    return name
+
+
+FILTER_ENV = "FASTPREF_GRAD_FILTER"
+
+
+def grad_filter_eps(choice: float | str | None, dtype: torch.dtype) -> float:
+    """Gradient-filter threshold (Cut Cross-Entropy style): 0.0 = off (the default, exact results).
+
+    ``choice`` (else $FASTPREF_GRAD_FILTER): None/"" /"off" = off; "auto" = finfo(dtype).eps / 32 (2^-12 for
+    bfloat16); a number = that threshold on |dL/dx|."""
+    if choice is None:
+        choice = os.environ.get(FILTER_ENV) or None
+    if choice is None or choice == "off":
+        return 0.0
+    if choice == "auto":
+        return torch.finfo(dtype).eps / 32
+    try:
+        eps = float(choice)
+    except (TypeError, ValueError):
+        eps = -1.0
+    if not eps >= 0.0:
+        raise ValueError(f"the gradient filter ({FILTER_ENV} or grad_filter) must be 'off', 'auto' or a number "
+                         f">= 0; got {choice!r}")
+    return eps
+
+
 def _bias(weight, bias):
     """The kernels always add a bias; a zero vector stands in for none."""
     return torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None else bias
@@ -32,6 +87,10 @@ class TritonBackend:
     def __init__(self, launch_mod):
         self._k = launch_mod
         self.splits: int | None = None  # forces the forward's vocabulary splits (tests); None = heuristic
+        self.backward: str | None = None  # "gemm" | "atomic"; None = $FASTPREF_TRITON_BACKWARD or "gemm"
+        self.scratch_floor: int | None = None  # bytes; None = gemm_backward.SCRATCH_FLOOR (256 MiB)
+        self.last_scratch_bytes = 0  # scratch the last "gemm" backward allocated (tests check the budget)
+        self.grad_filter: float | str | None = None  # None = $FASTPREF_GRAD_FILTER, else off ("atomic" only)
 
     def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         device = torch.device(device)
@@ -63,8 +122,8 @@ class TritonBackend:
         part = torch.empty((n_parts, splits, M), device=dev, dtype=torch.float32)
         part64 = torch.empty((n_parts64, splits, M), device=dev, dtype=torch.float64) if n_parts64 else None
         extra = dict(Part64=part64) if n_parts64 else {}
-        self._k.launch(kernel, lambda cfg: (n_rows, splits), dt, dev, flags, H=hidden, W=weight, Labels=labels,
-                       Part=part, M=M, V=V, D=hidden.shape[1], tiles_per_split=per, **extra, **args)
+        self._k.launch(kernel, lambda cfg: (n_rows * splits,), dt, dev, flags, H=hidden, W=weight, Labels=labels,
+                       Part=part, M=M, V=V, D=hidden.shape[1], n_splits=splits, tiles_per_split=per, **extra, **args)
         return part, part64
 
     def _backward(self, kernel, hidden, weight, bias, needs, flags, **args):
@@ -74,6 +133,14 @@ class TritonBackend:
         dh = torch.zeros((M, D), **f32) if needs[0] else None
         dw = torch.zeros((V, D), **f32) if needs[1] else None
         db = torch.zeros((V,), **f32) if need_db else None
+        strategy = backward_strategy(self.backward)
+        eps = grad_filter_eps(self.grad_filter, hidden.dtype)
+        if eps > 0 and strategy != "atomic":
+            raise ValueError("gradient filtering skips tiles of the 'atomic' backward; set "
+                             f"{STRATEGY_ENV}=atomic to use it (the 'gemm' strategy has no per-tile products)")
+        if strategy == "gemm":
+            self._gemm_backward(_STAGE1[kernel], hidden, weight, dh, dw, db, flags, args)
+            return dh, dw, db
         dummy = torch.empty((1,), **f32)
 
         def grid(cfg):
@@ -82,8 +149,24 @@ class TritonBackend:
         self._k.launch(kernel, grid, hidden.dtype, hidden.device, flags, H=hidden, W=weight,
                        dH=dummy if dh is None else dh, dW=dummy if dw is None else dw,
                        dB=dummy if db is None else db, M=M, V=V, D=D,
-                       need_dh=int(dh is not None), need_dw=int(dw is not None), need_db=int(need_db), **args)
+                       need_dh=int(dh is not None), need_dw=int(dw is not None), need_db=int(need_db),
+                       filter_eps=eps, **args)
         return dh, dw, db
+
+    def _gemm_backward(self, kernel, hidden, weight, dh, dw, db, flags, args):
+        """Strategy "gemm": ``kernel`` writes dL/dx blocks into scratch; GEMMs accumulate dh, dw, db in place."""
+        from fastpref.kernels import gemm_backward, presets
+
+        M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
+        dev, dt = hidden.device, hidden.dtype
+        cfg = presets.select(kernel, dt, dev)
+
+        def stage1(dz, r0, c0, rn, cn):
+            self._k.launch(kernel, lambda c: (-(-rn // c.BN) * -(-cn // c.BV),), dt, dev, flags, H=hidden, W=weight,
+                           dZ=dz, r0=r0, c0=c0, R=rn, C=cn, M=M, V=V, D=D, **args)
+
+        budget = gemm_backward.scratch_budget(M, V, dt, self.scratch_floor)
+        self.last_scratch_bytes = gemm_backward.run(stage1, hidden, weight, dh, dw, db, budget, cfg.BN, cfg.BV)
 
     # ---- single model ----------------------------------------------------------------------------
     def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
@@ -95,6 +178,26 @@ class TritonBackend:
         ent = log_s - t / s if entropy else None
         p2 = torch.log(s2) - 2.0 * log_s if log_sum_p2 else None
         return z_label - lse, lse, ent, p2
+
+    def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        """EA and EC are the hidden-state gradients for unit upstream gradients on lse and (negated) entropy,
+        formed here by the GEMM strategy: a [rows, D] accumulator does not fit a Triton program at LM hidden
+        sizes, so the expectation is a second pass (recompute + GEMM) rather than fused into the first."""
+        logp, lse, ent, p2 = self.stats_forward(hidden, weight, bias, labels, opts, entropy, log_sum_p2)
+        M, D = hidden.shape
+        zero, one = torch.zeros_like(lse), torch.ones_like(lse)
+        args = dict(B=_bias(weight, bias), Labels=labels, Lse=lse, G_logp=zero, **_scalars(opts))
+        flags = dict(SOFTCAP=opts.softcap is not None)
+        ea = torch.zeros((M, D), device=hidden.device, dtype=torch.float32)
+        self._gemm_backward("stats_dlogits", hidden, weight, ea, None, None, flags,
+                            dict(args, Ent=zero, G_lse=one, G_ent=zero))
+        ec = None
+        if entropy:
+            ec = torch.zeros((M, D), device=hidden.device, dtype=torch.float32)
+            self._gemm_backward("stats_dlogits", hidden, weight, ec, None, None, flags,
+                                dict(args, Ent=ent, G_lse=zero, G_ent=one))
+            ec.neg_()
+        return logp, lse, ent, p2, ea, ec
 
     def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
                        opts, needs):

@@ -1,0 +1,106 @@
+"""GEMM backward (strategy "gemm"), host side: the scratch plan and the float32-accumulating products.
+
+Stage 1 (a Triton kernel, ``stats_dlogits`` or ``kl_dlogits``) writes dL/dx of one block of rows × vocabulary
+into a scratch buffer in the input dtype; stage 2 runs
+    dH[r] += dZ·W[c],   dW[c] += dZᵀ·H[r],   db[c] += Σ_rows dZ
+as GEMMs (cuBLAS through torch.addmm, float32 output and accumulation; tensor cores for fp16/bf16).
+No atomics: the result is the same bit for bit on every run (cuBLAS itself is deterministic given the
+workspace setting torch.use_deterministic_algorithms asks for).
+
+Scratch memory: one [R, C] block in the input dtype, R·C·itemsize ≤ budget, where
+    budget = max(256 MiB, 1% of the naive logits M·V·itemsize)
+so the scratch stays a fixed, small fraction of what materialized logits would take. The block keeps whole
+rows (R = M) when M·min(V, √E) fits (E = budget / itemsize elements), otherwise it is about √E × √E;
+the accumulated output is read and written once per block along the other axis.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+SCRATCH_FLOOR = 256 << 20  # bytes
+SCRATCH_FRACTION = 100  # the budget is at least 1/SCRATCH_FRACTION of the naive logits
+
+
+def scratch_budget(rows: int, vocab: int, dtype: torch.dtype, floor: int | None = None) -> int:
+    """Bytes the scratch block may take: max(floor (256 MiB), rows·vocab·itemsize / 100)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(SCRATCH_FLOOR if floor is None else floor, rows * vocab * itemsize // SCRATCH_FRACTION)
+
+
+def block_shape(rows: int, vocab: int, elems: int, bn: int, bv: int) -> tuple[int, int]:
+    """(R, C) with R·C ≤ elems: R a multiple of bn (or all rows), C a multiple of bv (or the whole vocabulary).
+
+    Raises ValueError when elems cannot hold one bn × bv tile."""
+    if elems < bn * bv:
+        raise ValueError(f"scratch budget of {elems} elements is below one {bn}x{bv} tile")
+    side = math.isqrt(elems)
+    r = min(rows, max(side, elems // vocab))
+    r = rows if r == rows else max(bn, r // bn * bn)
+    c = min(vocab, elems // r)
+    c = vocab if c == vocab else max(bv, c // bv * bv)
+    while r * c > elems:  # rounding up to one tile can overshoot only through r = rows
+        r = max(bn, (r - 1) // bn * bn)
+    return r, c
+
+
+_ADDMM_DTYPE_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _addmm_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether addmm with out_dtype=float32 into its own input runs (and is right) for these inputs."""
+    key = (device.type, dtype)
+    if key not in _ADDMM_DTYPE_OK:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.arange(12, device=device, dtype=torch.float32).reshape(3, 4).to(dtype)
+                b = torch.ones(4, 2, device=device, dtype=dtype)
+                acc = torch.ones(3, 2, device=device, dtype=torch.float32)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                ok = bool(torch.equal(acc, 1 + a.float() @ b.float()))
+            except (RuntimeError, TypeError):
+                ok = False
+        _ADDMM_DTYPE_OK[key] = ok
+    return _ADDMM_DTYPE_OK[key]
+
+
+def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a·b; acc float32 [m, n], a [m, k] and b [k, n] of one dtype; float32 accumulation.
+
+    fp16/bf16 go through cuBLAS with a float32 output (aten::addmm.dtype_out) where torch has it, else are
+    upcast first (CPU, older torch)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _addmm_dtype_works(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def run(stage1: Callable[[torch.Tensor, int, int, int, int], None], hidden: torch.Tensor, weight: torch.Tensor,
+        dh: torch.Tensor | None, dw: torch.Tensor | None, db: torch.Tensor | None, budget: int,
+        bn: int, bv: int) -> int:
+    """Accumulate into the float32 dh [M, D], dw [V, D], db [V] (each may be None) block by block.
+
+    stage1(dz, r0, c0, R, C) fills dz [R, C] (input dtype) with dL/dx of rows r0.. and columns c0...
+    Returns the scratch size in bytes (≤ budget)."""
+    M, V = hidden.shape[0], weight.shape[0]
+    itemsize = hidden.element_size()
+    R, C = block_shape(M, V, budget // itemsize, bn, bv)
+    scratch = torch.empty(R * C, device=hidden.device, dtype=hidden.dtype)
+    for c0 in range(0, V, C):
+        cn = min(C, V - c0)
+        for r0 in range(0, M, R):
+            rn = min(R, M - r0)
+            dz = scratch[: rn * cn].view(rn, cn)
+            stage1(dz, r0, c0, rn, cn)
+            if dh is not None:
+                mm_accumulate(dh[r0:r0 + rn], dz, weight[c0:c0 + cn])
+            if dw is not None:
+                mm_accumulate(dw[c0:c0 + cn], dz.t(), hidden[r0:r0 + rn])
+            if db is not None:
+                db[c0:c0 + cn] += dz.sum(0, dtype=torch.float32)
+    return scratch.numel() * itemsize

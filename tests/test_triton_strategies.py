@@ -1,0 +1,197 @@
+"""The Triton backend's two backward strategies ("gemm", "atomic"): float64 oracle, scratch budget, determinism.
+
+The "gemm" runs use a scratch floor of one interpreter tile so that every case is cut into several
+row × vocabulary blocks (the accumulation across blocks is what is under test).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import test_token_kl
+import test_token_stats
+from cases import DEVICE, Case, require_backend
+from fastpref import backends
+
+pytest.importorskip("triton")
+
+STATS_CASES = ["bias_ignore", "softcap_temp", "extreme", "wide", "fp16"]
+KL_CASES = ["labels_ignore_bias", "softcap_temp", "extreme"]
+
+
+@pytest.fixture
+def triton_backend():
+    require_backend("triton")
+    b = backends.resolve("triton", DEVICE, torch.float32)
+    yield b
+    b.backward, b.scratch_floor, b.grad_filter = None, None, None
+
+
+def _small_blocks(b, strategy):
+    from fastpref.kernels import presets
+
+    cfg = presets.select("stats_dlogits", torch.float32, DEVICE)
+    b.backward = strategy
+    b.scratch_floor = cfg.BN * cfg.BV * 4 if DEVICE.type == "cpu" else None
+
+
+@pytest.mark.parametrize("strategy,case", [("gemm", c) for c in STATS_CASES]
+                         + [("atomic", c) for c in ("softcap_temp", "fp16")])
+def test_stats_oracle(triton_backend, strategy, case):
+    _small_blocks(triton_backend, strategy)
+    test_token_stats._check("triton", test_token_stats.CASES[case])
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("case", KL_CASES)
+def test_kl_oracle_gemm(triton_backend, case, direction):
+    _small_blocks(triton_backend, "gemm")
+    c, extra = test_token_kl.CASES[case]
+    test_token_kl._check("triton", c, direction, **extra)
+
+
+class _Allocations(TorchDispatchMode):
+    """Bytes of every tensor an aten op returns (factory functions included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                self.sizes.append(t.untyped_storage().nbytes())
+        return out
+
+
+def test_gemm_scratch_stays_within_budget(triton_backend):
+    """Every allocation of the backward is below the stated budget, except the float32 outputs themselves."""
+    from fastpref.kernels import gemm_backward
+    from fastpref.options import LogitOptions
+
+    _small_blocks(triton_backend, "gemm")
+    M, D, V = 200, 24, 1037
+    h, w, b, lab = Case(N=M, D=D, V=V, bias=True, seed=60).make()
+    opts = LogitOptions()
+    _, lse, ent, _ = triton_backend.stats_forward(h, w, b, lab, opts, True, False)
+    g = Case(N=M, seed=61).upstream(3)
+    g = [x.float() for x in g]
+    budget = gemm_backward.scratch_budget(M, V, h.dtype, triton_backend.scratch_floor)
+    assert budget == triton_backend.scratch_floor  # the floor dominates 1% of 200·1037·4 bytes
+    with _Allocations() as rec:
+        dh, dw, db = triton_backend.stats_backward(h, w, b, lab, lse, ent, *g, opts, (True, True, True))
+    outputs = {dh.numel() * 4, dw.numel() * 4, db.numel() * 4}
+    assert 0 < triton_backend.last_scratch_bytes <= budget
+    over = [s for s in rec.sizes if s > budget and s not in outputs]
+    assert not over, f"allocations above the {budget}-byte budget: {over}"
+    assert max(rec.sizes) < M * V * 4 / 4, "nothing close to the naive logits may be allocated"
+
+
+@pytest.mark.parametrize("rows,vocab,elems", [(200, 1037, 64 * 256), (5, 100000, 64 * 256), (100000, 300, 64 * 256),
+                                              (10**6, 128256, 2**27), (16384, 128256, 2**27), (7, 9, 10**6)])
+def test_block_shape_respects_budget(rows, vocab, elems):
+    from fastpref.kernels.gemm_backward import block_shape
+
+    r, c = block_shape(rows, vocab, elems, 64, 256)
+    assert r * c <= elems and 1 <= r <= rows and 1 <= c <= vocab
+    assert r == rows or r % 64 == 0
+    assert c == vocab or c % 256 == 0
+    with pytest.raises(ValueError, match="below one"):
+        block_shape(rows, vocab, 64 * 256 - 1, 64, 256)
+
+
+def _grads(b, seed):
+    from fastpref.options import LogitOptions
+
+    h, w, bias, lab = Case(N=90, D=40, V=700, bias=True, softcap=5.0, seed=seed).make()
+    opts = LogitOptions(softcap=5.0)
+    _, lse, ent, _ = b.stats_forward(h, w, bias, lab, opts, True, False)
+    g = [x.float() for x in Case(N=90, seed=seed).upstream(3)]
+    return b.stats_backward(h, w, bias, lab, lse, ent, *g, opts, (True, True, True))
+
+
+def test_deterministic_algorithms(triton_backend):
+    """Under torch.use_deterministic_algorithms the gemm backward repeats bit for bit; atomic is refused."""
+    _small_blocks(triton_backend, None)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _grads(triton_backend, 62), _grads(triton_backend, 62)
+        for x, y in zip(first, second):
+            assert torch.equal(x, y)
+        triton_backend.backward = "atomic"
+        with pytest.raises(RuntimeError, match="FASTPREF_TRITON_BACKWARD=gemm"):
+            _grads(triton_backend, 62)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_strategy_from_environment(triton_backend, monkeypatch):
+    from fastpref.backends.triton_backend import backward_strategy
+
+    monkeypatch.setenv("FASTPREF_TRITON_BACKWARD", "atomic")
+    assert backward_strategy() == "atomic" and backward_strategy("gemm") == "gemm"
+    monkeypatch.setenv("FASTPREF_TRITON_BACKWARD", "")
+    assert backward_strategy() == "gemm"
+    monkeypatch.setenv("FASTPREF_TRITON_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="atomic"):
+        backward_strategy()
+
+
+@pytest.mark.parametrize("n_rows", [1, 4, 32, 128, 131, 1000, 1024])
+def test_forward_splits_fill_whole_waves(n_rows):
+    """The forward's program count on a 132-SM GPU: whole waves, or at least 90 % filled ones."""
+    import math
+
+    from fastpref.kernels.launch import whole_waves
+
+    slots, max_splits = 132, 250
+    s = whole_waves(n_rows, max_splits, slots)
+    assert 1 <= s <= max_splits
+    programs = n_rows * s
+    fill = programs / (math.ceil(programs / slots) * slots)
+    assert fill >= 0.9
+    if n_rows * max_splits >= 2 * slots:
+        assert programs >= 2 * slots
+    smaller = [t for t in range(1, s) if n_rows * t >= 2 * slots
+               and n_rows * t / (math.ceil(n_rows * t / slots) * slots) >= 0.9]
+    assert not smaller, "the fewest splits that fill the waves"
+    assert whole_waves(3, 0, slots) == 1
+
+
+def test_grad_filter_bounded_and_off_by_default(triton_backend, monkeypatch):
+    """CCE-style filtering (atomic strategy): off by default (bitwise the unfiltered result); when on, a
+    skipped tile holds no label and only p < eps, so with g_lse = 1 each dropped |dL/dx| < eps:
+    |Δ dH[:, d]| ≤ eps·Σ_v |W[v, d]| and |Δ dW[:, d]| ≤ eps·Σ_n |H[n, d]|; a threshold above the small
+    probabilities does skip tiles."""
+    from fastpref.backends.triton_backend import grad_filter_eps
+    from fastpref.options import LogitOptions
+
+    b = triton_backend
+    b.backward = "atomic"
+    h, w, _, lab = Case(N=64, D=32, V=1037, peaked=True, seed=63).make()
+    lab = lab % 200  # labels in the first vocabulary tile: the others hold only small probabilities
+    opts = LogitOptions()
+    _, lse, _, _ = b.stats_forward(h, w, None, lab, opts, False, False)
+    zero, g_lse = torch.zeros_like(lse), torch.ones_like(lse)
+
+    def grads():
+        return b.stats_backward(h, w, None, lab, lse, None, zero, g_lse, None, opts, (True, True, False))[:2]
+
+    exact = grads()
+    monkeypatch.setenv("FASTPREF_GRAD_FILTER", "off")
+    assert all(torch.equal(x, y) for x, y in zip(grads(), exact))
+    for eps in (2.0 ** -12, 2.0 ** -4):
+        b.grad_filter = eps
+        dh, dw = grads()
+        assert ((dh - exact[0]).abs() <= eps * w.abs().sum(0) + 1e-6).all()
+        assert ((dw - exact[1]).abs() <= eps * h.abs().sum(0) + 1e-6).all()
+    assert not torch.equal(dw, exact[1]), "2^-4 is above every probability outside the peaked tile"
+    assert grad_filter_eps("auto", torch.bfloat16) == 2.0 ** -12
+    with pytest.raises(ValueError, match="auto"):
+        grad_filter_eps("-1", torch.float32)
+    b.backward = "gemm"
+    with pytest.raises(ValueError, match="atomic"):
+        grads()
