@@ -25,7 +25,7 @@ CASES = {
 
 def _no_vocabulary_backward(monkeypatch, backend):
     """Make any backward pass over the vocabulary fail loudly."""
-    impl = backends.by_name(backend)
+    impl = backends.resolve(backend, DEVICE, torch.float32)
 
     def refuse(*a, **k):
         raise AssertionError("a frozen head must not run the backend's backward")
@@ -109,7 +109,7 @@ def test_native_frozen_head_memory():
     require_backend("native")
     if DEVICE.type != "cpu":
         pytest.skip("the CPU extension's scratch counter")
-    mod = backends.by_name("native").cpu
+    mod = backends.resolve("native", DEVICE, torch.float32).cpu
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, 2))
     try:
