@@ -52,7 +52,7 @@ _GPU: dict[tuple[str, int, int], Config] = {
     ("stats_forward", 90, 32): Config(BN=64, BV=128, BD=32, BDG=32, num_warps=8, num_stages=2),
     ("stats_backward", 80, 16): Config(BN=64, BV=128, BD=32, BDG=64, num_warps=8, num_stages=3),
     ("stats_backward", 90, 16): Config(BN=64, BV=128, BD=32, BDG=64, num_warps=8, num_stages=3),
-    ("stats_backward", 80, 32): Config(BN=32, BV=128, BD=32, BDG=32, num_warps=8, num_stages=2),
+    ("stats_backward", 80, 32): Config(BN=32, BV=128, BD=32, BDG=16, num_warps=8, num_stages=2),
     ("stats_backward", 90, 32): Config(BN=32, BV=64, BD=32, BDG=16, num_warps=4, num_stages=2),
     ("kl_forward", 80, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=2),
     ("kl_forward", 90, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=3),
