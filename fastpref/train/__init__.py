@@ -6,7 +6,17 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse flags (and ``--config`` YAML) and train; returns the run summary."""
+    """Parse flags (and ``--config`` YAML) and train; returns the run summary. ``--online`` (or ``online: true``
+    in the YAML) runs the online / iterative mode instead (``fastpref.train.online``)."""
+    import sys
+
+    from .online.config import wants_online
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if wants_online(argv):
+        from .online import main as online_main
+
+        return online_main(argv)
     from .config import load_config
     from .loop import train
 
