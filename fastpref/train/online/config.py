@@ -12,7 +12,7 @@ from .algorithms import ALGORITHMS
 
 # The embedded demo (synthetic task, no --model): a weak SFT start, then SPPO rounds judged by the verifier.
 SYNTHETIC_DEFAULTS = dict(sft_steps=60, sft_lr=3e-3, rounds=None, prompts_per_round=256, batch_size=32, lr=1e-3,
-                          max_new_tokens=8, threads=None)
+                          max_new_tokens=8, threads=1)
 REAL_DEFAULTS = dict(sft_steps=0, sft_lr=1e-5, rounds=None, prompts_per_round=512, batch_size=8, lr=5e-7,
                      max_new_tokens=128, threads=None)
 
@@ -48,6 +48,7 @@ class OnlineConfig:
     gen_batch: int = 64
     sft_steps: int | None = None
     sft_lr: float | None = None
+    demo_correct_fraction: float = 0.3
     synthetic_train: int = 2000
     synthetic_eval: int = 256
     eval_every: int | None = None
@@ -108,6 +109,7 @@ def validate(c: OnlineConfig) -> None:
     if alg.name in ("inpo", "online_dpo", "online_ipo", "vpo", "nash_md", "xpo") and c.samples not in (None, alg.samples):
         bad(f"--samples: {alg.name} uses exactly {alg.samples} policy sample(s) per prompt")
     for name, v, lo, hi in (("margin", c.margin, 0.0, 1.0), ("mixture_coef", c.mixture_coef, 0.0, 1.0),
+                            ("demo_correct_fraction", c.demo_correct_fraction, 0.0, 1.0),
                             ("top_p", c.top_p, 1e-6, 1.0)):
         if not lo <= v <= hi:
             bad(f"--{name.replace('_', '-')} {v}: expected a value in [{lo}, {hi}]")
@@ -161,6 +163,7 @@ HELP = {
     "mixture_coef": "Nash-MD's β of the geometric mixture π_θ^(1−β)·π_ref^β",
     "extragradient": "extragradient steps over the base optimiser (EGPO; default on for online_ipo)",
     "sft_steps": "SFT warm-up steps of the synthetic demo's starting policy",
+    "demo_correct_fraction": "fraction of the demo's SFT demonstrations that are right (the others add K + 1)",
     "eval_every": "evaluate (greedy answers, win-rate vs start, KL) every N rounds",
     "save_every": "also checkpoint every N optimizer steps (0: at evaluated round ends only)",
     "resume": "'auto' (newest valid checkpoint in --output-dir) or a checkpoint folder",

@@ -124,26 +124,23 @@ class OnlineRun:
         return [self._encode(p) for p in train], [self._encode(p) for p in ev]
 
     def _starting_policy(self) -> nn.Module:
-        """--model, or the tiny demo model after a short SFT warm-up (the offline trainer, run once into
-        ``sft/``; on the synthetic task only)."""
+        """--model, or the tiny demo model after a short SFT warm-up on mixed-quality demonstrations (the offline
+        trainer, run once into ``sft/``; synthetic task only; see ``demo.py``)."""
         cfg = self.cfg
         if cfg.model is not None:
             return load_model(cfg.model)
         with torch.random.fork_rng(devices=[]):
             model = tiny_model(len(self.tok), cfg.seed)
         if cfg.sft_steps and cfg.synthetic:
+            from .demo import warm_up
+
             sft = self.out / "sft"
             if self.d.main and not cfg.resume:
                 shutil.rmtree(sft, ignore_errors=True)
             if self.d.main and not (sft / "final" / "model.safetensors").is_file():
-                from ..config import Config
-                from ..loop import train
-
-                train(Config(output_dir=str(sft), sft_steps=cfg.sft_steps, sft_lr=cfg.sft_lr, steps=0, seed=cfg.seed,
-                             synthetic_train=cfg.synthetic_train, synthetic_eval=cfg.synthetic_eval,
-                             distributed="none", device=cfg.device, backend=cfg.backend, plots=False,
-                             progress=False, save_every=0, threads=cfg.threads,
-                             resume="auto" if cfg.resume else None))
+                warm_up(sft, steps=cfg.sft_steps, lr=cfg.sft_lr, correct_fraction=cfg.demo_correct_fraction,
+                        n_train=cfg.synthetic_train, n_eval=cfg.synthetic_eval, seed=cfg.seed, device=cfg.device,
+                        backend=cfg.backend, threads=cfg.threads, resume=bool(cfg.resume))
             self.d.barrier()
             from safetensors.torch import load_file
 
