@@ -77,9 +77,11 @@ def test_two_processes_match_one(tmp_path, straight):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "rounds" / "round-00000.json").read_text() == (out / "rounds" / "round-00000.json").read_text()
+    samples = lambda folder: json.loads((folder / "rounds" / "round-00001.json").read_text())["groups"]  # noqa: E731
+    assert samples(tmp_path) == samples(out)  # round 1 is sampled from the (summed-gradient) trained policy
     got, want = _params(tmp_path), _params(out)
-    for k in got:
-        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=k)
+    for k in got:  # gradients summed in another order: float rounding, amplified a little by Adam
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-3, msg=k)
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
 
 

@@ -154,11 +154,13 @@ class Algorithm:
     rounds: int = 3
     extragradient: bool = False
 
-    def describe(self) -> str:
-        mode = "online: fresh samples every step" if self.online else f"iterative: {self.rounds} rounds"
+    def describe(self, rounds: int | None = None, hparams: dict | None = None) -> str:
+        """One line: rounds, samples, reference rule, loss (the preset's defaults unless given)."""
+        rounds = rounds or self.rounds
+        mode = "online: fresh samples every step" if self.online else f"iterative: {rounds} rounds"
         ex = f" + 1 from {'the geometric mixture' if self.extra == 'mixture' else 'π_ref'}" if self.extra else ""
         ref = "π_t (the round's starting policy)" if self.reference == "previous" else "π_ref (the starting policy)"
-        hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        hp = ", ".join(f"{k}={v}" for k, v in (hparams or self.hparams).items())
         opt = "; extragradient optimiser (EGPO)" if self.extragradient else ""
         return (f"{self.name} ({self.paper}): {mode}; K={self.samples} samples/prompt{ex}; reference {ref}; "
                 f"loss {'+'.join(self.loss)} ({hp}){opt}")

@@ -11,9 +11,11 @@ from ..config import parse_kv
 from .algorithms import ALGORITHMS
 
 # The embedded demo (synthetic task, no --model): a weak SFT start, then SPPO rounds judged by the verifier.
-SYNTHETIC_DEFAULTS = dict(sft_steps=60, sft_lr=3e-3, rounds=None, prompts_per_round=256, batch_size=32, lr=1e-3,
+# SPPO / GPO's paper β = 0.001 (7B models, lr 5e-7) makes targets of ±500 nats; the tiny demo uses β = 0.1.
+SYNTHETIC_DEFAULTS = dict(sft_steps=600, sft_lr=3e-3, prompts_per_round=256, batch_size=32, lr=1e-3, epochs=2.0,
                           max_new_tokens=8, threads=1)
-REAL_DEFAULTS = dict(sft_steps=0, sft_lr=1e-5, rounds=None, prompts_per_round=512, batch_size=8, lr=5e-7,
+SYNTHETIC_ITERATIVE = dict(rounds=6, beta={"sppo": 0.1, "gpo": 0.1})
+REAL_DEFAULTS = dict(sft_steps=0, sft_lr=1e-5, prompts_per_round=512, batch_size=8, lr=5e-7, epochs=1.0,
                      max_new_tokens=128, threads=None)
 
 
@@ -33,7 +35,7 @@ class OnlineConfig:
     rounds: int | None = None
     samples: int | None = None
     prompts_per_round: int | None = None
-    epochs: float = 1.0
+    epochs: float | None = None
     batch_size: int | None = None
     lr: float | None = None
     beta: float | None = None
@@ -77,6 +79,8 @@ class OnlineConfig:
         base = dict(SYNTHETIC_DEFAULTS if self.synthetic else REAL_DEFAULTS)
         base.update(rounds=alg.rounds, extragradient=alg.extragradient, samples=alg.samples,
                     reference=alg.reference, eval_every=1 if not alg.online else max(1, alg.rounds // 10))
+        if self.synthetic and not alg.online and self.model is None:
+            base.update(rounds=SYNTHETIC_ITERATIVE["rounds"], beta=SYNTHETIC_ITERATIVE["beta"].get(alg.name))
         if alg.online:  # one batch of prompts per round: fresh samples every step
             base["prompts_per_round"] = None
         out = dataclasses.replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
@@ -119,7 +123,7 @@ def validate(c: OnlineConfig) -> None:
         v = getattr(c, name)
         if v is not None and v < (0 if name == "sft_steps" else 1):
             bad(f"--{name.replace('_', '-')} {v}: must be positive")
-    if c.epochs <= 0 or c.gen_batch < 1:
+    if (c.epochs is not None and c.epochs <= 0) or c.gen_batch < 1:
         bad("--epochs and --gen-batch must be positive")
     if c.reference not in (None, "initial", "previous"):
         bad(f"--reference {c.reference!r}: expected 'initial' (π_ref) or 'previous' (π_t)")

@@ -380,9 +380,7 @@ class OnlineRun:
             items = data["items"]
             n_steps = self.steps_in_round(len(items))
             while self.round_step < n_steps:
-                rec = self.train_step(r, items)
-                if self.round_step == n_steps or self.step % 10 == 0 or cfg.rounds > 20:
-                    self.write(rec)
+                self.write(self.train_step(r, items))
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.round_step < n_steps:
                     self.save()
             self.round, self.round_step = r + 1, 0
@@ -403,7 +401,7 @@ class OnlineRun:
         per = lambda k: [hist[r].get(k) for r in rounds]  # noqa: E731
         acc = per("eval/greedy_accuracy")
         summary = {
-            "algorithm": self.alg.name, "description": self.alg.describe(), "rounds": cfg.rounds,
+            "algorithm": self.alg.name, "description": self.alg.describe(cfg.rounds, cfg.hparams()), "rounds": cfg.rounds,
             "evaluated_rounds": rounds,
             "greedy_accuracy_per_round": acc, "greedy_digit_accuracy_per_round": per("eval/greedy_digit_accuracy"),
             "start_greedy_accuracy": acc[0] if acc else None, "final_greedy_accuracy": acc[-1] if acc else None,
