@@ -109,3 +109,24 @@ def test_yaml_config_selects_online_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--online", "--help"])
     assert "nash_md (Munos+23" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("algorithm", ["nash_md", "online_ipo", "xpo"])
+def test_mixture_extragradient_and_reference_sampling_algorithms_run(tmp_path, algorithm):
+    """The algorithms with their own machinery (mixture sampler, extragradient steps, π_ref samples) run a step."""
+    s = main(["--online", "--algorithm", algorithm, "--output-dir", str(tmp_path), "--sft-steps", "0",
+              "--synthetic-train", "16", "--synthetic-eval", "4", "--rounds", "1", "--batch-size", "4",
+              "--threads", "1", "--no-progress", "--no-plots"])
+    data = json.loads((tmp_path / "rounds" / "round-00000.json").read_text())
+    assert len(data["groups"]) == 4 and s["evaluated_rounds"] == [0, 1]
+    if algorithm != "online_ipo":
+        assert all(g["extra"] is not None for g in data["groups"])
+
+
+@pytest.mark.skipif(os.environ.get("FASTPREF_ONLINE_DEMO") != "1",
+                    reason="the full online demo (minutes); run with FASTPREF_ONLINE_DEMO=1")
+def test_embedded_demo_improves_greedy_answers(tmp_path):
+    s = main(["--online", "--output-dir", str(tmp_path), "--no-progress"])
+    assert s["digit_improvement_points"] >= 20, s
+    assert s["wall_seconds"] <= 300, s
+    assert (tmp_path / "online.png").is_file()

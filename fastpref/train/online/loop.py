@@ -399,13 +399,16 @@ class OnlineRun:
         hist = {x["round"]: x for x in self.history}
         rounds = sorted(hist)
         per = lambda k: [hist[r].get(k) for r in rounds]  # noqa: E731
-        acc = per("eval/greedy_accuracy")
+        acc, digit = per("eval/greedy_accuracy"), per("eval/greedy_digit_accuracy")
+        points = lambda v: round(100 * (v[-1] - v[0]), 2) if v and v[0] is not None else None  # noqa: E731
         summary = {
             "algorithm": self.alg.name, "description": self.alg.describe(cfg.rounds, cfg.hparams()), "rounds": cfg.rounds,
             "evaluated_rounds": rounds,
-            "greedy_accuracy_per_round": acc, "greedy_digit_accuracy_per_round": per("eval/greedy_digit_accuracy"),
+            "greedy_accuracy_per_round": acc, "greedy_digit_accuracy_per_round": digit,
             "start_greedy_accuracy": acc[0] if acc else None, "final_greedy_accuracy": acc[-1] if acc else None,
-            "improvement_points": round(100 * (acc[-1] - acc[0]), 2) if acc and acc[0] is not None else None,
+            "improvement_points": points(acc),
+            "start_greedy_digit_accuracy": digit[0] if digit else None,
+            "final_greedy_digit_accuracy": digit[-1] if digit else None, "digit_improvement_points": points(digit),
             "winrate_vs_start_per_round": per("eval/winrate_vs_start"), "kl_to_ref_per_round": per("eval/kl_to_ref"),
             "judge_score_per_round": per("eval/judge_score"), "length_per_round": per("eval/length"),
             "train_steps": self.step, "sft_steps": cfg.sft_steps if cfg.model is None and cfg.synthetic else 0,
@@ -429,7 +432,8 @@ class OnlineRun:
 def table(s: dict) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     rows = [("algorithm", s["description"]),
-            ("greedy accuracy per round", ", ".join(map(f, s["greedy_accuracy_per_round"]))),
+            ("greedy exact match per round", ", ".join(map(f, s["greedy_accuracy_per_round"]))),
+            ("greedy per-digit per round", ", ".join(map(f, s["greedy_digit_accuracy_per_round"]))),
             ("win-rate vs start", ", ".join(map(f, s["winrate_vs_start_per_round"]))),
             ("KL to reference / token", ", ".join(map(f, s["kl_to_ref_per_round"]))),
             ("steps", f"{s['train_steps']} (after {s['sft_steps']} SFT warm-up steps)"),
