@@ -159,10 +159,14 @@ class Algorithm:
         rounds = rounds or self.rounds
         mode = "online: fresh samples every step" if self.online else f"iterative: {rounds} rounds"
         ex = f" + 1 from {'the geometric mixture' if self.extra == 'mixture' else 'π_ref'}" if self.extra else ""
-        ref = "π_t (the round's starting policy)" if self.reference == "previous" else "π_ref (the starting policy)"
+        params = set().union(*(loss_params(L.get(n)) for n in self.loss))
+        uses_prev = any(p.startswith("prev_") for p in params)
+        uses_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in params)
+        ref = " and ".join(([("π_t" if self.reference == "previous" else "π_ref")] if uses_ref else []) +
+                           (["π_t"] if uses_prev and not (uses_ref and self.reference == "previous") else []))
         hp = ", ".join(f"{k}={v}" for k, v in (hparams or self.hparams).items())
         opt = "; extragradient optimiser (EGPO)" if self.extragradient else ""
-        return (f"{self.name} ({self.paper}): {mode}; K={self.samples} samples/prompt{ex}; reference {ref}; "
+        return (f"{self.name} ({self.paper}): {mode}; K={self.samples} samples/prompt{ex}; reference {ref or 'none'}; "
                 f"loss {'+'.join(self.loss)} ({hp}){opt}")
 
 
