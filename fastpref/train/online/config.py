@@ -12,9 +12,9 @@ from .algorithms import ALGORITHMS
 
 # The embedded demo (synthetic task, no --model): a weak SFT start, then SPPO rounds judged by the verifier.
 # SPPO / GPO's paper β = 0.001 (7B models, lr 5e-7) makes targets of ±500 nats; the tiny demo uses β = 0.1.
-SYNTHETIC_DEFAULTS = dict(sft_steps=1500, sft_lr=3e-3, prompts_per_round=512, batch_size=32, lr=1e-3, epochs=2.0,
+SYNTHETIC_DEFAULTS = dict(sft_steps=1500, sft_lr=3e-3, prompts_per_round=1024, batch_size=32, lr=1e-3, epochs=2.0,
                           max_new_tokens=8, threads=1)
-SYNTHETIC_ITERATIVE = dict(rounds=6, beta={"sppo": 0.1, "gpo": 0.1})
+SYNTHETIC_ITERATIVE = dict(rounds=10, beta={"sppo": 0.1, "gpo": 0.1})
 REAL_DEFAULTS = dict(sft_steps=0, sft_lr=1e-5, prompts_per_round=512, batch_size=8, lr=5e-7, epochs=1.0,
                      max_new_tokens=128, threads=None)
 
