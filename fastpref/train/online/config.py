@@ -177,7 +177,10 @@ HELP = {
 
 
 def parser() -> argparse.ArgumentParser:
-    epilog = "algorithms:\n" + "\n".join("  " + a.describe() for a in ALGORITHMS.values())
+    epilog = ("algorithms (paper defaults; online ones: --rounds counts steps):\n" +
+              "\n".join("  " + a.describe() for a in ALGORITHMS.values()) +
+              "\n\nOn the synthetic task the iterative algorithms default to 10 rounds, and SPPO/GPO to beta=0.1 "
+              "(the paper's 0.001 is for 7B models).\nDetails: docs/online.md")
     ap = argparse.ArgumentParser(prog="fastpref train --online", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Online / iterative preference training: generate, judge, train, "
                                  "repeat. With no other arguments: SPPO on the synthetic task (CPU, no download).",
