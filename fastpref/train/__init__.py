@@ -1,6 +1,7 @@
 """The fastpref trainer: ``fastpref train`` / ``python -m fastpref.train`` (see ``--help``).
 
 With no arguments it trains the bundled tiny model on the bundled synthetic preference task on the CPU.
+``--online`` (or ``online: true`` in the YAML) runs the online / iterative mode instead (``fastpref.train.online``).
 """
 from __future__ import annotations
 
@@ -10,17 +11,30 @@ import sys
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags (and ``--config`` YAML), check them, and train; returns the run summary. A user error
     (see :mod:`fastpref.train.validate`) is printed as one line and ends the process with exit status 2."""
-    from .config import load_config
+    from .online.config import wants_online
     from .validate import EXIT_CODE, UserError, check
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = check(load_config(argv))
+        if wants_online(argv):  # the online mode checks its own settings as it parses them
+            from .online import main as online_main
+
+            def run() -> dict:
+                return online_main(argv)
+        else:
+            from .config import load_config
+
+            cfg = check(load_config(argv))  # before anything heavy is imported
+
+            def run() -> dict:
+                from .loop import train
+
+                return train(cfg)
         from .checkpoint import CheckpointError
         from .data import DataError
-        from .loop import train
 
         try:
-            return train(cfg)
+            return run()
         except (DataError, CheckpointError) as e:
             raise UserError(str(e)) from None
         except SystemExit as e:  # the trainer's own refusals (e.g. a loss that cannot train on this data)

@@ -1,0 +1,247 @@
+"""Settings of the online mode (``fastpref train --online``): flags and/or ``--config`` YAML (flags win)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import parse_kv
+from .algorithms import ALGORITHMS
+
+# The embedded demo (synthetic task, no --model): a weak SFT start, then SPPO rounds judged by the verifier.
+# SPPO / GPO's paper β = 0.001 (7B models, lr 5e-7) makes targets of ±500 nats; the tiny demo uses β = 0.1.
+SYNTHETIC_DEFAULTS = dict(sft_steps=1500, sft_lr=3e-3, prompts_per_round=1024, batch_size=32, lr=1e-3, epochs=2.0,
+                          max_new_tokens=8, threads=1)
+SYNTHETIC_ITERATIVE = dict(rounds=10, beta={"sppo": 0.1, "gpo": 0.1})
+REAL_DEFAULTS = dict(sft_steps=0, sft_lr=1e-5, prompts_per_round=512, batch_size=8, lr=5e-7, epochs=1.0,
+                     max_new_tokens=128, threads=None)
+
+
+@dataclass
+class OnlineConfig:
+    """All online-mode settings; ``None`` = the algorithm's / task's default."""
+
+    algorithm: str = "sppo"
+    output_dir: str = "runs/online"
+    model: str | None = None
+    ref_model: str | None = None
+    tokenizer: str | None = None
+    prompts: str | None = None
+    eval_prompts: str | None = None
+    judge: str | None = None
+    judge_temperature: float | None = None
+    rounds: int | None = None
+    samples: int | None = None
+    prompts_per_round: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    beta: float | None = None
+    loss_args: Any = None
+    margin: float = 0.0
+    reference: str | None = None
+    mixture_coef: float = 0.5
+    extragradient: bool | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None
+    gen_batch: int = 64
+    sft_steps: int | None = None
+    sft_lr: float | None = None
+    demo_correct_fraction: float = 0.4
+    synthetic_train: int = 2000
+    synthetic_eval: int = 256
+    eval_every: int | None = None
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    seed: int = 0
+    threads: int | None = None
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    ref_dtype: str | None = None
+    device: str = "auto"
+    backend: str = "auto"
+    distributed: str = "auto"
+    plots: bool = True
+    progress: bool = True
+
+    @property
+    def synthetic(self) -> bool:
+        return self.prompts is None
+
+    def resolved(self) -> "OnlineConfig":
+        """A copy with the task's and the algorithm's defaults filled in (after validation)."""
+        validate(self)
+        alg = ALGORITHMS[self.algorithm]
+        base = dict(SYNTHETIC_DEFAULTS if self.synthetic else REAL_DEFAULTS)
+        base.update(rounds=alg.rounds, extragradient=alg.extragradient, samples=alg.samples,
+                    reference=alg.reference, eval_every=1 if not alg.online else max(1, alg.rounds // 10))
+        if self.synthetic and not alg.online and self.model is None:
+            base.update(rounds=SYNTHETIC_ITERATIVE["rounds"], beta=SYNTHETIC_ITERATIVE["beta"].get(alg.name))
+        if alg.online:  # one batch of prompts per round: fresh samples every step
+            base["prompts_per_round"] = None
+        out = dataclasses.replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
+        if alg.online:
+            out.prompts_per_round = out.batch_size
+        if out.judge_temperature is None:
+            out.judge_temperature = 0.0 if out.judge in (None, "verifier") else 1.0
+        return out
+
+    def hparams(self) -> dict:
+        h = dict(ALGORITHMS[self.algorithm].hparams)
+        h.update(parse_kv(self.loss_args))
+        if self.beta is not None:
+            h["beta"] = self.beta
+        return h
+
+
+def validate(c: OnlineConfig) -> None:
+    """Refuse bad settings before any heavy work, naming the setting and what is expected."""
+    def bad(msg: str):
+        raise SystemExit(f"fastpref train --online: {msg}")
+
+    if c.algorithm not in ALGORITHMS:
+        bad(f"unknown --algorithm {c.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    alg = ALGORITHMS[c.algorithm]
+    need = {"sppo": 2, "gpo": 2, "iterative_dpo": 2, "dno": 2, "inpo": 2, "online_dpo": 2, "online_ipo": 2,
+            "vpo": 2}.get(alg.name, 1)
+    if c.samples is not None and c.samples < need:
+        bad(f"--samples {c.samples}: {alg.name} needs at least {need} samples per prompt")
+    if alg.name in ("inpo", "online_dpo", "online_ipo", "vpo", "nash_md", "xpo") and c.samples not in (None, alg.samples):
+        bad(f"--samples: {alg.name} uses exactly {alg.samples} policy sample(s) per prompt")
+    for name, v, lo, hi in (("margin", c.margin, 0.0, 1.0), ("mixture_coef", c.mixture_coef, 0.0, 1.0),
+                            ("demo_correct_fraction", c.demo_correct_fraction, 0.0, 1.0),
+                            ("top_p", c.top_p, 1e-6, 1.0)):
+        if not lo <= v <= hi:
+            bad(f"--{name.replace('_', '-')} {v}: expected a value in [{lo}, {hi}]")
+    if c.temperature <= 0:
+        bad(f"--temperature {c.temperature}: must be > 0 (greedy decoding is used for evaluation only)")
+    for name in ("rounds", "prompts_per_round", "batch_size", "max_new_tokens", "sft_steps"):
+        v = getattr(c, name)
+        if v is not None and v < (0 if name == "sft_steps" else 1):
+            bad(f"--{name.replace('_', '-')} {v}: must be positive")
+    if (c.epochs is not None and c.epochs <= 0) or c.gen_batch < 1:
+        bad("--epochs and --gen-batch must be positive")
+    if c.reference not in (None, "initial", "previous"):
+        bad(f"--reference {c.reference!r}: expected 'initial' (π_ref) or 'previous' (π_t)")
+    if c.distributed == "fsdp":
+        bad("--distributed fsdp is not supported in online mode (use ddp: every rank holds the policy to generate)")
+    if c.ref_dtype not in (None, "float32", "bfloat16", "float16"):
+        bad(f"--ref-dtype {c.ref_dtype!r}: expected float32, bfloat16 or float16")
+    if c.prompts is not None and not os.path.exists(c.prompts):
+        bad(f"--prompts {c.prompts}: no such file or folder")
+    if c.eval_prompts is not None and not os.path.exists(c.eval_prompts):
+        bad(f"--eval-prompts {c.eval_prompts}: no such file or folder")
+    if c.prompts is not None and c.judge in (None, "verifier"):
+        bad("--prompts needs --judge ('module:function', 'pairwise:module:function' or a reward-model folder); "
+            "the verifier only knows the synthetic task")
+    try:
+        from .algorithms import ItemLoss
+
+        ItemLoss(ALGORITHMS[c.algorithm].loss, c.hparams(), pad_id=0)
+    except ValueError as e:
+        bad(f"--algorithm {c.algorithm}: {e}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+HELP = {
+    "algorithm": "which algorithm (see the list below)",
+    "prompts": "JSONL/Parquet/datasets file with a 'prompt' field (default: the synthetic task)",
+    "eval_prompts": "held-out prompts for the per-round evaluation (default: the synthetic held-out set, "
+                    "or the first 64 training prompts)",
+    "judge": "'verifier' (synthetic default), 'module:function' (reward function), 'pairwise:module:function' "
+             "(P(a ≻ b)) or a local sequence-classification reward-model folder",
+    "judge_temperature": "P(y ≻ y') = σ((r − r')/τ) for reward judges (0: hard 1/½/0; default 1, verifier 0)",
+    "rounds": "rounds (iterative) or steps (online) (default: the algorithm's)",
+    "samples": "K completions per prompt from the policy (default: the algorithm's)",
+    "prompts_per_round": "prompts sampled per round (iterative algorithms)",
+    "epochs": "passes over each round's items",
+    "margin": "DNO's large-margin filter: keep a (best, worst) pair only when their win-rate gap exceeds it",
+    "reference": "'initial' (π_ref) or 'previous' (π_t, DNO) for the loss's reference log-probs",
+    "mixture_coef": "Nash-MD's β of the geometric mixture π_θ^(1−β)·π_ref^β",
+    "extragradient": "extragradient steps over the base optimiser (EGPO; default on for online_ipo)",
+    "sft_steps": "SFT warm-up steps of the synthetic demo's starting policy",
+    "demo_correct_fraction": "fraction of the demo's SFT demonstrations that are right (the others add K + 1)",
+    "eval_every": "evaluate (greedy answers, win-rate vs start, KL) every N rounds",
+    "save_every": "also checkpoint every N optimizer steps (0: at evaluated round ends only)",
+    "resume": "'auto' (newest valid checkpoint in --output-dir) or a checkpoint folder",
+    "loss_args": "loss hyper-parameters, e.g. tau=0.1,eta=0.2 (repeatable)",
+    "ref_dtype": "dtype of the reference model (default: the policy's)",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    epilog = ("algorithms (paper defaults; online ones: --rounds counts steps):\n" +
+              "\n".join("  " + a.describe() for a in ALGORITHMS.values()) +
+              "\n\nOn the synthetic task the iterative algorithms default to 10 rounds, and SPPO/GPO to beta=0.1 "
+              "(the paper's 0.001 is for 7B models).\nDetails: docs/online.md")
+    ap = argparse.ArgumentParser(prog="fastpref train --online", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Online / iterative preference training: generate, judge, train, "
+                                 "repeat. With no other arguments: SPPO on the synthetic task (CPU, no download).",
+                                 epilog=epilog)
+    ap.add_argument("--online", action="store_true", help="online mode (this parser)")
+    ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
+    bools = {"extragradient", "plots", "progress"}
+    choices = {"algorithm": list(ALGORITHMS), "reference": ["initial", "previous"], "device": ["auto", "cpu", "cuda"],
+               "distributed": ["auto", "none", "ddp"], "ref_dtype": ["float32", "bfloat16", "float16"]}
+    for f in dataclasses.fields(OnlineConfig):
+        if f.name in bools:
+            ap.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                            help=HELP.get(f.name))
+        elif f.name == "loss_args":
+            ap.add_argument(_flag(f.name), dest=f.name, action="append", default=None, help=HELP.get(f.name))
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            ap.add_argument(_flag(f.name), dest=f.name, type=typ, default=None, choices=choices.get(f.name),
+                            help=HELP.get(f.name))
+    return ap
+
+
+def _yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise SystemExit(f"--config {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def wants_online(argv: list[str]) -> bool:
+    """Whether ``fastpref train`` arguments ask for the online mode (``--online`` or ``online: true`` in YAML)."""
+    if "--online" in argv:
+        return True
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a[9:] if a.startswith("--config=") else None
+        if path and os.path.isfile(path):
+            try:
+                return bool(_yaml(path).get("online"))
+            except SystemExit:
+                return False
+    return False
+
+
+def load_config(argv: list[str] | None = None) -> OnlineConfig:
+    ns = parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    if ns.config:
+        data = _yaml(ns.config)
+        data.pop("online", None)
+        known = {f.name for f in dataclasses.fields(OnlineConfig)}
+        unknown = sorted(k for k in data if k not in known)
+        if unknown:
+            raise SystemExit(f"{ns.config}: unknown online setting(s) {unknown}")
+        values.update(data)
+    values.update({k: v for k, v in vars(ns).items() if v is not None and k not in ("config", "online")})
+    if values.get("distributed", "auto") == "auto":
+        values["distributed"] = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+    return OnlineConfig(**values)
