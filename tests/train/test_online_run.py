@@ -105,7 +105,7 @@ def test_yaml_config_selects_online_mode(tmp_path, capsys):
     cfg.write_text("online: true\nalgorithm: nope\n")
     with pytest.raises(SystemExit) as e:
         main(["--config", str(cfg)])
-    assert "unknown --algorithm 'nope'" in str(e.value.code)
+    assert e.value.code == 2 and "unknown --algorithm 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--online", "--help"])
     assert "nash_md (Munos+23" in capsys.readouterr().out

@@ -211,6 +211,9 @@ def _yaml(path: str) -> dict:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise SystemExit(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise SystemExit(f"--config {path}" + (f" line {mark.line + 1}" if mark else "") + ": not valid YAML") from None
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: expected a mapping of settings")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
