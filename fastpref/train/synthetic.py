@@ -85,6 +85,16 @@ def demonstrations(rows: list[dict], error_rate: float = DEMO_ERROR_RATE, seed: 
     return out
 
 
+def answer(prompt: str) -> str:
+    """The correct answer to ``add K : d1 ... dn`` (ValueError for a prompt of another form)."""
+    try:
+        k, digits = _parse(prompt)
+    except (IndexError, ValueError):
+        raise ValueError(f"not a prompt of the synthetic task: {prompt[:60]!r} (expected 'add K : d1 ... dn')") \
+            from None
+    return _shifted(digits, k)
+
+
 def verify(prompt: str, answer: str) -> dict[str, float]:
     """Scores of an answer to ``add K : d1 ... dn``: ``exact_match`` (1 or 0) and ``digit_accuracy`` (share of
     the n expected digits given at their position; missing digits count as wrong, extra ones break exactness)."""

@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import synthetic
+
 
 class JudgeError(ValueError):
     """A judge that cannot be loaded or that answered something unusable (the message says what)."""
@@ -99,10 +101,7 @@ _PROMPT = re.compile(r"add (\d+) : ((?:\d )*\d)\s*$")
 def synthetic_answer(prompt: str) -> list[str] | None:
     """The exact answer of a synthetic-task prompt ``add K : d1 ... dn`` (None for another prompt)."""
     m = _PROMPT.search(prompt.strip())
-    if m is None:
-        return None
-    k = int(m.group(1))
-    return [str((int(d) + k) % 10) for d in m.group(2).split()]
+    return None if m is None else synthetic.answer(m.group(0)).split()
 
 
 def synthetic_score(prompt: str, completion: str) -> tuple[float, bool]:
