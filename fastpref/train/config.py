@@ -231,7 +231,9 @@ def parser() -> argparse.ArgumentParser:
     """The ``fastpref train`` argument parser (every Config field is a flag; --help lists meaning and default)."""
     ap = _Parser(prog="fastpref train", description="Preference training (DPO and relatives) with fused losses. "
                  "With no arguments: the bundled synthetic demo on the CPU (SFT on a sloppy demonstrator, then "
-                 "DPO), writing to runs/demo.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                 "DPO), writing to runs/demo.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                 epilog="Online and iterative algorithms (SPPO, Nash-MD, ...): fastpref train --online --help. "
+                        "Reward models: --task reward.")
     ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
     for f in dataclasses.fields(Config):
         if f.name == "extra":
