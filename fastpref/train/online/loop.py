@@ -24,11 +24,12 @@ from .. import checkpoint as C
 from .. import data as D
 from ..dist import Dist, setup
 from ..model import frozen_copy, load_model, tiny_model
+from ..synthetic import verify
 from . import algorithms as A
 from .config import OnlineConfig
 from .extragradient import ExtraGradient
 from .generate import generate
-from .judges import JudgeError, Judge, make_judge, synthetic_score
+from .judges import JudgeError, Judge, make_judge
 from .logps import mean_token_kl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -291,9 +292,9 @@ class OnlineRun:
             if rewards is not None:
                 rec["eval/judge_score"] = sum(rewards) / len(rewards)
             if self.cfg.synthetic:
-                sc = [synthetic_score(p, t) for p, t in zip(prompts, texts)]
-                rec["eval/greedy_accuracy"] = sum(e for _, e in sc) / len(sc)
-                rec["eval/greedy_digit_accuracy"] = sum(s for s, _ in sc) / len(sc)
+                sc = [verify(p, t) for p, t in zip(prompts, texts)]  # the offline demo's verifier
+                rec["eval/greedy_accuracy"] = sum(v["exact_match"] for v in sc) / len(sc)
+                rec["eval/greedy_digit_accuracy"] = sum(v["digit_accuracy"] for v in sc) / len(sc)
             rec["eval/kl_to_ref"] = mean_token_kl(self.policy, self.ref, [(p, a or [self.eos_id]) for (p, _), a in
                                                                          zip(self.eval_prompts, answers)],
                                                   pad_id=self.pad_id, backend=self.cfg.backend)
