@@ -90,7 +90,8 @@ def _stats_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     ent = _opt(entropy)
     impl = backends.resolve(backend, hidden.device, hidden.dtype)
     grads = backends.stats_backward(
-        impl, hidden, weight, bias, labels, lse, ent, grad_logp, grad_lse, None if ent is None else grad_entropy, LogitOptions(temperature, softcap), tuple(needs))
+        impl, hidden, weight, bias, labels, lse, ent, grad_logp, grad_lse, None if ent is None else grad_entropy,
+        LogitOptions(temperature, softcap), tuple(needs))
     return _grads_out(grads, inputs)
 
 

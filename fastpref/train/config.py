@@ -146,8 +146,8 @@ def _flag(name: str) -> str:
 
 HELP = {  # field → what it means (the default is appended by parser())
     "output_dir": "folder for metrics.jsonl, summary.json, plots, checkpoints and the final model",
-    "task": "'preference' (a policy, DPO and relatives) or 'reward' (a reward model: --loss bt, scaled_bt, "
-            "regression, gpm or micro)",
+    "task": "'preference' (a policy, DPO and relatives) or 'reward' (a reward model: --loss bt (its default), "
+            "scaled_bt, regression, gpm or micro)",
     "prev_model": "previous-iterate model folder (SPPO / INPO / GPO: its log-probs are precomputed)",
     "token_reward_model": "token-reward model folder (TGDPO: its token log-probs every step)",
     "overwrite": "replace an earlier run in --output-dir (without it such a folder is refused)",
@@ -327,4 +327,6 @@ def load_config(argv: list[str] | None = None) -> Config:
         values["loss"] = values["loss"][0]
     if values.get("distributed", "auto") == "auto":
         values["distributed"] = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+    if values.get("task") == "reward" and "loss" not in values:
+        values["loss"] = "bt"  # a reward model's default loss: Bradley–Terry
     return Config(**values)
