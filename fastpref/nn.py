@@ -77,9 +77,9 @@ class PreferenceLoss(torch.nn.Module):
       - "unpaired": S sequences, one per example, with a ``desirable`` bool [S] passed to forward (KTO/BCO);
         token-level losses of one sequence (Nash-MD) get ``token_logps`` / ``ref_token_logps`` / ``mask``.
     use_weighting: WPO weights w(y_w)·w(y_l) from log Σp² (TRL's ``use_weighting``), pairs only.
-    delta="running" (BCO, ``bco`` / ``bco_pair``): δ is the running mean of the batch-mean implicit reward
-    β·(ℓ_θ - ℓ_ref) over the training steps so far, updated with the current batch before use and averaged
-    over processes (Jung+24; TRL's ``BCOTrainer`` ``RunningMoments``). Kept in the non-persistent buffers
+    delta="running" (BCO, ``bco`` / ``bco_pair``): δ is the running mean of the implicit rewards
+    β·(ℓ_θ - ℓ_ref) of every example seen in training so far (all processes), updated with the current batch
+    before use (Jung+24; TRL's ``BCOTrainer``, whose ``RunningMoments`` counts each reward). Kept in the buffers
     ``delta_mean`` / ``delta_count`` (the trainer saves them with its checkpoints).
     nll_tokens: the token set of the ``chosen_nll`` term (ORPO, CPO, RPO, ASFT, R-ORPO), as TRL defines it by
     default: "sequence" (prompt + completion) for ``orpo`` (TRL's ORPOTrainer; forward then needs
@@ -289,7 +289,8 @@ class PreferenceLoss(torch.nn.Module):
 
     @torch.no_grad()
     def _running_delta(self, ctx: dict) -> Tensor:
-        """BCO's δ: update the running mean with this batch's mean reward (all processes), return it."""
+        """BCO's δ: fold this batch's rewards (all processes) into the running mean of every reward seen in
+        training so far, each example counted once (TRL's ``RunningMoments``), and return it."""
         if self.layout == "pairs":
             pol, ref = torch.cat([ctx["chosen_logps"], ctx["rejected_logps"]]), ctx["ref_chosen_logps"]
             ref = None if ref is None else torch.cat([ref, ctx["ref_rejected_logps"]])
@@ -298,12 +299,12 @@ class PreferenceLoss(torch.nn.Module):
         if ref is None:
             raise ValueError("delta='running' needs reference log-probs")
         if self.training:
-            batch_mean = (self.beta * (pol.double() - ref.reshape(-1).double())).mean()
+            rewards = self.beta * (pol.double() - ref.reshape(-1).double())
+            total = torch.stack([rewards.sum(), rewards.new_tensor(float(rewards.numel()))])  # [sum, count]
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(batch_mean)
-                batch_mean /= torch.distributed.get_world_size()
-            self.delta_count += 1
-            self.delta_mean += (batch_mean - self.delta_mean) / self.delta_count
+                torch.distributed.all_reduce(total)
+            self.delta_count += total[1]
+            self.delta_mean += (total[0] - total[1] * self.delta_mean) / self.delta_count.clamp(min=1)
         return self.delta_mean.float()
 
     @torch.no_grad()

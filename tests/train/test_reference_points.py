@@ -69,19 +69,22 @@ def test_kto_kl_is_the_naive_mismatched_mean():
     assert abs(got - gold) < 1e-4 * max(1.0, abs(gold))
 
 
-def test_bco_running_delta_is_the_mean_of_batch_means():
+def test_bco_running_delta_is_the_mean_of_every_reward_so_far():
+    """δ after each step = mean of the implicit rewards of every example seen so far, each counted once, as
+    TRL's BCOTrainer keeps it (RunningMoments.update on the batch's rewards): batches of different sizes
+    (a short last batch) weigh by their size, not one batch mean per step."""
     loss = PreferenceLoss("bco", layout="unpaired", delta="running", beta=0.5, backend="torch")
     g = torch.Generator().manual_seed(0)
-    seen = []
-    for step in range(3):
-        S, T, Dm, V = 4, 5, 8, 11
+    seen: list[float] = []
+    for S in (4, 6, 2):
+        T, Dm, V = 5, 8, 11
         h, w = torch.randn(S, T, Dm, generator=g), torch.randn(V, Dm, generator=g)
         labels = torch.randint(0, V, (S, T), generator=g)
         ref = torch.randn(S, generator=g, dtype=torch.float64)
-        des = torch.tensor([True, False, True, False])
+        des = torch.arange(S) % 2 == 0
         out = loss(h, w, labels, ref_logps=ref, desirable=des)
         lp = torch.log_softmax((h.double() @ w.double().T), -1).gather(-1, labels[..., None])[..., 0].sum(-1)
-        seen.append(float((0.5 * (lp - ref)).mean()))
+        seen += (0.5 * (lp - ref)).tolist()
         delta = sum(seen) / len(seen)
         x = 0.5 * (lp - ref) - delta
         gold = -torch.nn.functional.logsigmoid(torch.where(des, x, -x)).mean()
