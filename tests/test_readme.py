@@ -55,6 +55,7 @@ def _extras() -> set[str]:
 
 def test_shell_commands_name_real_targets_extras_and_flags():
     from fastpref.train.config import _join_negative_numbers, parser
+    from fastpref.train.online.config import parser as online_parser
 
     targets = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
     extras, checked = _extras(), 0
@@ -68,7 +69,12 @@ def test_shell_commands_name_real_targets_extras_and_flags():
                     assert set(extra.split(",")) <= extras, (name, line)
             elif words[:2] == ["fastpref", "train"] or words[:3] == ["python", "-m", "fastpref.train"]:
                 argv = words[2:] if words[0] == "fastpref" else words[3:]
-                parser().parse_args(_join_negative_numbers(argv))  # a user error would raise here
+                if "--help" in argv or "-h" in argv:
+                    continue
+                if "--online" in argv:  # the online mode's own flags
+                    online_parser().parse_args(argv)
+                else:
+                    parser().parse_args(_join_negative_numbers(argv))  # a user error would raise here
             else:
                 continue
             checked += 1
