@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +42,7 @@ def _ratio(r, key):
 
 
 HEADLINE = (("logprobs", "forward", "log-probs fwd"), ("logprobs", "forward+backward", "log-probs fwd+bwd"),
+            ("logprobs", "forward+backward, frozen head", "log-probs fwd+bwd, frozen head"),
             ("dpo", "forward+backward", "DPO + reference"), ("token_kl", "forward+backward", "token KL"),
             ("listwise", "forward+backward", "listwise K=4"))
 
@@ -71,6 +73,7 @@ def summary_table(rows: list[dict], gpu: bool) -> str:
     for impl in impls:
         byw = {(r["workload"], r["mode"]): r for r in rows if r["impl"] == impl and (r["workload"], r["mode"]) in cols}
         lab = next((r["label"] for k, r in byw.items() if k[0] == "logprobs"), None) or next(iter(byw.values()))["label"]
+        lab = re.sub(r" ×\d+ ", " ", lab)  # the bare-GEMM row: how many GEMMs differs by column
         out.append(f"| {lab} | " + " | ".join(_cell(byw.get(c)) for c in cols) + " |")
     return "\n".join(out)
 
@@ -117,6 +120,8 @@ def device_section(device: str, folder: str, rel: str, said: set[str] | None = N
                   "run), then peak memory above the inputs (as a fraction of plain torch's). DPO and listwise rows "
                   "of a per-token implementation add the loss in torch on its per-sequence sums.", ""]
         lines += [summary_table(rows, gpu), ""]
+        for goal in res.get("goals") or []:
+            lines += [f"**Goal check: {goal}.**", ""]
         if res.get("issue5"):
             lines += ["**" + res["issue5"]["text"] + "**", ""]
         sk = skipped(rows)
