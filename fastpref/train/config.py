@@ -224,7 +224,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         from .validate import UserError
 
-        raise UserError(f"{message} (see fastpref train --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import parse_kv
+from ..config import _Parser, parse_kv
+from ..validate import check_path
 from .algorithms import ALGORITHMS
 
 # The embedded demo (synthetic task, no --model): a weak SFT start, then SPPO rounds judged by the verifier.
@@ -131,10 +132,10 @@ def validate(c: OnlineConfig) -> None:
         bad("--distributed fsdp is not supported in online mode (use ddp: every rank holds the policy to generate)")
     if c.ref_dtype not in (None, "float32", "bfloat16", "float16"):
         bad(f"--ref-dtype {c.ref_dtype!r}: expected float32, bfloat16 or float16")
-    if c.prompts is not None and not os.path.exists(c.prompts):
-        bad(f"--prompts {c.prompts}: no such file or folder")
-    if c.eval_prompts is not None and not os.path.exists(c.eval_prompts):
-        bad(f"--eval-prompts {c.eval_prompts}: no such file or folder")
+    for flag, value, kind in (("--model", c.model, "model"), ("--ref-model", c.ref_model, "model"),
+                              ("--tokenizer", c.tokenizer, "tokenizer"), ("--prompts", c.prompts, "data"),
+                              ("--eval-prompts", c.eval_prompts, "data")):
+        check_path(flag, value, kind)  # the offline trainer's path checks (UserError)
     if c.prompts is not None and c.judge in (None, "verifier"):
         bad("--prompts needs --judge ('module:function', 'pairwise:module:function' or a reward-model folder); "
             "the verifier only knows the synthetic task")
@@ -181,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
               "\n".join("  " + a.describe() for a in ALGORITHMS.values()) +
               "\n\nOn the synthetic task the iterative algorithms default to 10 rounds, and SPPO/GPO to beta=0.1 "
               "(the paper's 0.001 is for 7B models).\nDetails: docs/online.md")
-    ap = argparse.ArgumentParser(prog="fastpref train --online", formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = _Parser(prog="fastpref train --online", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Online / iterative preference training: generate, judge, train, "
                                  "repeat. With no other arguments: SPPO on the synthetic task (CPU, no download).",
                                  epilog=epilog)
