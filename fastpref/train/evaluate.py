@@ -14,13 +14,18 @@ from torch import nn
 Verifier = Callable[[Any, str], dict]
 
 
+def prompt_text(tokenizer, prompt: str | list) -> str:
+    """The prompt as text: plain text as it is, chat messages rendered by the chat template with the generation
+    prompt."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
 def prompt_ids(tokenizer, prompt: str | list) -> list[int]:
     """Token ids of a prompt as training sees it: plain text with the tokenizer's special tokens (BOS), or chat
-    messages rendered by the chat template with the generation prompt."""
-    if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    messages rendered by the chat template (which brings its own special tokens)."""
+    return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))["input_ids"]
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from .. import checkpoint as C
 from .. import data as D
 from ..dist import Dist, setup
 from ..model import frozen_copy, load_model, tiny_model
+from ..evaluate import prompt_ids, prompt_text
 from ..synthetic import verify
 from . import algorithms as A
 from .config import OnlineConfig
@@ -95,10 +96,8 @@ class OnlineRun:
         return AutoTokenizer.from_pretrained(src, local_files_only=True)
 
     def _encode(self, prompt) -> tuple[list[int], str]:
-        if isinstance(prompt, list):
-            text = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            return self.tok(text, add_special_tokens=False)["input_ids"], text
-        return self.tok(prompt, add_special_tokens=True)["input_ids"], prompt
+        """(token ids as training sees them, the prompt text the judge reads)."""
+        return prompt_ids(self.tok, prompt), prompt_text(self.tok, prompt)
 
     def _read_prompts(self, path: str) -> list:
         out = []
