@@ -43,10 +43,15 @@ t2=$(date +%s)
 import importlib, sys
 sys.path.insert(0, ".")
 ok = True
+NAMES = ("stats_forward", "stats_forward_frozen", "stats_backward", "kl_forward", "kl_forward_frozen", "kl_backward")
 for mod in ("fastpref._native_cpu", "fastpref._native_cuda"):
     try:
         m = importlib.import_module(mod)
-        print("imported", mod, "->", ", ".join(n for n in ("stats_forward", "stats_backward", "kl_forward", "kl_backward") if hasattr(m, n)))
+        print("imported", mod, "->", ", ".join(n for n in NAMES if hasattr(m, n)))
+        missing = [n for n in NAMES if not hasattr(m, n)]
+        if missing and mod.endswith("cuda"):  # the CPU module is exercised by the test suite itself
+            ok = False
+            print("FAILED:", mod, "lacks", ", ".join(missing))
     except Exception as err:  # noqa: BLE001
         ok = False
         print("FAILED to import", mod, ":", err)

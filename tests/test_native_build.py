@@ -223,3 +223,19 @@ def test_cuda_support_is_probed_per_device(monkeypatch):
     assert backend.supports(torch.device("cuda"), torch.float32) == why  # the current device, cuda:1
     backend.supports(torch.device("cuda", 0))
     assert mod.probed == [0, 1], "each device is probed once and the answer cached"
+
+
+def test_stale_extension_without_frozen_heads_says_rebuild():
+    """An extension built before frozen heads existed (no stats_forward_frozen) is refused with a rebuild
+    message, not silently replaced by another backend. A fake module stands in for the stale build."""
+    from fastpref.backends.native_backend import NativeBackend
+    from fastpref.options import LogitOptions
+
+    class StaleModule:
+        def stats_forward(self, *args):
+            raise AssertionError("not called")
+
+    backend = NativeBackend(StaleModule(), None, None, "no CUDA module")
+    h, w, labels = torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="rebuild"):
+        backend.stats_forward_frozen(h, w, None, labels, LogitOptions(), True, False)

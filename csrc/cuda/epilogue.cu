@@ -2,8 +2,13 @@
 // spills for every kernel in seconds (csrc/check_cuda_compile.py).
 //
 // Row kernels (forward): one block of ROW_THREADS threads per tile row; pass 1 transforms the row in place
-// and reduces its max, pass 2 reduces the exp sums, thread 0 folds them into the running state.
+// and reduces its max, pass 2 reduces the exp sums, thread 0 folds them into the running state. Their
+// FROZEN instances (frozen heads) also overwrite the tile(s) with the weights of the expectation GEMMs in
+// pass 2 (the label logit is picked up in pass 1 for that reason) and write each row's rescale
+// coefficients; reverse token_kl adds a pass 3 that centres its weights on the new running mean μ.
 // Element kernels (backward): a 2-D grid (vocabulary × rows), each thread turns one logit into dL/dx.
+// rows_update: a grid-stride loop over a [rows, D] accumulator pair (the frozen heads' per-row rescale).
+#include <algorithm>
 #include <cmath>
 
 #include "epilogue.h"
@@ -67,17 +72,30 @@ __device__ __forceinline__ float rescale(float mo, float mn, float* shift) {
   return expf(*shift);
 }
 
+// dz/dx from the transformed logit z: 1/T, or (1 − c²)/T with c = tanh(x/cap) = z/(cap/T). A division, not a
+// product with the reciprocal, so that a saturated logit z = ±cap/T (a −inf bias under a softcap) gives
+// c = ±1 and slope 0 exactly.
+__device__ __forceinline__ float slope_of_z(float z, const Transform& tr) {
+  if (!tr.softcap) return tr.inv_t;
+  const float c = z / tr.cap_t;
+  return (1.0f - c * c) * tr.inv_t;
+}
+
+// FROZEN: also the weights tiles and rescale coefficients of the frozen-head accumulators (epilogue.h).
+template <bool FROZEN>
 __global__ void __launch_bounds__(ROW_THREADS)
 stats_fwd_kernel(float* __restrict__ tile, int cols, const float* __restrict__ bias, Transform tr,
                  const int64_t* __restrict__ labels, int64_t c0, float* m, float* s, float* t, float* s2,
-                 float* zl) {
+                 float* zl, float* __restrict__ tw, RowCoefs coef) {
   const int row = blockIdx.x;
   float* z = tile + static_cast<int64_t>(row) * cols;
+  const int64_t label = labels ? labels[row] - c0 : -1;  // inside this tile when 0 <= label < cols
   float mx[1] = {-INFINITY};
   for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
     float v = transform(z[j] + (bias ? bias[j] : 0.0f), tr);
     z[j] = v;
     mx[0] = fmaxf(mx[0], v);
+    if (j == label) zl[row] += v;  // the one thread holding the label's logit (pass 2 may overwrite it)
   }
   block_reduce<1, true>(mx);
   const float mo = m[row], mn = fmaxf(mo, mx[0]), base = exp_base(mn);
@@ -87,6 +105,11 @@ stats_fwd_kernel(float* __restrict__ tile, int cols, const float* __restrict__ b
     acc[0] += e;
     acc[1] += weighted(e, d);
     acc[2] += e * e;
+    if (FROZEN) {
+      const float w = e * slope_of_z(z[j], tr);  // ≥ 0; 0 at −inf logits
+      if (tw) tw[static_cast<int64_t>(row) * cols + j] = weighted(w, d);
+      z[j] = w;
+    }
   }
   block_reduce<3, false>(acc);
   if (threadIdx.x == 0) {
@@ -95,9 +118,10 @@ stats_fwd_kernel(float* __restrict__ tile, int cols, const float* __restrict__ b
     if (s2) s2[row] = s2[row] * sc * sc + acc[2];
     s[row] = s[row] * sc + acc[0];
     m[row] = mn;
-    if (labels) {
-      int64_t l = labels[row] - c0;
-      if (l >= 0 && l < cols) zl[row] += z[l];
+    if (FROZEN) {
+      coef.sa[row] = sc;
+      coef.st[row] = sc;
+      coef.ta[row] = shift * sc;  // T ← (T + shift·A)·sc
     }
   }
 }
@@ -132,14 +156,16 @@ stats_bwd_kernel(float* __restrict__ tile, int cols, const float* __restrict__ b
   *p_x = dz * dzdx(x, tr);
 }
 
+template <bool FROZEN>
 __global__ void __launch_bounds__(ROW_THREADS)
 kl_fwd_kernel(float* __restrict__ zt, float* __restrict__ rzt, int cols, const float* __restrict__ bias,
               const float* __restrict__ ref_bias, Transform tr, Transform rtr, const int64_t* __restrict__ labels,
               int64_t c0, int reverse, float* m, float* s, float* rm, float* rs, float* cross, float* zl,
-              float* rzl) {
+              float* rzl, RowCoefs coef) {
   const int row = blockIdx.x;
   float* z = zt + static_cast<int64_t>(row) * cols;
   float* rz = rzt + static_cast<int64_t>(row) * cols;
+  const int64_t label = labels ? labels[row] - c0 : -1;  // inside this tile when 0 <= label < cols
   float mx[2] = {-INFINITY, -INFINITY};
   for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
     float a = transform(z[j] + (bias ? bias[j] : 0.0f), tr);
@@ -148,9 +174,15 @@ kl_fwd_kernel(float* __restrict__ zt, float* __restrict__ rzt, int cols, const f
     rz[j] = b;
     mx[0] = fmaxf(mx[0], a);
     mx[1] = fmaxf(mx[1], b);
+    if (j == label) {  // the one thread holding the label's logits (pass 2 may overwrite them)
+      zl[row] += a;
+      rzl[row] += b;
+    }
   }
   block_reduce<2, true>(mx);
+  // The old state, read by every thread before the reduction below (thread 0 writes the new state after it).
   const float mo = m[row], mn = fmaxf(mo, mx[0]), rmo = rm[row], rmn = fmaxf(rmo, mx[1]);
+  const float so = s[row], co = cross[row];
   float acc[3] = {0.0f, 0.0f, 0.0f};  // Σe_pol, Σe_ref, cross
   for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
     float a = z[j], b = rz[j];
@@ -158,21 +190,34 @@ kl_fwd_kernel(float* __restrict__ zt, float* __restrict__ rzt, int cols, const f
     acc[0] += e;
     acc[1] += re;
     acc[2] += reverse ? weighted(e, a - b) : weighted(re, b - a);
+    if (FROZEN) {
+      const float sl = slope_of_z(a, tr);
+      z[j] = e * sl;                      // ≥ 0; 0 at −inf policy logits
+      rz[j] = reverse ? a - b : re * sl;  // reverse: d, centred in pass 3
+    }
   }
   block_reduce<3, false>(acc);
+  float shift, sc = rescale(mo, mn, &shift), rshift, rsc = rescale(rmo, rmn, &rshift);
+  const float sn = so * sc + acc[0], cn = co * (reverse ? sc : rsc) + acc[2];
+  float dmu = 0.0f;  // reverse, frozen: μ_old − μ_new, with μ = cross/s (0 while s = 0: no mass yet, A = 0)
+  if (FROZEN && reverse) {
+    const float mu = sn > 0.0f ? cn / sn : 0.0f;
+    dmu = (so > 0.0f ? co / so : 0.0f) - mu;
+    for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
+      const float w = z[j];
+      rz[j] = w != 0.0f ? w * (rz[j] - mu) : 0.0f;  // e^{z−m}·(d − μ)·s, 0 where e·s = 0 (d may be NaN there)
+    }
+  }
   if (threadIdx.x == 0) {
-    float shift, sc = rescale(mo, mn, &shift), rshift, rsc = rescale(rmo, rmn, &rshift);
-    cross[row] = cross[row] * (reverse ? sc : rsc) + acc[2];
-    s[row] = s[row] * sc + acc[0];
+    cross[row] = cn;
+    s[row] = sn;
     rs[row] = rs[row] * rsc + acc[1];
     m[row] = mn;
     rm[row] = rmn;
-    if (labels) {
-      int64_t l = labels[row] - c0;
-      if (l >= 0 && l < cols) {
-        zl[row] += z[l];
-        rzl[row] += rz[l];
-      }
+    if (FROZEN) {
+      coef.sa[row] = sc;
+      coef.st[row] = reverse ? sc : rsc;
+      coef.ta[row] = reverse ? dmu * sc : 0.0f;  // B ← (B + (μ_old − μ)·A)·sc
     }
   }
 }
@@ -212,23 +257,37 @@ kl_bwd_kernel(float* __restrict__ zt, const float* __restrict__ rzt, int cols, c
   zt[k] = dz * dzdx(x, tr);
 }
 
+__global__ void __launch_bounds__(ELEM_THREADS)
+rows_update_kernel(float* __restrict__ a, float* __restrict__ t, const float* __restrict__ pa,
+                   const float* __restrict__ pt, const float* __restrict__ sa, const float* __restrict__ st,
+                   const float* __restrict__ ta, int64_t n, int64_t D) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * ELEM_THREADS;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * ELEM_THREADS + threadIdx.x; k < n; k += stride) {
+    const int64_t row = k / D;
+    const float av = a[k];
+    if (t) t[k] = st[row] * t[k] + (ta ? ta[row] * av : 0.0f) + (pt ? pt[k] : 0.0f);
+    a[k] = sa[row] * av + (pa ? pa[k] : 0.0f);
+  }
+}
+
 inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 }  // namespace
 
 cudaError_t kernel_image_status() {
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, stats_fwd_kernel);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, stats_fwd_kernel<false>);
   if (err != cudaSuccess) cudaGetLastError();
   return err;
 }
 
 void stats_fwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, Transform tr,
                     const int64_t* labels, int64_t c0, float* m, float* s, float* t, float* s2, float* zl,
-                    cudaStream_t stream) {
+                    float* tw, RowCoefs coef, cudaStream_t stream) {
   if (rows == 0) return;
-  stats_fwd_kernel<<<static_cast<unsigned>(rows), ROW_THREADS, 0, stream>>>(tile, static_cast<int>(cols), bias, tr,
-                                                                            labels, c0, m, s, t, s2, zl);
+  const auto kernel = coef.sa ? stats_fwd_kernel<true> : stats_fwd_kernel<false>;
+  kernel<<<static_cast<unsigned>(rows), ROW_THREADS, 0, stream>>>(tile, static_cast<int>(cols), bias, tr, labels, c0,
+                                                                  m, s, t, s2, zl, tw, coef);
 }
 
 void stats_finish(int64_t rows, const float* m, const float* s, const float* t, const float* s2, const float* zl,
@@ -249,10 +308,12 @@ void stats_bwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, 
 
 void kl_fwd_tile(float* z, float* rz, int64_t rows, int64_t cols, const float* bias, const float* ref_bias,
                  Transform tr, Transform rtr, const int64_t* labels, int64_t c0, int reverse, float* m, float* s,
-                 float* rm, float* rs, float* cross, float* zl, float* rzl, cudaStream_t stream) {
+                 float* rm, float* rs, float* cross, float* zl, float* rzl, RowCoefs coef, cudaStream_t stream) {
   if (rows == 0) return;
-  kl_fwd_kernel<<<static_cast<unsigned>(rows), ROW_THREADS, 0, stream>>>(
-      z, rz, static_cast<int>(cols), bias, ref_bias, tr, rtr, labels, c0, reverse, m, s, rm, rs, cross, zl, rzl);
+  const auto kernel = coef.sa ? kl_fwd_kernel<true> : kl_fwd_kernel<false>;
+  kernel<<<static_cast<unsigned>(rows), ROW_THREADS, 0, stream>>>(z, rz, static_cast<int>(cols), bias, ref_bias, tr,
+                                                                  rtr, labels, c0, reverse, m, s, rm, rs, cross, zl,
+                                                                  rzl, coef);
 }
 
 void kl_finish(int64_t rows, int reverse, const float* m, const float* s, const float* rm, const float* rs,
@@ -271,6 +332,14 @@ void kl_bwd_tile(float* z, const float* rz, int64_t rows, int64_t cols, const fl
   dim3 grid(blocks_for(cols, ELEM_THREADS), static_cast<unsigned>(rows));
   kl_bwd_kernel<<<grid, ELEM_THREADS, 0, stream>>>(z, rz, static_cast<int>(cols), bias, ref_bias, tr, rtr, labels,
                                                    c0, reverse, lse, ref_lse, kl, g_kl, g_logp);
+}
+
+void rows_update(float* a, float* t, const float* pa, const float* pt, const float* sa, const float* st,
+                 const float* ta, int64_t rows, int64_t D, cudaStream_t stream) {
+  const int64_t n = rows * D;
+  if (n == 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + ELEM_THREADS - 1) / ELEM_THREADS, 1 << 20));
+  rows_update_kernel<<<blocks, ELEM_THREADS, 0, stream>>>(a, t, pa, pt, sa, st, ta, n, D);
 }
 
 }  // namespace fastpref_cuda

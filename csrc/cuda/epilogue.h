@@ -20,11 +20,24 @@ struct Transform {
   float inv_t;    // 1/T
 };
 
+// Frozen heads (fastpref/_frozen.py): the forward kernels also write weights tiles for the expectation
+// GEMMs P = weights·W_chunk ([rows, cols]·[cols, D]) and, per row, the coefficients with which rows_update
+// folds the products into two float32 [rows, D] accumulators a and t: t ← st·t + ta·a + pt, a ← sa·a + pa.
+// All null: a plain forward.
+struct RowCoefs {
+  float* sa;
+  float* st;
+  float* ta;
+};
+
 // token_stats forward: fold one tile into the running state; tile ← z (transformed logits).
 // labels: the block's labels (or null); c0: the tile's first vocabulary index. t / s2: or null.
+// Frozen (coef.sa not null): tile ← e^{z−m}·dz/dx instead, tw (entropy, or null) ← e^{z−m}·(z − m)·dz/dx
+// (0 at −inf logits), with m the new running max; coef ← the rescale of A = Σ e^{z−m}·(dz/dx)·W and
+// T = Σ e^{z−m}(z − m)·(dz/dx)·W as m moves: sa = st = e^{m_old − m}, ta = (m_old − m)·e^{m_old − m}.
 void stats_fwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, Transform tr,
                     const int64_t* labels, int64_t c0, float* m, float* s, float* t, float* s2, float* zl,
-                    cudaStream_t stream);
+                    float* tw, RowCoefs coef, cudaStream_t stream);
 // logp = zl − lse, lse = m + log s, entropy = log s − t/s, log Σp² = log s2 − 2 log s (ent / p2: or null).
 void stats_finish(int64_t rows, const float* m, const float* s, const float* t, const float* s2,
                   const float* zl, float* logp, float* lse, float* ent, float* p2, cudaStream_t stream);
@@ -35,9 +48,13 @@ void stats_bwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, 
 
 // token_kl forward: z / rz (raw GEMM outputs of policy / reference) ← transformed logits, state updated.
 // reverse = 0: KL(ref‖θ), cross = Σ e^{rz−rm}(rz − z); reverse = 1: KL(θ‖ref), cross = Σ e^{z−m}(z − rz).
+// Frozen policy head (coef.sa not null; s_v: the policy's dz/dx): z ← e^{z−m}·s. forward: rz ← e^{rz−rm}·s,
+// coef: sa = e^{m_old−m}, st = e^{rm_old−rm}, ta = 0 (a = A, t = Aq = Σ e^{rz−rm}·s·W). reverse: rz ←
+// e^{z−m}·(d − μ)·s with d = z − rz and μ = cross/s the new running mean of d under p; coef: sa = st =
+// e^{m_old−m}, ta = (μ_old − μ)·e^{m_old−m} (a = A, t = B = Σ e^{z−m}·(d − μ)·s·W, kept centred).
 void kl_fwd_tile(float* z, float* rz, int64_t rows, int64_t cols, const float* bias, const float* ref_bias,
                  Transform tr, Transform rtr, const int64_t* labels, int64_t c0, int reverse, float* m, float* s,
-                 float* rm, float* rs, float* cross, float* zl, float* rzl, cudaStream_t stream);
+                 float* rm, float* rs, float* cross, float* zl, float* rzl, RowCoefs coef, cudaStream_t stream);
 void kl_finish(int64_t rows, int reverse, const float* m, const float* s, const float* rm, const float* rs,
                const float* cross, const float* zl, const float* rzl, float* kl, float* lse, float* ref_lse,
                float* logp, float* ref_logp, cudaStream_t stream);
@@ -46,6 +63,12 @@ void kl_bwd_tile(float* z, const float* rz, int64_t rows, int64_t cols, const fl
                  Transform tr, Transform rtr, const int64_t* labels, int64_t c0, int reverse, const float* lse,
                  const float* ref_lse, const float* kl, const float* g_kl, const float* g_logp,
                  cudaStream_t stream);
+
+// Per-row linear update of float32 [rows, D] accumulators (row-major, contiguous), coefficients [rows]:
+//     t ← st·t + ta·a + pt,   a ← sa·a + pa       (a read before its update; t, st: both or neither;
+// ta / pa / pt: or null, adding 0). The frozen-head forwards fold each tile's products with it, and finish with it.
+void rows_update(float* a, float* t, const float* pa, const float* pt, const float* sa, const float* st,
+                 const float* ta, int64_t rows, int64_t D, cudaStream_t stream);
 
 // cudaSuccess when this build holds a kernel image the current device can run (its machine code, or PTX the
 // driver compiles for it); else the error, e.g. cudaErrorNoKernelImageForDevice. Launches nothing; the error

@@ -13,11 +13,27 @@
 // Triton backend does (accumulation stays float32). Other combinations (float32, or a half hidden with a
 // float32 master weight) read the half operands through float32 copies and run float32 GEMMs.
 //
+// Frozen heads (stats_forward_frozen, kl_forward_frozen; fastpref/_frozen.py): the forward also accumulates,
+// per row block, float32 [rows, D] sums a and t (token_stats: A = Σ e^{z−m}·(dz/dx)·W and, with entropy,
+// T = Σ e^{z−m}(z − m)·(dz/dx)·W; token_kl: A and Aq = Σ e^{rz−rm}·(dz/dx)·W or the centred
+// B = Σ e^{z−m}(d − μ)·(dz/dx)·W) in the output tensors themselves. Per tile, the FROZEN instance of the
+// forward kernel updates the running stats and overwrites the logits tile(s) with the weights (for T a
+// second tile) and writes each row's rescale coefficients (e^{m_old − m_new}, and the shift that T and B
+// take from A); one GEMM per accumulator makes the products weights·W_chunk (half pairs: the weights
+// rounded to the half dtype, tensor cores, float32 output, as the backward's dL/dx tile); one rows_update
+// pass folds them in (a ← sa·a + P_a, t ← st·t + ta·a + P_t). The first chunk's GEMMs write a and t
+// directly (no pass; with V ≤ C no fold at all); rows_update also normalises at the end of a row block
+// (EA = A/s, EC = (T − (t/s)·A)/s; dkl = A/s − Aq/rs or B/s). No GEMM here accumulates, so gemm_f32's
+// `tmp` is not used on this path.
+//
 // Scratch (elements), R rows × C vocabulary entries per tile (R = C = 4096 by default):
 //     float32: 2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 2·C + max(R, C)·D  (+ 9·N per-row state)
-//     half:    R·C (the rounded dL/dx tile, backward only)
-// — logits tiles (two for token_kl), float32 copies of upcast hidden blocks / weight chunks (none for half
-// GEMMs) / bias chunks, the dW/db chunk accumulators, a product buffer for accumulating half GEMMs.
+//              + 3·R·D + 3·R in a frozen-head forward
+//     half:    R·C (the rounded dL/dx tile of the backward, the rounded weights tile of a frozen forward)
+// — logits tiles (two for token_kl; token_stats' frozen T weights tile is the second), float32 copies of
+// upcast hidden blocks / weight chunks (none for half GEMMs) / bias chunks, the dW/db chunk accumulators,
+// a product buffer for accumulating half GEMMs; frozen: the products of chunks after the first (2·R·D, only
+// when V > C), token_kl's A when EA is not returned (R·D, no labels), the rescale coefficients (3·R).
 #include <torch/extension.h>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -133,10 +149,52 @@ static Tensor tile_view(Tensor& buf, int64_t rows, int64_t cols) {
   return buf.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// Frozen heads: a pair of float32 [rows, D] accumulators per row block (a, and t or none), fed per vocabulary
+// chunk from the weights tiles the forward kernel wrote (FROZEN instances, see epilogue.h): the products
+// weights·W_chunk are float32 GEMMs, or tensor-core GEMMs with float32 output of the weights rounded to the
+// half dtype (as the backward's dL/dx tile). The first chunk's products go straight into a / t; later ones
+// into `prod` and are folded in with the kernel's per-row rescale coefficients by one rows_update pass.
+struct FrozenAcc {
+  bool half;
+  at::ScalarType dtype;
+  int64_t R, D;
+  Tensor coef, prod, gbuf, tmp;  // coef: float32 [3, R] (sa, st, ta); prod: float32 [1 or 2, R, D], on demand
+  FrozenAcc(bool on, bool half_gemm, const Tensor& hidden, int64_t rows)
+      : half(half_gemm), dtype(hidden.scalar_type()), R(rows), D(hidden.size(1)) {
+    if (on) coef = at::empty({3 * R}, hidden.options().dtype(at::kFloat));
+  }
+  RowCoefs coefs() {
+    if (!coef.defined()) return {nullptr, nullptr, nullptr};
+    float* c = coef.data_ptr<float>();
+    return {c, c + R, c + 2 * R};
+  }
+  // a, t: the block's accumulators [rows, D] (t: or undefined); wa, wt: their weights tiles [rows, cols];
+  // W: the chunk's weight rows [cols, D] (the GEMM operand: half view or float32).
+  void add(Tensor& a, Tensor& t, const Tensor& wa, const Tensor& wt, const Tensor& W, bool first,
+           cudaStream_t stream) {
+    const int64_t rows = a.size(0);
+    if (!first && !prod.defined()) prod = at::empty({(t.defined() ? 2 : 1) * R * D}, a.options());
+    Tensor pa = first ? a : prod.narrow(0, 0, rows * D).view({rows, D});
+    gemm_f32(pa, grad_operand(wa, half, dtype, gbuf), W, false, tmp);
+    Tensor pt;
+    if (t.defined()) {
+      pt = first ? t : prod.narrow(0, R * D, rows * D).view({rows, D});
+      gemm_f32(pt, grad_operand(wt, half, dtype, gbuf), W, false, tmp);  // gbuf reused: stream-ordered
+    }
+    if (first) return;
+    const RowCoefs c = coefs();
+    rows_update(ptr(a), ptr(t), ptr(pa), ptr(pt), c.sa, c.st, c.ta, rows, D, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 // ---- token_stats --------------------------------------------------------------------------------
-std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
-                                  const Tensor& labels, double temperature, double softcap, bool want_ent,
-                                  bool want_p2) {
+// `frozen`: also EA = E_p[(dz/dx)·W] and, with entropy, EC = E_p[(log p + H)·(dz/dx)·W] (float32 [N, D];
+// fastpref/_frozen.py) from A = Σ e^{z−m}·(dz/dx)·W and T = Σ e^{z−m}(z − m)·(dz/dx)·W: EA = A/s,
+// EC = (T − (t/s)·A)/s.
+static std::vector<Tensor> stats_forward_impl(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                              const Tensor& labels, double temperature, double softcap,
+                                              bool want_ent, bool want_p2, bool frozen) {
   check_head(hidden, weight, bias, "stats_forward");
   c10::cuda::CUDAGuard guard(hidden.device());
   auto stream = at::cuda::getCurrentCUDAStream().stream();
@@ -150,24 +208,50 @@ std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, co
   Tensor m = at::full({N}, -INFINITY, f32), s = at::zeros({N}, f32), zl = at::zeros({N}, f32);
   Tensor t = want_ent ? at::zeros({N}, f32) : Tensor(), s2 = want_p2 ? at::zeros({N}, f32) : Tensor();
   const bool half = half_pair(hidden, weight);
+  Tensor ea = frozen ? at::empty({N, D}, f32) : Tensor(), ec = frozen && want_ent ? at::empty({N, D}, f32) : Tensor();
+  Tensor twbuf = ec.defined() ? at::empty({R * C}, f32) : Tensor();  // the weights tile of T
+  FrozenAcc facc(frozen, half, hidden, R);
   Tensor tilebuf = at::empty({R * C}, f32), hbuf, wbuf, bbuf, tmp;
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);
     Tensor H = operand_rows(hidden, r0, rows, half, hbuf, R * D);
+    Tensor A = frozen ? ea.narrow(0, r0, rows) : Tensor(), T = ec.defined() ? ec.narrow(0, r0, rows) : Tensor();
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t cols = std::min(C, V - c0);
       Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
       const float* bp = f32_vec(bias, c0, cols, bbuf, C);
-      Tensor tile = tile_view(tilebuf, rows, cols);
+      Tensor tile = tile_view(tilebuf, rows, cols), tw = T.defined() ? tile_view(twbuf, rows, cols) : Tensor();
       gemm_f32(tile, H, W.t(), false, tmp);
       stats_fwd_tile(tile.data_ptr<float>(), rows, cols, bp, tr, lab + r0, c0, ptr(m) + r0, ptr(s) + r0,
-                     want_ent ? ptr(t) + r0 : nullptr, want_p2 ? ptr(s2) + r0 : nullptr, ptr(zl) + r0, stream);
+                     want_ent ? ptr(t) + r0 : nullptr, want_p2 ? ptr(s2) + r0 : nullptr, ptr(zl) + r0, ptr(tw),
+                     facc.coefs(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (frozen) facc.add(A, T, tile, tw, W, c0 == 0, stream);
+    }
+    if (frozen) {  // A ← A/s, T ← T/s − (t/s²)·A
+      Tensor inv = s.narrow(0, r0, rows).reciprocal();
+      Tensor ta = T.defined() ? t.narrow(0, r0, rows).mul(inv).mul_(inv).neg_() : Tensor();
+      rows_update(ptr(A), ptr(T), nullptr, nullptr, ptr(inv), ptr(inv), ptr(ta), rows, D, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
   stats_finish(N, ptr(m), ptr(s), ptr(t), ptr(s2), ptr(zl), ptr(logp), ptr(lse), ptr(ent), ptr(p2), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {logp, lse, ent, p2};
+  return {logp, lse, ent, p2, ea, ec};
+}
+
+std::vector<Tensor> stats_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                  const Tensor& labels, double temperature, double softcap, bool want_ent,
+                                  bool want_p2) {
+  auto out = stats_forward_impl(hidden, weight, bias, labels, temperature, softcap, want_ent, want_p2, false);
+  out.resize(4);
+  return out;
+}
+
+std::vector<Tensor> stats_forward_frozen(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                         const Tensor& labels, double temperature, double softcap,
+                                         bool want_ent, bool want_p2) {
+  return stats_forward_impl(hidden, weight, bias, labels, temperature, softcap, want_ent, want_p2, true);
 }
 
 // The gradients of one backward: dH (float32 [N, D]) and dW / db (weight / bias dtype), the latter written
@@ -252,10 +336,14 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
 }
 
 // ---- token_kl -----------------------------------------------------------------------------------
-std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
-                               const Tensor& ref_hidden, const Tensor& ref_weight, const OptTensor& ref_bias,
-                               const OptTensor& labels, double temperature, double softcap, double ref_softcap,
-                               bool reverse) {
+// `frozen` (a policy head whose weight and bias need no gradient): also dkl = ∂KL_row/∂h_row and, with
+// labels, EA = E_p[s·W] (float32 [N, D], s = the policy's dz/dx; the spec of kl_forward_frozen in the torch
+// backend). Accumulators a = A = Σ e^{z−m}·s·W and t = Aq = Σ e^{rz−rm}·s·W (forward: dkl = A/s − Aq/rs)
+// or t = B = Σ e^{z−m}·(d − μ)·s·W, centred on the running mean μ of d = z − rz under p (reverse: dkl = B/s).
+static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                           const Tensor& ref_hidden, const Tensor& ref_weight,
+                                           const OptTensor& ref_bias, const OptTensor& labels, double temperature,
+                                           double softcap, double ref_softcap, bool reverse, bool frozen) {
   check_head(hidden, weight, bias, "kl_forward");
   check_head(ref_hidden, ref_weight, ref_bias, "kl_forward (reference)");
   c10::cuda::CUDAGuard guard(hidden.device());
@@ -272,12 +360,17 @@ std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const
   Tensor st = at::zeros({5, N}, f32);  // s, rs, cross, zl, rzl
   float *s = ptr(st), *rs = s + N, *cross = s + 2 * N, *zl = s + 3 * N, *rzl = s + 4 * N;
   const bool half = half_pair(hidden, weight), rhalf = half_pair(ref_hidden, ref_weight);
+  Tensor dkl = frozen ? at::empty({N, D}, f32) : Tensor(), ea = frozen && lab ? at::empty({N, D}, f32) : Tensor();
+  Tensor abuf = frozen && !lab ? at::empty({R * D}, f32) : Tensor();  // A of a row block when EA is not returned
+  FrozenAcc facc(frozen, half, hidden, R);
   Tensor zbuf = at::empty({R * C}, f32), rzbuf = at::empty({R * C}, f32);
   Tensor hbuf, rhbuf, wbuf, rwbuf, bbuf, rbbuf, tmp;
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);
     Tensor H = operand_rows(hidden, r0, rows, half, hbuf, R * D);
     Tensor RH = operand_rows(ref_hidden, r0, rows, rhalf, rhbuf, R * Dr);
+    Tensor A = !frozen ? Tensor() : lab ? ea.narrow(0, r0, rows) : tile_view(abuf, rows, D);
+    Tensor T = frozen ? dkl.narrow(0, r0, rows) : Tensor();  // Aq (forward) or B (reverse), then dkl in place
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t cols = std::min(C, V - c0);
       Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
@@ -289,14 +382,41 @@ std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const
       gemm_f32(rzt, RH, RW.t(), false, tmp);
       kl_fwd_tile(zt.data_ptr<float>(), rzt.data_ptr<float>(), rows, cols, bp, rbp, tr, rtr, lab ? lab + r0 : nullptr,
                   c0, reverse ? 1 : 0, ptr(m) + r0, s + r0, ptr(rm) + r0, rs + r0, cross + r0, zl + r0, rzl + r0,
-                  stream);
+                  facc.coefs(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (frozen) facc.add(A, T, zt, rzt, W, c0 == 0, stream);
+    }
+    if (frozen) {  // A ← A/s; forward: dkl = −Aq/rs + A/s, reverse: dkl = B/s
+      Tensor inv = st.select(0, 0).narrow(0, r0, rows).reciprocal();
+      Tensor neg_rinv = reverse ? Tensor() : st.select(0, 1).narrow(0, r0, rows).reciprocal().neg_();
+      rows_update(ptr(A), ptr(T), nullptr, nullptr, ptr(inv), reverse ? ptr(inv) : ptr(neg_rinv),
+                  reverse ? nullptr : ptr(inv), rows, D, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
   kl_finish(N, reverse ? 1 : 0, ptr(m), s, ptr(rm), rs, cross, zl, rzl, ptr(kl), ptr(lse), ptr(rlse), ptr(logp),
             ptr(rlogp), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {kl, lse, rlse, logp, rlogp};
+  return {kl, lse, rlse, logp, rlogp, dkl, ea};
+}
+
+std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                               const Tensor& ref_hidden, const Tensor& ref_weight, const OptTensor& ref_bias,
+                               const OptTensor& labels, double temperature, double softcap, double ref_softcap,
+                               bool reverse) {
+  auto out = kl_forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature, softcap,
+                             ref_softcap, reverse, false);
+  out.resize(5);
+  return out;
+}
+
+// -> [kl, lse, rlse, logp, rlogp, dkl, ea] (logp, rlogp, ea: None without labels)
+std::vector<Tensor> kl_forward_frozen(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                      const Tensor& ref_hidden, const Tensor& ref_weight, const OptTensor& ref_bias,
+                                      const OptTensor& labels, double temperature, double softcap,
+                                      double ref_softcap, bool reverse) {
+  return kl_forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature, softcap,
+                         ref_softcap, reverse, true);
 }
 
 std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
@@ -351,8 +471,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fastpref_cuda;
   m.doc() = "fastpref native CUDA kernels (cuBLAS GEMM through ATen + fused epilogue kernels)";
   m.def("stats_forward", &stats_forward);
+  m.def("stats_forward_frozen", &stats_forward_frozen);
   m.def("stats_backward", &stats_backward);
   m.def("kl_forward", &kl_forward);
+  m.def("kl_forward_frozen", &kl_forward_frozen);
   m.def("kl_backward", &kl_backward);
   m.def("set_tiling", [](int64_t rows, int64_t chunk) {
     TORCH_CHECK(rows >= 1 && chunk >= 1, "set_tiling: sizes must be >= 1");

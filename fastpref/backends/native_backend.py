@@ -5,6 +5,9 @@ and ``fastpref._native_cuda`` (built when torch has CUDA and nvcc is found). Bot
 vocabulary chunks × row blocks, a float32 GEMM per logits tile through ATen, then a fused per-row pass
 (online log-sum-exp, entropy, log Σp², KL accumulators, label logits); the backward recomputes each tile,
 forms dL/dlogits in place and runs the two GEMMs for dH and dW. Semantics match the torch backend.
+With a frozen head (weight and bias need no gradient) both modules' forwards also accumulate the float32
+[N, D] expectations of fastpref._frozen (``stats_forward_frozen``; ``kl_forward_frozen`` for token_kl), one
+extra GEMM per tile and accumulator, so that the backward needs no pass over the vocabulary.
 
 Scratch memory (float32 elements, CPU), with T threads and tiles of R rows × C vocabulary entries:
 ``T · (2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 3·C)`` (R = 1024, C = 2048 by default: a bound of 32 MiB per
@@ -121,10 +124,10 @@ class NativeBackend:
 
     def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
         mod = self._mod(hidden)
-        if not hasattr(mod, "stats_forward_frozen"):  # the CUDA module does not accumulate E_p[W] (yet)
-            from .torch_backend import TorchBackend
-
-            return TorchBackend().stats_forward_frozen(hidden, weight, bias, labels, opts, entropy, log_sum_p2)
+        if not hasattr(mod, "stats_forward_frozen"):
+            raise RuntimeError(f"the native {'CUDA' if hidden.is_cuda else 'CPU'} extension was built before "
+                               "frozen heads were supported (it has no stats_forward_frozen); rebuild it with "
+                               "`pip install --no-build-isolation -e .`")
         logp, lse, ent, p2, ea, ec = mod.stats_forward_frozen(
             *_d(hidden, weight, bias, labels), float(opts.temperature), _cap(opts.softcap), entropy, log_sum_p2)
         return logp, lse, ent if entropy else None, p2 if log_sum_p2 else None, ea, ec if entropy else None
