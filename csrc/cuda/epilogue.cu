@@ -182,7 +182,7 @@ kl_fwd_kernel(float* __restrict__ zt, float* __restrict__ rzt, int cols, const f
   block_reduce<2, true>(mx);
   // The old state, read by every thread before the reduction below (thread 0 writes the new state after it).
   const float mo = m[row], mn = fmaxf(mo, mx[0]), rmo = rm[row], rmn = fmaxf(rmo, mx[1]);
-  const float so = s[row], co = cross[row];
+  const float so = s[row], rso = rs[row], co = cross[row];
   float acc[3] = {0.0f, 0.0f, 0.0f};  // Σe_pol, Σe_ref, cross
   for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
     float a = z[j], b = rz[j];
@@ -193,31 +193,45 @@ kl_fwd_kernel(float* __restrict__ zt, float* __restrict__ rzt, int cols, const f
     if (FROZEN) {
       const float sl = slope_of_z(a, tr);
       z[j] = e * sl;                      // ≥ 0; 0 at −inf policy logits
-      rz[j] = reverse ? a - b : re * sl;  // reverse: d, centred in pass 3
+      rz[j] = reverse ? a - b : re * sl;  // reverse: d; both finished in pass 3
     }
   }
   block_reduce<3, false>(acc);
   float shift, sc = rescale(mo, mn, &shift), rshift, rsc = rescale(rmo, rmn, &rshift);
-  const float sn = so * sc + acc[0], cn = co * (reverse ? sc : rsc) + acc[2];
-  float dmu = 0.0f;  // reverse, frozen: μ_old − μ_new, with μ = cross/s (0 while s = 0: no mass yet, A = 0)
+  const float sn = so * sc + acc[0], rsn = rso * rsc + acc[1], cn = co * (reverse ? sc : rsc) + acc[2];
+  float ca = 0.0f, ct = 0.0f, cta = 0.0f;  // frozen: the coefficients sa, st, ta of this row (epilogue.h)
   if (FROZEN && reverse) {
+    // B = Σ e^{z−m}·(d − μ)·s·W centred on μ = cross/s (0 while s = 0: no mass yet, and A = 0).
     const float mu = sn > 0.0f ? cn / sn : 0.0f;
-    dmu = (so > 0.0f ? co / so : 0.0f) - mu;
     for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
       const float w = z[j];
-      rz[j] = w != 0.0f ? w * (rz[j] - mu) : 0.0f;  // e^{z−m}·(d − μ)·s, 0 where e·s = 0 (d may be NaN there)
+      rz[j] = w != 0.0f ? w * (rz[j] - mu) : 0.0f;  // 0 where e·s = 0 (d may be NaN there)
     }
+    ca = ct = sc;
+    cta = ((so > 0.0f ? co / so : 0.0f) - mu) * sc;  // B ← (B + (μ_old − μ)·A)·sc
+  } else if (FROZEN) {
+    // Normalised by the running sums: Q = Σ (e^{rz−rm}/rs)·s·W and D = Σ (e^{z−m}/s − e^{rz−rm}/rs)·s·W, the
+    // difference formed per entry before any rounding (p ≈ q must not cancel after it).
+    const float inv = sn > 0.0f ? 1.0f / sn : 0.0f, rinv = rsn > 0.0f ? 1.0f / rsn : 0.0f;
+    for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
+      const float wq = rz[j] * rinv;
+      z[j] = z[j] * inv - wq;
+      rz[j] = wq;
+    }
+    ca = rsc * rso * rinv;  // Q's old terms: e^{rz−rm_old}/rs_old → e^{rz−rm}/rs
+    ct = sc * so * inv;     // the old p terms likewise; D ← ct·D + (ct − ca)·Q
+    cta = ct - ca;
   }
   if (threadIdx.x == 0) {
     cross[row] = cn;
     s[row] = sn;
-    rs[row] = rs[row] * rsc + acc[1];
+    rs[row] = rsn;
     m[row] = mn;
     rm[row] = rmn;
     if (FROZEN) {
-      coef.sa[row] = sc;
-      coef.st[row] = reverse ? sc : rsc;
-      coef.ta[row] = reverse ? dmu * sc : 0.0f;  // B ← (B + (μ_old − μ)·A)·sc
+      coef.sa[row] = ca;
+      coef.st[row] = ct;
+      coef.ta[row] = cta;
     }
   }
 }

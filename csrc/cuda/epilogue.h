@@ -48,10 +48,12 @@ void stats_bwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, 
 
 // token_kl forward: z / rz (raw GEMM outputs of policy / reference) ← transformed logits, state updated.
 // reverse = 0: KL(ref‖θ), cross = Σ e^{rz−rm}(rz − z); reverse = 1: KL(θ‖ref), cross = Σ e^{z−m}(z − rz).
-// Frozen policy head (coef.sa not null; s_v: the policy's dz/dx): z ← e^{z−m}·s. forward: rz ← e^{rz−rm}·s,
-// coef: sa = e^{m_old−m}, st = e^{rm_old−rm}, ta = 0 (a = A, t = Aq = Σ e^{rz−rm}·s·W). reverse: rz ←
-// e^{z−m}·(d − μ)·s with d = z − rz and μ = cross/s the new running mean of d under p; coef: sa = st =
-// e^{m_old−m}, ta = (μ_old − μ)·e^{m_old−m} (a = A, t = B = Σ e^{z−m}·(d − μ)·s·W, kept centred).
+// Frozen policy head (coef.sa not null; s_v: the policy's dz/dx; m, s, rm, rs: the new running maxima and sums).
+// forward: rz ← (e^{rz−rm}/rs)·s, z ← (e^{z−m}/s − e^{rz−rm}/rs)·s; a = Q = Σ (e^{rz−rm}/rs)·s·W and
+// t = D = Σ (e^{z−m}/s − e^{rz−rm}/rs)·s·W (= E_p[s·W] − E_q[s·W] at the end), coef: sa = b, st = a,
+// ta = a − b with a = e^{m_old−m}·s_old/s, b = e^{rm_old−rm}·rs_old/rs. reverse: z ← e^{z−m}·s, rz ←
+// e^{z−m}·(d − μ)·s with d = z − rz and μ = cross/s the new running mean of d under p; a = A = Σ e^{z−m}·s·W,
+// t = B = Σ e^{z−m}·(d − μ)·s·W (kept centred), coef: sa = st = e^{m_old−m}, ta = (μ_old − μ)·e^{m_old−m}.
 void kl_fwd_tile(float* z, float* rz, int64_t rows, int64_t cols, const float* bias, const float* ref_bias,
                  Transform tr, Transform rtr, const int64_t* labels, int64_t c0, int reverse, float* m, float* s,
                  float* rm, float* rs, float* cross, float* zl, float* rzl, RowCoefs coef, cudaStream_t stream);

@@ -14,17 +14,16 @@
 // float32 master weight) read the half operands through float32 copies and run float32 GEMMs.
 //
 // Frozen heads (stats_forward_frozen, kl_forward_frozen; fastpref/_frozen.py): the forward also accumulates,
-// per row block, float32 [rows, D] sums a and t (token_stats: A = Σ e^{z−m}·(dz/dx)·W and, with entropy,
-// T = Σ e^{z−m}(z − m)·(dz/dx)·W; token_kl: A and Aq = Σ e^{rz−rm}·(dz/dx)·W or the centred
-// B = Σ e^{z−m}(d − μ)·(dz/dx)·W) in the output tensors themselves. Per tile, the FROZEN instance of the
-// forward kernel updates the running stats and overwrites the logits tile(s) with the weights (for T a
-// second tile) and writes each row's rescale coefficients (e^{m_old − m_new}, and the shift that T and B
-// take from A); one GEMM per accumulator makes the products weights·W_chunk (half pairs: the weights
-// rounded to the half dtype, tensor cores, float32 output, as the backward's dL/dx tile); one rows_update
-// pass folds them in (a ← sa·a + P_a, t ← st·t + ta·a + P_t). The first chunk's GEMMs write a and t
-// directly (no pass; with V ≤ C no fold at all); rows_update also normalises at the end of a row block
-// (EA = A/s, EC = (T − (t/s)·A)/s; dkl = A/s − Aq/rs or B/s). No GEMM here accumulates, so gemm_f32's
-// `tmp` is not used on this path.
+// per row block, two float32 [rows, D] sums a and t in the output tensors themselves (token_stats:
+// A = Σ e^{z−m}·(dz/dx)·W and, with entropy, T = Σ e^{z−m}(z − m)·(dz/dx)·W; token_kl: see kl_forward_impl).
+// Per tile, the FROZEN instance of the forward kernel updates the running stats, overwrites the logits
+// tile(s) with the weights of a and t (token_stats' T: a second tile) and writes each row's coefficients
+// of the update (epilogue.h: e^{m_old − m_new}, and what t takes from a); one GEMM per accumulator makes the
+// products weights·W_chunk (half pairs: the weights rounded to the half dtype, tensor cores, float32
+// output, as the backward's dL/dx tile), and one rows_update pass folds them in (a ← sa·a + P_a,
+// t ← st·t + ta·a + P_t). The first chunk's GEMMs write a and t directly (with V ≤ C there is no fold at
+// all); at the end of a row block rows_update normalises (EA = A/s, EC = (T − (t/s)·A)/s). No GEMM here
+// accumulates, so gemm_f32's `tmp` is not used on this path.
 //
 // Scratch (elements), R rows × C vocabulary entries per tile (R = C = 4096 by default):
 //     float32: 2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 2·C + max(R, C)·D  (+ 9·N per-row state)
@@ -338,8 +337,12 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
 // ---- token_kl -----------------------------------------------------------------------------------
 // `frozen` (a policy head whose weight and bias need no gradient): also dkl = ∂KL_row/∂h_row and, with
 // labels, EA = E_p[s·W] (float32 [N, D], s = the policy's dz/dx; the spec of kl_forward_frozen in the torch
-// backend). Accumulators a = A = Σ e^{z−m}·s·W and t = Aq = Σ e^{rz−rm}·s·W (forward: dkl = A/s − Aq/rs)
-// or t = B = Σ e^{z−m}·(d − μ)·s·W, centred on the running mean μ of d = z − rz under p (reverse: dkl = B/s).
+// backend). Accumulators (epilogue.h, kl_fwd_tile): reverse, a = A = Σ e^{z−m}·s·W and t = B =
+// Σ e^{z−m}·(d − μ)·s·W centred on the running mean μ of d = z − rz under p: dkl = B/s, EA = A/s. Forward,
+// normalised as they go: a = Q = E_q[s·W] and t = D = E_p[s·W] − E_q[s·W] = dkl, EA = Q + D. The torch
+// backend accumulates E_p[s·W] and E_q[s·W] separately; here the difference p − q is formed per entry in
+// float32 before the weights are rounded to a half dtype, so a policy close to its reference (p ≈ q) does
+// not lose dkl to the rounding of two nearly equal sums.
 static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
                                            const Tensor& ref_hidden, const Tensor& ref_weight,
                                            const OptTensor& ref_bias, const OptTensor& labels, double temperature,
@@ -370,7 +373,7 @@ static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& w
     Tensor H = operand_rows(hidden, r0, rows, half, hbuf, R * D);
     Tensor RH = operand_rows(ref_hidden, r0, rows, rhalf, rhbuf, R * Dr);
     Tensor A = !frozen ? Tensor() : lab ? ea.narrow(0, r0, rows) : tile_view(abuf, rows, D);
-    Tensor T = frozen ? dkl.narrow(0, r0, rows) : Tensor();  // Aq (forward) or B (reverse), then dkl in place
+    Tensor T = frozen ? dkl.narrow(0, r0, rows) : Tensor();  // D (forward) or B (reverse), then dkl in place
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t cols = std::min(C, V - c0);
       Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
@@ -384,14 +387,16 @@ static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& w
                   c0, reverse ? 1 : 0, ptr(m) + r0, s + r0, ptr(rm) + r0, rs + r0, cross + r0, zl + r0, rzl + r0,
                   facc.coefs(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (frozen) facc.add(A, T, zt, rzt, W, c0 == 0, stream);
+      if (frozen) {  // the weights of a: z (reverse) or rz (forward); of t: the other tile
+        if (reverse) facc.add(A, T, zt, rzt, W, c0 == 0, stream); else facc.add(A, T, rzt, zt, W, c0 == 0, stream);
+      }
     }
-    if (frozen) {  // A ← A/s; forward: dkl = −Aq/rs + A/s, reverse: dkl = B/s
+    if (frozen && reverse) {  // dkl = B/s, EA = A/s
       Tensor inv = st.select(0, 0).narrow(0, r0, rows).reciprocal();
-      Tensor neg_rinv = reverse ? Tensor() : st.select(0, 1).narrow(0, r0, rows).reciprocal().neg_();
-      rows_update(ptr(A), ptr(T), nullptr, nullptr, ptr(inv), reverse ? ptr(inv) : ptr(neg_rinv),
-                  reverse ? nullptr : ptr(inv), rows, D, stream);
+      rows_update(ptr(A), ptr(T), nullptr, nullptr, ptr(inv), ptr(inv), nullptr, rows, D, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (frozen && lab) {  // dkl = D as it is, EA = Q + D
+      A.add_(T);
     }
   }
   kl_finish(N, reverse ? 1 : 0, ptr(m), s, ptr(rm), rs, cross, zl, rzl, ptr(kl), ptr(lse), ptr(rlse), ptr(logp),
