@@ -126,18 +126,3 @@ def test_native_frozen_head_memory():
     assert 0 < scratch <= bound
     assert scratch + saved <= N * V * 4 / 8, (scratch, saved, N * V * 4)
     assert hh.grad is not None and torch.isfinite(hh.grad).all()
-
-
-@pytest.mark.parametrize("case", ["softcap_temp", "extreme", "odd", "fp16"])
-def test_native_frozen_head_many_tiles(case, monkeypatch):
-    """The native module of this device (CPU, or CUDA on a GPU, with half GEMMs for fp16) with small tiles:
-    several row blocks and vocabulary chunks, so the accumulators are rescaled as the running max moves."""
-    require_backend("native", CASES[case].dtype)
-    mod = getattr(backends.resolve("native", DEVICE, torch.float32), DEVICE.type)
-    old = mod.get_tiling()
-    mod.set_tiling(16, 128)
-    try:
-        _no_vocabulary_backward(monkeypatch, "native")
-        _check("native", CASES[case], ("logp", "lse", "entropy"))
-    finally:
-        mod.set_tiling(*old)
