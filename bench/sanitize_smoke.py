@@ -3,7 +3,9 @@
     python bench/sanitize_smoke.py [--device cuda|cpu] [--smallest]
 
 Odd shapes so that every boundary mask runs; a bias with -inf entries (banned tokens), softcap, ignored rows,
-and upstream gradients that are expanded (stride 0, from ``.sum()``) as well as random. --smallest: one
+and upstream gradients that are expanded (stride 0, from ``.sum()``) as well as random; a trainable and a
+frozen head (whose forwards also accumulate E_p[W]); the native backend with small tiles (16 rows × 256
+vocabulary entries: partial row blocks and several chunks, not one whole tile). --smallest: one
 dtype, one small shape and the Triton backend only (racecheck is slow). On a CPU (the GPU check's dry run)
 the Triton backend runs under the interpreter, in float32.
 """
@@ -14,6 +16,7 @@ import argparse
 import torch
 
 import fastpref
+import fastpref.backends
 
 
 def run(device: torch.device, dtype: torch.dtype, backends: list[str], N: int, D: int, V: int) -> None:
@@ -29,11 +32,15 @@ def run(device: torch.device, dtype: torch.dtype, backends: list[str], N: int, D
     y[::5] = -100
     up = torch.randn(N, generator=g).to(device)
     for backend in backends:
-        st = fastpref.token_stats(h, w, y, bias=b, softcap=20.0, entropy=True, log_sum_p2=True, backend=backend)
-        (st.logp.sum() + (st.lse * up).sum() + st.entropy.sum()).backward()
-        for direction in ("forward", "reverse"):
-            kl = fastpref.token_kl(h, w, rh, rw, y, bias=b, direction=direction, backend=backend)
-            (kl.kl.sum() + (kl.logp * up).sum()).backward()
+        if backend == "native":
+            getattr(fastpref.backends.resolve("native", device, dtype), device.type).set_tiling(16, 256)
+        for weight, bias in ((w, b), (w.detach(), b.detach())):  # trainable, then frozen head
+            st = fastpref.token_stats(h, weight, y, bias=bias, softcap=20.0, entropy=True, log_sum_p2=True,
+                                      backend=backend)
+            (st.logp.sum() + (st.lse * up).sum() + st.entropy.sum()).backward()
+            for direction in ("forward", "reverse"):
+                kl = fastpref.token_kl(h, weight, rh, rw, y, bias=bias, direction=direction, backend=backend)
+                (kl.kl.sum() + (kl.logp * up).sum()).backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         print(f"ok {backend} {dtype} N={N} D={D} V={V}", flush=True)

@@ -46,11 +46,10 @@ def test_frozen_stats_small_tiles(small_tiles, case, monkeypatch):
     _check("native", c, ("logp", "lse", "entropy"))
 
 
+@pytest.mark.gpu  # the CPU module's small tiles: test_native_frozen_kl.py (the marker also puts this file in the GPU check)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("case", list(KL_CASES), ids=list(KL_CASES))
 def test_frozen_kl_small_tiles(small_tiles, case, direction, monkeypatch):
-    if DEVICE.type == "cpu":
-        pytest.skip("the CPU module's small tiles: test_native_frozen_kl.py")
     _refuse_backwards(monkeypatch, small_tiles)
     c, extra = KL_CASES[case]
     require_backend("native", c.dtype)

@@ -218,8 +218,8 @@ kl_fwd_kernel(float* __restrict__ zt, float* __restrict__ rzt, int cols, const f
       z[j] = z[j] * inv - wq;
       rz[j] = wq;
     }
-    ca = rsc * rso * rinv;  // Q's old terms: e^{rz−rm_old}/rs_old → e^{rz−rm}/rs
-    ct = sc * so * inv;     // the old p terms likewise; D ← ct·D + (ct − ca)·Q
+    ca = rsc * rso * rinv;  // β: Q's old terms e^{rz−rm_old}/rs_old → e^{rz−rm}/rs
+    ct = sc * so * inv;     // α: the old p terms likewise; D ← α·D + (α − β)·Q
     cta = ct - ca;
   }
   if (threadIdx.x == 0) {

@@ -50,8 +50,8 @@ void stats_bwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, 
 // reverse = 0: KL(ref‖θ), cross = Σ e^{rz−rm}(rz − z); reverse = 1: KL(θ‖ref), cross = Σ e^{z−m}(z − rz).
 // Frozen policy head (coef.sa not null; s_v: the policy's dz/dx; m, s, rm, rs: the new running maxima and sums).
 // forward: rz ← (e^{rz−rm}/rs)·s, z ← (e^{z−m}/s − e^{rz−rm}/rs)·s; a = Q = Σ (e^{rz−rm}/rs)·s·W and
-// t = D = Σ (e^{z−m}/s − e^{rz−rm}/rs)·s·W (= E_p[s·W] − E_q[s·W] at the end), coef: sa = b, st = a,
-// ta = a − b with a = e^{m_old−m}·s_old/s, b = e^{rm_old−rm}·rs_old/rs. reverse: z ← e^{z−m}·s, rz ←
+// t = D = Σ (e^{z−m}/s − e^{rz−rm}/rs)·s·W (= E_p[s·W] − E_q[s·W] at the end), coef: sa = β, st = α,
+// ta = α − β with α = e^{m_old−m}·s_old/s, β = e^{rm_old−rm}·rs_old/rs. reverse: z ← e^{z−m}·s, rz ←
 // e^{z−m}·(d − μ)·s with d = z − rz and μ = cross/s the new running mean of d under p; a = A = Σ e^{z−m}·s·W,
 // t = B = Σ e^{z−m}·(d − μ)·s·W (kept centred), coef: sa = st = e^{m_old−m}, ta = (μ_old − μ)·e^{m_old−m}.
 void kl_fwd_tile(float* z, float* rz, int64_t rows, int64_t cols, const float* bias, const float* ref_bias,
@@ -67,7 +67,7 @@ void kl_bwd_tile(float* z, const float* rz, int64_t rows, int64_t cols, const fl
                  cudaStream_t stream);
 
 // Per-row linear update of float32 [rows, D] accumulators (row-major, contiguous), coefficients [rows]:
-//     t ← st·t + ta·a + pt,   a ← sa·a + pa       (a read before its update; t, st: both or neither;
+//     t ← st·t + ta·a + pt,   a ← sa·a + pa       (a read before its update; t: or null, then st is unused;
 // ta / pa / pt: or null, adding 0). The frozen-head forwards fold each tile's products with it, and finish with it.
 void rows_update(float* a, float* t, const float* pa, const float* pt, const float* sa, const float* st,
                  const float* ta, int64_t rows, int64_t D, cudaStream_t stream);
