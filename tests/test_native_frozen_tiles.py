@@ -40,16 +40,19 @@ def _refuse_backwards(monkeypatch, impl):
 
 @pytest.mark.parametrize("case", list(STATS_CASES), ids=list(STATS_CASES))
 def test_frozen_stats_small_tiles(small_tiles, case, monkeypatch):
+    """test_frozen_head's cases (softcap, extreme logits, V = 1, fp16, ...) across many tiles."""
     _refuse_backwards(monkeypatch, small_tiles)
     c = STATS_CASES[case]
     require_backend("native", c.dtype)
     _check("native", c, ("logp", "lse", "entropy"))
 
 
-@pytest.mark.gpu  # the CPU module's small tiles: test_native_frozen_kl.py (the marker also puts this file in the GPU check)
+@pytest.mark.gpu
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("case", list(KL_CASES), ids=list(KL_CASES))
 def test_frozen_kl_small_tiles(small_tiles, case, direction, monkeypatch):
+    """test_token_kl's cases across many tiles, on a GPU (the CPU module's: test_native_frozen_kl.py; the gpu
+    marker also puts this file in bench/gpu_check.sh's tests)."""
     _refuse_backwards(monkeypatch, small_tiles)
     c, extra = KL_CASES[case]
     require_backend("native", c.dtype)
