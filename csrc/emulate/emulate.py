@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the CUDA binding (csrc/cuda/native_cuda.cpp) and its epilogue kernels (csrc/cuda/epilogue.cu) on the CPU.
 
-A development aid for machines without a GPU, never shipped: the binding's host code (tiling, row and label
+A development aid for machines without a GPU, not built into the package: the binding's host code (tiling, row and label
 offsets, scratch buffers, GEMM operands, the frozen heads' accumulators) is compiled unchanged against CPU torch
 with stand-in CUDA headers (csrc/emulate/include), and epilogue.cu as C++: each launch becomes a loop over the
 blocks, each block's threads ucontext coroutines on one OS thread with real barrier semantics (see

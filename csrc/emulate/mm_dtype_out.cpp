@@ -1,4 +1,4 @@
-// aten::mm.dtype_out for CPU tensors, for csrc/emulate/emulate.py (never shipped): half operands, float32 out,
+// aten::mm.dtype_out for CPU tensors, for csrc/emulate/emulate.py (not built into the package): half operands, float32 out,
 // as cuBLAS forms it on the GPU (half·half products are exact in float32; float32 sums).
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-// Stand-in for csrc/emulate/emulate.py (never shipped).
+// Stand-in for csrc/emulate/emulate.py (not built into the package).
 #pragma once
 #include <c10/core/Device.h>
 
