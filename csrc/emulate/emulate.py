@@ -73,7 +73,8 @@ def build(build_dir: str | None = None):
         with open(kernels, "w") as f:
             f.write(text)
     return load(name="fastpref_cuda_emulated", build_directory=build_dir, verbose=False,
-                sources=[os.path.join(CSRC, "cuda", "native_cuda.cpp"), kernels, os.path.join(HERE, "mm_dtype_out.cpp")],
+                sources=[os.path.join(CSRC, "cuda", "native_cuda.cpp"), kernels,
+                         os.path.join(HERE, "mm_dtype_out.cpp")],
                 extra_include_paths=[os.path.join(HERE, "include"), os.path.join(CSRC, "cuda")],
                 extra_cflags=["-std=c++20", "-O1"])
 
@@ -98,7 +99,8 @@ def main(argv: list[str]) -> int:
 
     sys.path.insert(0, ROOT)
     os.chdir(ROOT)
-    return pytest.main(["-q", "-p", "no:cacheprovider", *(argv or DEFAULT_ARGS)], plugins=[SwapNativeCpuModule(build())])
+    plugin = SwapNativeCpuModule(build())
+    return pytest.main(["-q", "-p", "no:cacheprovider", *(argv or DEFAULT_ARGS)], plugins=[plugin])
 
 
 if __name__ == "__main__":

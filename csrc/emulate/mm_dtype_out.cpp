@@ -1,5 +1,5 @@
-// aten::mm.dtype_out for CPU tensors, for csrc/emulate/emulate.py (not built into the package): half operands, float32 out,
-// as cuBLAS forms it on the GPU (half·half products are exact in float32; float32 sums).
+// aten::mm.dtype_out for CPU tensors, for csrc/emulate/emulate.py (not built into the package): half operands,
+// float32 out, as cuBLAS forms it on the GPU (half·half products are exact in float32; float32 sums).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -1,7 +1,8 @@
-// CPU stand-in for the CUDA runtime, for csrc/emulate/emulate.py only (not built into the package): the epilogue kernels of
-// csrc/cuda/epilogue.cu run on one OS thread, each CUDA thread of a block a ucontext coroutine. __syncthreads
-// yields to the scheduler, which runs every coroutine of the block up to its next barrier (or its end), round
-// after round, so barrier semantics hold (a read racing a write across a barrier shows up as a wrong result).
+// CPU stand-in for the CUDA runtime, for csrc/emulate/emulate.py only (not built into the package): the
+// epilogue kernels of csrc/cuda/epilogue.cu run on one OS thread, each CUDA thread of a block a ucontext
+// coroutine. __syncthreads yields to the scheduler, which runs every coroutine of the block up to its next
+// barrier (or its end), round after round, so barrier semantics hold (a read racing a write across a barrier
+// shows up as a wrong result).
 #pragma once
 #include <ucontext.h>
 

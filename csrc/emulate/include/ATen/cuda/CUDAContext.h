@@ -1,5 +1,5 @@
-// Stand-in for csrc/emulate/emulate.py (not built into the package): the current stream is a null handle, and the binding's
-// device checks accept CPU tensors (is_cuda → is_cpu; torch's own headers are included before this one).
+// Stand-in for csrc/emulate/emulate.py (not built into the package): the current stream is a null handle, and
+// the binding's device checks accept CPU tensors (is_cuda → is_cpu; torch's own headers are included before this one).
 #pragma once
 #include <cuda_runtime.h>
 
