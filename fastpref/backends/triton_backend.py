@@ -9,11 +9,15 @@ merged by a tiny torch reduction). Backward, two strategies (docs/gpu-strategies
 - "atomic": one program per (row block, vocabulary block) recomputing the logits tile and scattering
   float32 atomics into dH, dW, db. No scratch; not deterministic (refused under
   torch.use_deterministic_algorithms(True)).
+Frozen heads (weight and bias need no gradient): ``stats_forward_frozen`` runs per block of rows × vocabulary
+chunk the logits GEMM, one epilogue kernel (``kernels/stats_frozen.py``) and the GEMM(s) accumulating
+E_p[(dz/dx)·W] (``kernels/frozen_forward.py``): 2 GEMMs in all (3 with entropy) and no backward vocabulary pass.
 No [N, V] tensor is ever formed.
 Runs on CUDA (fp16/bf16/fp32, sm_80+) and, for tests, on CPU tensors under TRITON_INTERPRET=1 (fp32/fp16).
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -76,6 +80,16 @@ def grad_filter_eps(choice: float | str | None, dtype: torch.dtype) -> float:
     return eps
 
 
+def _finish_stats(m, s, t, s2, z_label, entropy, log_sum_p2):
+    """(logp, lse, entropy or None, log Σp² or None), float32 [M], from the online sums over the whole vocabulary:
+    running max m, s = Σe^{z−m}, t = Σe^{z−m}(z−m), s2 = Σe^{2(z−m)} and the label's logit."""
+    log_s = torch.log(s)
+    lse = m + log_s
+    ent = log_s - t / s if entropy else None
+    p2 = torch.log(s2) - 2.0 * log_s if log_sum_p2 else None
+    return z_label - lse, lse, ent, p2
+
+
 def _bias(weight, bias):
     """The kernels always add a bias; a zero vector stands in for none."""
     return torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None else bias
@@ -89,7 +103,7 @@ class TritonBackend:
         self.splits: int | None = None  # forces the forward's vocabulary splits (tests); None = heuristic
         self.backward: str | None = None  # "gemm" | "atomic"; None = $FASTPREF_TRITON_BACKWARD or "gemm"
         self.scratch_floor: int | None = None  # bytes; None = gemm_backward.SCRATCH_FLOOR (256 MiB)
-        self.last_scratch_bytes = 0  # scratch the last "gemm" backward allocated (tests check the budget)
+        self.last_scratch_bytes = 0  # scratch the last "gemm" backward or frozen forward allocated (tests)
         self.grad_filter: float | str | None = None  # None = $FASTPREF_GRAD_FILTER, else off ("atomic" only)
 
     def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
@@ -172,32 +186,41 @@ class TritonBackend:
     def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
         part, _ = self._forward("stats_forward", 5, hidden, weight, labels, dict(SOFTCAP=opts.softcap is not None),
                                 B=_bias(weight, bias), **_scalars(opts))
-        m, s, t, s2, z_label = self._k.combine_stats(part)
-        log_s = torch.log(s)
-        lse = m + log_s
-        ent = log_s - t / s if entropy else None
-        p2 = torch.log(s2) - 2.0 * log_s if log_sum_p2 else None
-        return z_label - lse, lse, ent, p2
+        return _finish_stats(*self._k.combine_stats(part), entropy, log_sum_p2)
 
     def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
-        """EA and EC are the hidden-state gradients for unit upstream gradients on lse and (negated) entropy,
-        formed here by the GEMM strategy: a [rows, D] accumulator does not fit a Triton program at LM hidden
-        sizes, so the expectation is a second pass (recompute + GEMM) rather than fused into the first."""
-        logp, lse, ent, p2 = self.stats_forward(hidden, weight, bias, labels, opts, entropy, log_sum_p2)
+        """stats_forward plus EA = E_p[(dz/dx)·W] (and EC with entropy) in 2 GEMMs (3 with entropy) per block
+        of rows × vocabulary chunk: logits product, the ``stats_frozen`` epilogue, accumulating product(s)
+        (``kernels/frozen_forward.py``; scratch within the gemm backward's budget, ``last_scratch_bytes``)."""
+        from fastpref.kernels import frozen_forward, gemm_backward, presets
+
         M, D = hidden.shape
-        zero, one = torch.zeros_like(lse), torch.ones_like(lse)
-        args = dict(B=_bias(weight, bias), Labels=labels, Lse=lse, G_logp=zero, **_scalars(opts))
-        flags = dict(SOFTCAP=opts.softcap is not None)
-        ea = torch.zeros((M, D), device=hidden.device, dtype=torch.float32)
-        self._gemm_backward("stats_dlogits", hidden, weight, ea, None, None, flags,
-                            dict(args, Ent=zero, G_lse=one, G_ent=zero))
-        ec = None
-        if entropy:
-            ec = torch.zeros((M, D), device=hidden.device, dtype=torch.float32)
-            self._gemm_backward("stats_dlogits", hidden, weight, ec, None, None, flags,
-                                dict(args, Ent=ent, G_lse=zero, G_ent=one))
-            ec.neg_()
-        return logp, lse, ent, p2, ea, ec
+        V = weight.shape[0]
+        dev, dt = hidden.device, hidden.dtype
+        f32 = dict(device=dev, dtype=torch.float32)
+        state = frozen_forward.new_state(M, dev)
+        a = torch.zeros((M, D), **f32)
+        t = torch.zeros((M, D), **f32) if entropy else None
+        b = _bias(weight, bias)
+        flags = dict(SOFTCAP=opts.softcap is not None, ENTROPY=entropy)
+        cfg = presets.select("stats_frozen", dt, dev)
+
+        def epilogue(x, p, p2, r0, c0, rn, cn):
+            self._k.launch("stats_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=x, B=b, Labels=labels,
+                           State=state, P=p, P2=p if p2 is None else p2, r0=r0, c0=c0, R=rn, C=cn, M=M,
+                           **_scalars(opts))
+
+        # self.splits (tests) forces the vocabulary chunks as it forces the forward kernels' splits
+        max_chunk = None if self.splits is None else math.ceil(math.ceil(V / cfg.BV) / self.splits) * cfg.BV
+        budget = gemm_backward.scratch_budget(M, V, dt, self.scratch_floor)
+        self.last_scratch_bytes = frozen_forward.run(epilogue, hidden, weight, a, t, state, budget, cfg.BN, cfg.BV,
+                                                     max_chunk)
+        m, s, t_sum, s2, z_label = state[:5]
+        if t is not None:  # EC = (T − (t/s)·A)/s, from A before its normalisation
+            t.addcmul_(a, (-t_sum / s)[:, None]).div_(s[:, None])
+        a.div_(s[:, None])
+        logp, lse, ent, p2 = _finish_stats(m, s, t_sum, s2, z_label, entropy, log_sum_p2)
+        return logp, lse, ent, p2, a, t
 
     def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
                        opts, needs):
