@@ -169,8 +169,8 @@ PY
 step_tests() {
   # Most informative first; then every other file with a GPU-marked test. No -x: every failure is reported.
   local files=() f extra=()
-  for f in test_token_stats test_token_kl test_triton_backend test_triton_strategies test_parallel test_inputs \
-           test_compile test_nn; do
+  for f in test_token_stats test_token_kl test_frozen_head test_frozen_kl test_triton_backend test_triton_strategies \
+           test_parallel test_inputs test_compile test_nn; do
     [ -f "$ROOT/tests/$f.py" ] && files+=("$ROOT/tests/$f.py")
   done
   for f in $(grep -rl --include='test_*.py' 'mark\.gpu' "$ROOT/tests" | sort); do

@@ -85,7 +85,8 @@ def flops(e: Entry) -> float:
     if e.workload in ("logprobs", "sweep_N", "sweep_V", "latency"):
         return {"forward": 2, FROZEN: 4}.get(e.mode, 6) * ndv
     if e.workload == "token_kl":
-        return 8 * ndv              # policy fwd 2 + reference fwd 2 + policy bwd 4
+        # policy fwd 2 + reference fwd 2 + policy bwd 4 (a frozen policy head: dH only, 2)
+        return (6 if e.mode == FROZEN else 8) * ndv
     return 8 * ndv                  # dpo / listwise / issue5: policy fwd+bwd 6 + reference fwd 2
 
 

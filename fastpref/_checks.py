@@ -128,3 +128,10 @@ def valid_rows(labels: torch.Tensor, vocab: int | None, ignore_index: int) -> to
     if n_valid == valid.numel():
         return None
     return valid.nonzero().squeeze(1)
+
+
+def frozen_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True when only the hidden states need gradients (the head's weight and bias are frozen): the fused ops
+    then form E_p[W] in the forward and need no backward pass over the vocabulary (fastpref._frozen)."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+            and (bias is None or not bias.requires_grad))

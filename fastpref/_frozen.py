@@ -9,6 +9,14 @@ expectation, so the softcapped case is exact too. With dL/dz_v = g_logp·[v = y]
 g_ent·(log p_v + H)) the hidden-state gradient is then
     dL/dh = g_logp·((dz/dx)_y·W_y − EA) + g_lse·EA − g_ent·EC,
 a gather of W[y] and a few [M, D] products: no logits are recomputed in the backward.
+
+token_kl with a frozen policy head (the reference side never needs gradients) keeps, with s = dz/dx of the
+policy's transform, p the policy's and q the reference's softmax, d = z − z_ref:
+    dKL = ∂KL/∂h = E_p[s·W] − E_q[s·W]            (direction "forward", KL(ref‖θ))
+    dKL = ∂KL/∂h = E_p[(d − E_p[d])·s·W]           (direction "reverse", KL(θ‖ref); accumulated centred on
+                                                   the running mean of d, so no float32 cancellation)
+    EA  = E_p[s·W]                                  (with labels)
+and the backward is dL/dh = g_kl·dKL + g_logp·((dz/dx)_y·W_y − EA).
 """
 from __future__ import annotations
 
@@ -36,4 +44,14 @@ def hidden_grad(weight: Tensor, labels: Tensor, logp: Tensor, lse: Tensor, ea: T
         if ec is None:
             raise RuntimeError("the entropy's gradient needs E_p[(log p + H)·W] from a forward with entropy=True")
         dh -= grad_entropy[:, None] * ec
+    return dh
+
+
+def kl_hidden_grad(weight: Tensor, labels: Tensor | None, logp: Tensor | None, lse: Tensor, dkl: Tensor,
+                   ea: Tensor | None, grad_kl: Tensor, grad_logp: Tensor | None, opts: LogitOptions) -> Tensor:
+    """token_kl's dL/dh, float32 [M, D], from the forward's dKL (and EA with labels); grad_* float32 [M]."""
+    dh = grad_kl[:, None] * dkl
+    if labels is not None and grad_logp is not None:
+        dh += (grad_logp * label_slope(logp, lse, opts))[:, None] * weight[labels].float()
+        dh -= grad_logp[:, None] * ea
     return dh

@@ -274,3 +274,64 @@ def fused_kl(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidden: Te
     args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, backend, temperature, softcap,
             ref_softcap, direction)
     return _EagerKL.apply(*args) if _direct(*args[:7]) else token_kl_op(*args)
+
+
+# ---- two models, frozen policy head (its weight and bias need no gradient): fastpref._frozen -------------
+def _kl_frozen_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                    ref_weight: Tensor, ref_bias: Optional[Tensor], labels: Optional[Tensor], backend: str,
+                    temperature: float, softcap: Optional[float], ref_softcap: Optional[float],
+                    direction: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """token_kl's outputs plus dKL = ∂KL/∂hidden and (with labels, else empty) EA = E_p[(dz/dx)·W], float32
+    [M, D], from which the backward forms dL/dh without a pass over the vocabulary."""
+    M = hidden.shape[0]
+    if M == 0:
+        return tuple(_f32(0, hidden) for _ in range(7))
+    kl, lse, ref_lse, logp, ref_logp, dkl, ea = backends.resolve(
+        backend, hidden.device, hidden.dtype).kl_forward_frozen(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, LogitOptions(temperature, softcap),
+        LogitOptions(temperature, ref_softcap), direction)
+    none = lambda t: _f32(_NONE, hidden) if t is None else t  # noqa: E731
+    return kl, none(logp), none(ref_logp), lse, ref_lse, dkl, none(ea)
+
+
+token_kl_frozen_op = torch.library.custom_op("fastpref::token_kl_frozen", mutates_args=())(_kl_frozen_impl)
+
+
+@token_kl_frozen_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, backend, temperature, softcap, ref_softcap,
+      direction):
+    M, D = hidden.shape
+    L = M if labels is not None else 0
+    f = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return f(M), f(L), f(L), f(M), f(M), f(M, D), f(L, D)
+
+
+def _kl_frozen_setup(ctx, inputs, output):
+    _h, weight, _b, _rh, _rw, _rb, labels, _backend, temperature, softcap, _rs, _direction = inputs
+    _kl, logp, _ref_logp, lse, _ref_lse, dkl, ea = output
+    ctx.save_for_backward(weight, labels, logp, lse, dkl, ea)
+    ctx.cfg = (inputs[0].dtype, LogitOptions(temperature, softcap))
+
+
+def _kl_frozen_backward(ctx, grad_kl, grad_logp, *_others):
+    weight, labels, logp, lse, dkl, ea = ctx.saved_tensors
+    dtype, opts = ctx.cfg
+    if not ctx.needs_input_grad[0] or lse.numel() == 0:
+        return (None,) * 12
+    g_logp = None if labels is None else grad_logp.float()
+    dh = _frozen.kl_hidden_grad(weight, labels, _opt(logp), lse, dkl, _opt(ea), grad_kl.float(), g_logp, opts)
+    return (dh.to(dtype),) + (None,) * 11
+
+
+token_kl_frozen_op.register_autograd(_kl_frozen_backward, setup_context=_kl_frozen_setup)
+_EagerKLFrozen = _eager_function("_EagerKLFrozen", _kl_frozen_impl, _kl_frozen_setup, _kl_frozen_backward)
+
+
+def fused_kl_frozen(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidden: Tensor, ref_weight: Tensor,
+                    ref_bias: Tensor | None, labels: Tensor | None, backend: str, temperature: float,
+                    softcap: float | None, ref_softcap: float | None,
+                    direction: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The frozen-policy-head KL op (arguments as ``token_kl_frozen_op``): directly when eager, else the op."""
+    args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, backend, temperature, softcap,
+            ref_softcap, direction)
+    return _EagerKLFrozen.apply(*args) if _direct(*args[:7]) else token_kl_frozen_op(*args)

@@ -6,8 +6,8 @@ from typing import NamedTuple
 import torch
 
 from . import backends
-from ._checks import check_head, check_labels
-from ._ops import fused_kl
+from ._checks import check_head, check_labels, frozen_head
+from ._ops import fused_kl, fused_kl_frozen
 from ._rows import Rows
 from .options import LogitOptions
 
@@ -76,12 +76,14 @@ def token_kl(
         lab = check_labels(labels, h, ignore_index)
         rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index, sync_free)
     rdetach = rh.detach(), rw.detach(), None if rb is None else rb.detach()
-    kl, logp, ref_logp, _lse, _ref_lse = fused_kl(
+    # A frozen policy head (only its hidden states need gradients): the forward also forms ∂KL/∂h (and
+    # E_p[W] with labels) so that the backward needs no pass over the vocabulary (fastpref._frozen).
+    kl, logp, ref_logp = (fused_kl_frozen if frozen_head(h, w, b) else fused_kl)(
         rows.take(h), w.contiguous(), None if b is None else b.contiguous(),
         rows.take(rdetach[0]), rdetach[1].contiguous(), None if rdetach[2] is None else rdetach[2].contiguous(),
         None if lab is None else rows.take_labels(lab), name, opts.temperature, opts.softcap,
         ref_opts.softcap, direction,
-    )
+    )[:3]
     if lab is None:
         return TokenKL(rows.put(kl), None, None)
     return TokenKL(rows.put(kl), rows.put(logp), rows.put(ref_logp.detach()))

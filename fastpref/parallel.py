@@ -35,6 +35,12 @@ def _global_lse(lse_parts: Tensor, group) -> Tensor:
     return m + torch.log(s)
 
 
+def _massed(mass: Tensor, x: Tensor) -> Tensor:
+    """mass·x, 0 where a slice has no probability mass (every token of it banned by a −inf bias): its own
+    entropy, log Σp² and KL are NaN there, and 0·NaN would poison the all-reduced sum."""
+    return torch.where(mass > 0, mass * x, torch.zeros_like(x))
+
+
 def _local_labels(labels: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     local = labels - start
     owned = (local >= 0) & (local < stop - start)
@@ -66,9 +72,9 @@ class _VocabParallelStats(torch.autograd.Function):
         w = torch.exp(log_w)
         parts = [torch.where(owned, logp_r + log_w, torch.zeros_like(lse))]
         if want_entropy:
-            parts.append(w * ent_r - w * log_w)
+            parts.append(_massed(w, ent_r - log_w))
         if want_p2:
-            parts.append(torch.exp(2 * log_w + p2_r))
+            parts.append(_massed(w, torch.exp(2 * log_w + p2_r)))
         summed = _all_reduce(torch.stack(parts), group)
         logp = summed[0]
         ent = summed[1] if want_entropy else None
@@ -114,9 +120,9 @@ class _VocabParallelKL(torch.autograd.Function):
         lse, ref_lse = _global_lse(torch.stack([lse_r, rlse_r]), group)
         log_wp, log_wq = lse_r - lse, rlse_r - ref_lse
         if direction == "forward":
-            parts = [torch.exp(log_wq) * (kl_r + log_wq - log_wp)]
+            parts = [_massed(torch.exp(log_wq), kl_r + log_wq - log_wp)]
         else:
-            parts = [torch.exp(log_wp) * (kl_r + log_wp - log_wq)]
+            parts = [_massed(torch.exp(log_wp), kl_r + log_wp - log_wq)]
         if lab is not None:
             zero = torch.zeros_like(lse)
             parts += [torch.where(owned, logp_r + log_wp, zero), torch.where(owned, rlogp_r + log_wq, zero)]

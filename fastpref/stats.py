@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 
 from . import backends
-from ._checks import check_head, check_labels
+from ._checks import check_head, check_labels, frozen_head
 from ._ops import fused_stats, fused_stats_frozen
 from ._rows import Rows
 from .options import LogitOptions
@@ -62,9 +62,7 @@ def token_stats(
     rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index, sync_free)
     # A frozen head (only the hidden states need gradients): the forward also forms E_p[W] so that the
     # backward needs no pass over the vocabulary (fastpref._frozen).
-    frozen_head = (torch.is_grad_enabled() and h.requires_grad and not w.requires_grad
-                   and (b is None or not b.requires_grad))
-    logp, lse, ent, p2 = (fused_stats_frozen if frozen_head else fused_stats)(
+    logp, lse, ent, p2 = (fused_stats_frozen if frozen_head(h, w, b) else fused_stats)(
         rows.take(h), w.contiguous(), None if b is None else b.contiguous(), rows.take_labels(lab),
         name, opts.temperature, opts.softcap, entropy, log_sum_p2,
     )[:4]

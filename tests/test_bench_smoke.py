@@ -108,12 +108,15 @@ def test_gemm_multiples_and_issue15_goals():
     fb = "forward+backward"
     rows = [row("logprobs", "gemm", fb, 100.0), row("logprobs", "fastpref[triton]", fb, 110.0, 100.0),
             row("logprobs", "liger-flce", fb, 200.0, 1000.0), row("logprobs", "gemm", FROZEN, 50.0),
-            row("logprobs", "fastpref[triton]", FROZEN, 60.0), row("token_kl", "fastpref[triton]", fb, 154.0)]
+            row("logprobs", "fastpref[triton]", FROZEN, 60.0), row("token_kl", "fastpref[triton]", fb, 154.0),
+            row("token_kl", "fastpref[triton]", FROZEN, 96.0)]
     runner.finish_rows(rows, None)
     assert rows[1]["gemm_x"] == 1.1 and rows[4]["gemm_x"] == 1.2 and rows[5]["primitive_x"] == 1.4
+    assert rows[6]["primitive_x"] == 1.6   # a frozen-head KL against the frozen-head primitive
     assert rows[0].get("gemm_x") is None   # the baseline itself
     goals = runner.goals_check(rows)
-    assert len(goals) == 3
+    assert len(goals) == 4
+    assert "1.60× the single-model primitive" in goals[3] and "DOES NOT HOLD" in goals[3]
     assert "1.10× the four bare GEMMs (goal ≤ 1.15×: HOLDS)" in goals[0] and "0.10 of its extra memory" in goals[0]
     assert "1.20× the two bare GEMMs (goal ≤ 1.1×: DOES NOT HOLD)" in goals[1]
     assert "1.40× the single-model primitive" in goals[2] and "HOLDS" in goals[2]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastpref
+from fastpref import backends
 from fastpref._ops import token_stats_op
 
 from cases import Case
@@ -53,3 +54,26 @@ def test_public_api_compiles(fullgraph):
     for a, r in zip(xs, ref):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-6)
     assert (xs[0].grad[y == -100] == 0).all()
+
+
+def test_frozen_heads_compile_fullgraph(monkeypatch):
+    """Frozen heads (only hidden needs a gradient) take the frozen ops of token_stats and token_kl: they compile
+    without graph breaks, match eager and run no backward pass over the vocabulary."""
+    h, w, b, y = _inputs(42)
+    impl = backends.resolve("torch", h.device, h.dtype)
+    for name in ("stats_backward", "kl_backward"):
+        monkeypatch.setattr(impl, name, lambda *a, **k: pytest.fail("a vocabulary backward ran for a frozen head"))
+
+    def loss(h):
+        st = fastpref.token_stats(h, w, y, bias=b, entropy=True, softcap=5.0, backend="torch")
+        kl = fastpref.token_kl(h, w, h.detach().flip(0), w, y, bias=b, direction="reverse", backend="torch")
+        return st.logp.sum() - 0.1 * st.entropy.sum() + kl.kl.sum() + kl.logp.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x, r = h.clone().requires_grad_(), h.clone().requires_grad_()
+    out, expected = compiled(x), loss(r)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.backward()
+    expected.backward()
+    torch.testing.assert_close(x.grad, r.grad, rtol=1e-5, atol=1e-6)
+    assert (x.grad[y == -100] == 0).all()

@@ -141,13 +141,17 @@ def test_scratch_within_documented_bound(small_tiles, dtype):
         assert 0 < mod.last_scratch_bytes() <= stats_bound
         kl, lse, rlse, _, _ = mod.kl_forward(h, w, b, rh, rw, None, lab, 1.0, 0.0, 0.0, False)
         assert 0 < mod.last_scratch_bytes() <= kl_bound
+        for frozen_labels in (lab, None):  # without labels the frozen forward adds its [R, D] accumulator
+            mod.kl_forward_frozen(h, w, b, rh, rw, None, frozen_labels, 1.0, 0.0, 0.0, True)
+            assert 0 < mod.last_scratch_bytes() <= kl_bound
         mod.kl_backward(h, w, b, rh, rw, None, lab, lse, rlse, kl, one, one, 1.0, 0.0, 0.0, True, True, True, True)
         assert 0 < mod.last_scratch_bytes() <= kl_bound
         bounds.append((stats_bound, kl_bound))
     assert bounds[0] == bounds[1], "the scratch bound must not depend on V"
     # the documented formula, for the tiling the module reports
     R, C, T = mod.tiling(N, 700)
-    assert bounds[0][1] == 4 * T * (2 * R * C + R * (D + Dr) + C * (2 * D + Dr) + 3 * C)
+    assert bounds[0][0] == 4 * T * (2 * R * C + R * D + C * 2 * D + 3 * C)
+    assert bounds[0][1] == 4 * T * (2 * R * C + R * (D + Dr + D) + C * (2 * D + Dr) + 3 * C)
 
 
 _PEAK_SCRIPT = textwrap.dedent("""

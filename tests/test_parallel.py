@@ -152,6 +152,57 @@ def test_vocab_parallel_sums_of_outputs_on_triton_and_native():
                                            msg=lambda m: f"{name} rank {rank} {key}: {m}")
 
 
+def _banned_worker(rank, port, results):
+    """Rank 1's whole vocabulary slice is banned (−inf bias in both models): its partials are −inf/NaN."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        h, w, b, rh, rw, y, ups = _banned_data()
+        s, e = _bounds(rank)
+        hh = h.clone().requires_grad_()
+        st = vocab_parallel_token_stats(hh, w[s:e], y, vocab_range=(s, e), bias=b[s:e], entropy=True,
+                                        log_sum_p2=True, backend="torch")
+        _stats_loss(st, ups).backward()
+        out = {"logp": st.logp, "lse": st.lse, "entropy": st.entropy, "p2": st.log_sum_p2, "dh": hh.grad}
+        for direction in ("forward", "reverse"):
+            hk = h.clone().requires_grad_()
+            kl = vocab_parallel_token_kl(hk, w[s:e], rh, rw[s:e], y, vocab_range=(s, e), bias=b[s:e],
+                                         ref_bias=b[s:e], direction=direction, backend="torch")
+            (kl.kl * ups[3] + kl.logp * ups[0]).sum().backward()
+            out.update({f"kl_{direction}": kl.kl, f"kl_dh_{direction}": hk.grad})
+        results[rank] = {k: v.detach().clone() for k, v in out.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _banned_data():
+    h, w, b, rh, rw, y, ups = _data()
+    cut = _bounds(1)[0]
+    b = b.clone()
+    b[cut:] = float("-inf")
+    return h, w, b, rh, rw, torch.where(y >= cut, y % cut, y), ups
+
+
+def test_vocab_parallel_rank_with_every_token_banned():
+    """A slice with no probability mass contributes nothing (not NaN) to the combined results."""
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_banned_worker, args=(_free_port(), results), nprocs=WORLD, start_method="spawn")
+    h, w, b, rh, rw, y, ups = _banned_data()
+    hh = h.clone().requires_grad_()
+    st = fastpref.token_stats(hh, w, y, bias=b, entropy=True, log_sum_p2=True, backend="torch")
+    _stats_loss(st, ups).backward()
+    want = {"logp": st.logp, "lse": st.lse, "entropy": st.entropy, "p2": st.log_sum_p2, "dh": hh.grad}
+    for direction in ("forward", "reverse"):
+        hk = h.clone().requires_grad_()
+        kl = fastpref.token_kl(hk, w, rh, rw, y, bias=b, ref_bias=b, direction=direction, backend="torch")
+        (kl.kl * ups[3] + kl.logp * ups[0]).sum().backward()
+        want.update({f"kl_{direction}": kl.kl, f"kl_dh_{direction}": hk.grad})
+    for rank in range(WORLD):
+        for key, full in want.items():
+            assert torch.isfinite(results[rank][key]).all(), f"rank {rank} {key}"
+            torch.testing.assert_close(results[rank][key], full.detach(), atol=2e-5, rtol=2e-5)
+
+
 def _fsdp_worker(rank, port, results):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

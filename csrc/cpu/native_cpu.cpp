@@ -15,10 +15,12 @@
 // each thread accumulates its own float32 dW/db partial for the chunk, summed and written once per chunk.
 //
 // Scratch memory (float32 elements), with T threads, R rows, C vocabulary entries per tile, D (and D_ref
-// for the reference model of token_kl, else 0):
-//     T · (2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 3·C)
-// — logits tiles (two for token_kl), float32 copies of a hidden block / weight chunk / bias chunk (only
-// for inputs that are not float32), the dW/db partials of the backward. It does not grow with V or N.
+// for the reference model of token_kl, else 0; D_kl = D for token_kl, else 0):
+//     T · (2·R·C + R·(D + D_ref + D_kl) + C·(2·D + D_ref) + 3·C)
+// — logits tiles (two for token_kl; the frozen-head forwards turn them into weights tiles in place),
+// float32 copies of a hidden block / weight chunk / bias chunk (only for inputs that are not float32), the
+// dW/db partials of the backward, the E_p[s·W] accumulator of token_kl's frozen forward without labels
+// (D_kl). It does not grow with V or N.
 // The backward also returns a float32 [N, D] dH accumulator and allocates dW [V, D] / db [V] in the
 // weight's dtype: the gradients themselves. scratch_bound_bytes() evaluates the formula and
 // last_scratch_bytes() reports what the last call allocated (tests check one against the other).
@@ -65,8 +67,10 @@ static Tiling tiling(int64_t N, int64_t V) {
   return {rows, chunk, (N + rows - 1) / rows, T};
 }
 
+// Dr > 0 means token_kl, whose frozen forward without labels adds an [R, D] accumulator per thread.
 int64_t scratch_bound_elems(int64_t T, int64_t R, int64_t C, int64_t D, int64_t Dr) {
-  return T * (2 * R * C + R * (D + Dr) + C * (2 * D + Dr) + 3 * C);
+  const int64_t Dk = Dr > 0 ? D : 0;
+  return T * (2 * R * C + R * (D + Dr + Dk) + C * (2 * D + Dr) + 3 * C);
 }
 
 // Scratch allocations of one call, counted so that tests can compare them with the documented bound.
@@ -373,10 +377,19 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
 // ---------------------------------------------------------------------------------------------------
 // token_kl
 // ---------------------------------------------------------------------------------------------------
-std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
-                               const Tensor& ref_hidden, const Tensor& ref_weight, const OptTensor& ref_bias,
-                               const OptTensor& labels, double temperature, double softcap, double ref_softcap,
-                               bool reverse) {
+// With `frozen` (a policy head whose weight and bias need no gradient) the forward also returns, float32
+// [N, D] (fastpref._frozen.kl_hidden_grad), with s = dz/dx of the policy, p / q the policy / reference softmax:
+//     dkl = ∂KL/∂h:  forward  E_p[s·W] − E_q[s·W];   reverse  E_p[(d − μ)·s·W], d = z − rz, μ = E_p[d]
+//     ea  = E_p[s·W]  (with labels only)
+// Per row, rescaled with the running maxima: A = Σ e^{z−m}·s·W; forward O = Σ e^{rz−rm}·s·W; reverse the
+// centred O = Σ e^{z−m}·(d − μ_run)·s·W with μ_run = cross/Σe^{z−m} the running mean of d: when μ_run moves,
+// O += (μ_old − μ_new)·A. (Centring keeps float32 exact at |z| ≈ 1e4, where E_p[d·s·W] − μ·E_p[s·W] cancels.)
+// The two weights tiles overwrite the logits tiles in place (kl_frozen_weights_row) and feed one GEMM each
+// with the W chunk. A lives in `ea` with labels, else in a per-thread [R, D] scratch block; O lives in `dkl`.
+static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                           const Tensor& ref_hidden, const Tensor& ref_weight,
+                                           const OptTensor& ref_bias, const OptTensor& labels, double temperature,
+                                           double softcap, double ref_softcap, bool reverse, bool frozen) {
   check_inputs(hidden, weight, bias, "kl_forward");
   check_inputs(ref_hidden, ref_weight, ref_bias, "kl_forward (reference)", true);
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0), Dr = ref_hidden.size(1);
@@ -389,6 +402,8 @@ std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const
   const auto f32 = hidden.options().dtype(at::kFloat);
   Tensor kl = at::empty({N}, f32), lse = at::empty({N}, f32), rlse = at::empty({N}, f32);
   Tensor logp = has_lab ? at::empty({N}, f32) : Tensor(), rlogp = has_lab ? at::empty({N}, f32) : Tensor();
+  Tensor dkl = frozen ? at::zeros({N, D}, f32) : Tensor();
+  Tensor ea = (frozen && has_lab) ? at::zeros({N, D}, f32) : Tensor();
   const Tiling tl = tiling(N, V);
   const int64_t R = tl.rows, C = tl.chunk;
   const int64_t* lab = has_lab ? labels->data_ptr<int64_t>() : nullptr;
@@ -400,15 +415,21 @@ std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const
 
   at::parallel_for(0, tl.blocks, 1, [&](int64_t b0, int64_t b1) {
     Tensor zbuf = cnt.alloc(R * C, f32), rzbuf = cnt.alloc(R * C, f32);
+    Tensor abuf = (frozen && !has_lab) ? cnt.alloc(R * D, f32) : Tensor();
     Tensor hbuf, rhbuf, wbuf, rwbuf, bbuf, rbbuf;
-    std::vector<float> m(R), s(R), rm(R), rs(R), cross(R), zl(R), rzl(R);
+    std::vector<float> m(R), s(R), rm(R), rs(R), cross(R), zl(R), rzl(R), mu(R);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * R, rows = std::min(R, N - r0);
       Tensor H = f32_rows(hidden, r0, rows, hbuf, R * D, cnt);
       Tensor RH = f32_rows(ref_hidden, r0, rows, rhbuf, R * Dr, cnt);
+      Tensor A, O;  // [rows, D]: Σ e^{z−m}·s·W, and the forward's Σ e^{rz−rm}·s·W or the reverse's centred sum
+      if (frozen) {
+        A = has_lab ? ea.narrow(0, r0, rows) : abuf.narrow(0, 0, rows * D).view({rows, D}).zero_();
+        O = dkl.narrow(0, r0, rows);
+      }
       std::fill(m.begin(), m.end(), ninf);
       std::fill(rm.begin(), rm.end(), ninf);
-      for (auto* v : {&s, &rs, &cross, &zl, &rzl}) std::fill(v->begin(), v->end(), 0.f);
+      for (auto* v : {&s, &rs, &cross, &zl, &rzl, &mu}) std::fill(v->begin(), v->end(), 0.f);
       for (int64_t c0 = 0; c0 < V; c0 += C) {
         const int64_t cols = std::min(C, V - c0);
         Tensor W = f32_rows(weight, c0, cols, wbuf, C * D, cnt);
@@ -447,6 +468,28 @@ std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const
           rs[i] = rs[i] * rsc + rse;
           m[i] = mn;
           rm[i] = rmn;
+          if (frozen) {
+            float *a = A.data_ptr<float>() + i * D, *o = O.data_ptr<float>() + i * D;
+            if (!reverse) {
+              for (int64_t d = 0; d < D; ++d) {
+                a[d] *= sc;
+                o[d] *= rsc;
+              }
+            } else {  // O ← sc·O + (μ_old − μ_new)·(sc·A): centred on the new running mean
+              const float mu_new = s[i] > 0.f ? cross[i] / s[i] : 0.f, shift = mu[i] - mu_new;
+              for (int64_t d = 0; d < D; ++d) {
+                const float ad = a[d] * sc;
+                o[d] = o[d] * sc + shift * ad;
+                a[d] = ad;
+              }
+              mu[i] = mu_new;
+            }
+            kl_frozen_weights_row(z, rz, cols, mn, rmn, mu[i], tr, reverse);
+          }
+        }
+        if (frozen) {
+          A.addmm_(zt, W);
+          O.addmm_(rzt, W);
         }
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -462,11 +505,36 @@ std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const
           o_logp[g] = zl[i] - L;
           o_rlogp[g] = rzl[i] - RL;
         }
+        if (frozen) {  // forward: dkl = A/s − O/rs; reverse: dkl = O/s; ea = A/s
+          float *a = A.data_ptr<float>() + i * D, *o = O.data_ptr<float>() + i * D;
+          const float inv = 1.f / s[i], rinv = 1.f / rs[i];
+          for (int64_t d = 0; d < D; ++d) o[d] = reverse ? o[d] * inv : a[d] * inv - o[d] * rinv;
+          if (has_lab)
+            for (int64_t d = 0; d < D; ++d) a[d] *= inv;
+        }
       }
     }
   });
   g_last_scratch = cnt.bytes.load();
-  return {kl, lse, rlse, logp, rlogp};
+  return {kl, lse, rlse, logp, rlogp, dkl, ea};
+}
+
+std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                               const Tensor& ref_hidden, const Tensor& ref_weight, const OptTensor& ref_bias,
+                               const OptTensor& labels, double temperature, double softcap, double ref_softcap,
+                               bool reverse) {
+  auto out = kl_forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature, softcap,
+                             ref_softcap, reverse, false);
+  out.resize(5);
+  return out;
+}
+
+std::vector<Tensor> kl_forward_frozen(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                      const Tensor& ref_hidden, const Tensor& ref_weight, const OptTensor& ref_bias,
+                                      const OptTensor& labels, double temperature, double softcap,
+                                      double ref_softcap, bool reverse) {
+  return kl_forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature, softcap,
+                         ref_softcap, reverse, true);
 }
 
 std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
@@ -553,6 +621,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_forward_frozen", &stats_forward_frozen);
   m.def("stats_backward", &stats_backward);
   m.def("kl_forward", &kl_forward);
+  m.def("kl_forward_frozen", &kl_forward_frozen,
+        "kl_forward plus dkl = ∂KL/∂h and (with labels) ea = E_p[s·W], float32 [N, D], for a frozen policy head");
   m.def("kl_backward", &kl_backward);
   m.def("set_tiling", [](int64_t rows, int64_t chunk) {
     TORCH_CHECK(rows >= 1 && chunk >= 1, "set_tiling: sizes must be >= 1");

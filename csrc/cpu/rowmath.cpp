@@ -117,22 +117,49 @@ FP_HOT void stats_grad_row(float* x, const float* bias, int64_t n, Transform tr,
   }
 }
 
+// T/cap, so that c = tanh(x/cap) = z·T/cap for a transformed logit z (0 without softcap).
+static inline float inv_cap_t_of(Transform tr) { return tr.softcap ? 1.0f / tr.cap_t : 0.0f; }
+
+// dz/dx at a transformed logit z: 1/T, or (1 − c²)/T with c = z·T/cap (0 at a capped banned token, c = −1).
+FP_INLINE float slope_at(float z, Transform tr, float inv_cap_t) {
+  const float c = tr.softcap ? z * inv_cap_t : 0.0f;
+  return (1.0f - c * c) * tr.inv_t;
+}
+
 FP_HOT void frozen_weights_row(float* z, float* t, int64_t n, float m, Transform tr) {
   m = exp_base(m);
-  const float inv_cap_t = tr.softcap ? 1.0f / tr.cap_t : 0.0f;  // c = tanh(x/cap) = z·T/cap
+  const float k = inv_cap_t_of(tr);
   if (t != nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float d = z[j] - m, e = fexp(d), c = tr.softcap ? z[j] * inv_cap_t : 0.0f;
-      const float we = e * (1.0f - c * c) * tr.inv_t;
+      const float d = z[j] - m, we = fexp(d) * slope_at(z[j], tr, k);
       t[j] = weighted(we, d);  // 0 at banned (−inf) tokens
       z[j] = we;
     }
   } else {
 #pragma omp simd
+    for (int64_t j = 0; j < n; ++j) z[j] = fexp(z[j] - m) * slope_at(z[j], tr, k);
+  }
+}
+
+FP_HOT void kl_frozen_weights_row(float* z, float* rz, int64_t n, float m, float rm, float mu, Transform tr,
+                                  bool reverse) {
+  m = exp_base(m);
+  rm = exp_base(rm);
+  const float k = inv_cap_t_of(tr);
+  if (!reverse) {
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float e = fexp(z[j] - m), c = tr.softcap ? z[j] * inv_cap_t : 0.0f;
-      z[j] = e * (1.0f - c * c) * tr.inv_t;
+      const float s = slope_at(z[j], tr, k);
+      rz[j] = fexp(rz[j] - rm) * s;
+      z[j] = fexp(z[j] - m) * s;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float we = fexp(z[j] - m) * slope_at(z[j], tr, k);
+      rz[j] = weighted(we, (z[j] - rz[j]) - mu);  // 0 at banned (−inf) policy tokens
+      z[j] = we;
     }
   }
 }

@@ -102,6 +102,12 @@ void kl_grad_row(float* x, const float* bias, const float* rz, int64_t n, Transf
 // t[j] ← e_j·dz/dx_j·(z_j − m), with e_j = exp(z_j − m) (0 where z_j = −inf).
 void frozen_weights_row(float* z, float* t, int64_t n, float m, Transform tr);
 
+// Frozen policy head in token_kl, one row: z (policy) and rz (reference) hold transformed logits, s_j = dz/dx_j
+// of the policy, e_j = exp(z_j − m), r_j = exp(rz_j − rm). On return z[j] ← e_j·s_j and
+//     forward: rz[j] ← r_j·s_j          reverse: rz[j] ← e_j·s_j·(z_j − rz_j − mu)    (0 where e_j = 0).
+void kl_frozen_weights_row(float* z, float* rz, int64_t n, float m, float rm, float mu, Transform tr,
+                           bool reverse);
+
 // dz/dx at one raw value (label fix-ups).
 inline float dzdx_at(float raw, Transform tr) {
   if (!tr.softcap) return tr.inv_t;

@@ -53,6 +53,14 @@ class Backend(Protocol):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """(kl, lse, ref_lse, logp or None, ref_logp or None), each float32 [M]."""
 
+    def kl_forward_frozen(
+        self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+        ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Tensor | None,
+        labels: Tensor | None, opts: LogitOptions, ref_opts: LogitOptions, direction: str,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+        """kl_forward plus, for a frozen policy head, dKL = ∂KL/∂hidden and (with labels) EA = E_p[(dz/dx)·W],
+        float32 [M, D] (see fastpref._frozen)."""
+
     def kl_backward(
         self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
         ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Tensor | None,

@@ -7,10 +7,14 @@ vocabulary chunks × row blocks, a float32 GEMM per logits tile through ATen, th
 forms dL/dlogits in place and runs the two GEMMs for dH and dW. Semantics match the torch backend.
 
 Scratch memory (float32 elements, CPU), with T threads and tiles of R rows × C vocabulary entries:
-``T · (2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 3·C)`` (R = 1024, C = 2048 by default: a bound of 32 MiB per
-thread at D = D_ref = 512; float32 token_stats allocates only its 8 MiB tile and a 4 MiB dW partial),
-independent of V and N; the backward adds a float32 [N, D] dH accumulator and the gradients themselves (dW in the weight's dtype). ``scratch_bound_bytes()`` / ``last_scratch_bytes()``
-of the CPU module evaluate the bound and report what the last call allocated.
+``T · (2·R·C + R·(D + D_ref + D_kl) + C·(2·D + D_ref) + 3·C)`` with D_ref = 0 for token_stats and D_kl = D for
+token_kl, else 0 (R = 1024, C = 2048 by default: a bound of 34 MiB per thread for token_kl at D = D_ref = 512;
+float32 token_stats allocates only its 8 MiB tile and a 4 MiB dW partial), independent of V and N. The
+frozen-head forwards reuse the logits tiles as weights tiles (token_kl's without labels adds its R·D
+accumulator, the D_kl term) and return their float32 [N, D] expectations as outputs; the backward adds a
+float32 [N, D] dH accumulator and the gradients themselves (dW in the weight's dtype).
+``scratch_bound_bytes()`` / ``last_scratch_bytes()`` of the CPU module evaluate the bound and report what
+the last call allocated.
 
 Dtypes: float32, float16 and bfloat16; accumulation is always float32. On the CPU, half blocks are upcast
 to float32 scratch before each GEMM. On CUDA (torch >= 2.9), a half hidden and weight of one dtype go to
@@ -143,6 +147,19 @@ class NativeBackend:
             *_d(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels), float(opts.temperature),
             _cap(opts.softcap), _cap(ref_opts.softcap), direction == "reverse")
         return kl, lse, ref_lse, logp, ref_logp
+
+    def kl_forward_frozen(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                          direction):
+        """kl_forward plus, for a frozen policy head (fastpref._frozen.kl_hidden_grad), float32 [M, D]
+        dkl = ∂KL/∂h and ea = E_p[(dz/dx)·W] (None without labels)."""
+        mod = self._mod(hidden)
+        if not hasattr(mod, "kl_forward_frozen"):
+            raise RuntimeError("this build of the native extension has no frozen-head token_kl; rebuild it "
+                               "(`pip install --no-build-isolation -e .`)")
+        kl, lse, ref_lse, logp, ref_logp, dkl, ea = mod.kl_forward_frozen(
+            *_d(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels), float(opts.temperature),
+            _cap(opts.softcap), _cap(ref_opts.softcap), direction == "reverse")
+        return kl, lse, ref_lse, logp, ref_logp, dkl, ea
 
     def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
                     grad_kl, grad_logp, opts, ref_opts, direction, needs):

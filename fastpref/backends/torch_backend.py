@@ -107,6 +107,40 @@ class ExpectedWeight:
         return self.a * inv_s, ec
 
 
+class KLExpectations:
+    """token_kl with a frozen policy head (fastpref._frozen), per row, float32 [rows, D], with s = dz/dx:
+    A = Σ e^{z−m}·s·W; direction "forward": Aq = Σ e^{z_ref−m_ref}·s·W; "reverse": B = Σ e^{z−m}·(d − μ)·s·W
+    with d = z − z_ref and μ = cross/Σe^{z−m} the running mean of d under p, re-centred as μ moves
+    (B gains (μ_old − μ_new)·A), so that E_p[(d − E_p[d])·s·W] is never a difference of large terms."""
+
+    def __init__(self, rows: int, dim: int, device: torch.device, direction: str):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.a = torch.zeros(rows, dim, **f32)
+        self.aq = torch.zeros(rows, dim, **f32) if direction == "forward" else None
+        self.b = torch.zeros(rows, dim, **f32) if direction == "reverse" else None
+        self.mu = torch.zeros(rows, **f32)
+
+    def update(self, pol: OnlineLogSumExp, e_pol: Tensor, scale_pol: Tensor, e_ref: Tensor, scale_ref: Tensor,
+               cross: Tensor, d: Tensor, dzdx: Tensor | float, w: Tensor) -> None:
+        """After both models' OnlineLogSumExp.update and the cross term's update: fold in one tile
+        (e_* [rows, chunk], d = z − z_ref [rows, chunk], w the policy's weight rows [chunk, D] float32)."""
+        ed = e_pol * dzdx
+        self.a = self.a * scale_pol[:, None]
+        if self.b is not None:
+            mu = torch.where(pol.s > 0, cross / pol.s, torch.zeros_like(cross))
+            self.b = self.b * scale_pol[:, None] + (self.mu - mu)[:, None] * self.a + weighted(ed, d - mu[:, None]) @ w
+            self.mu = mu
+        self.a = self.a + ed @ w
+        if self.aq is not None:
+            self.aq = self.aq * scale_ref[:, None] + (e_ref * dzdx) @ w
+
+    def results(self, pol: OnlineLogSumExp, ref: OnlineLogSumExp) -> tuple[Tensor, Tensor]:
+        """(dKL, EA): ∂KL/∂h and E_p[s·W]."""
+        ea = self.a / pol.s[:, None]
+        dkl = ea - self.aq / ref.s[:, None] if self.aq is not None else self.b / pol.s[:, None]
+        return dkl, ea
+
+
 def _gather_label(z: Tensor, labels: Tensor, start: int) -> Tensor:
     """z[row, labels[row] − start] where the label falls inside this tile, else 0."""
     local = labels - start
@@ -231,21 +265,35 @@ class TorchBackend:
     # ---- two models: full-vocabulary KL ---------------------------------------------------------
     def kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
                    direction):
-        M, V = hidden.shape[0], weight.shape[0]
+        return self._kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                                direction, False)[:5]
+
+    def kl_forward_frozen(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                          direction):
+        return self._kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                                direction, True)
+
+    def _kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                    direction, frozen_head):
+        M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
         rows, chunk = _tiling(M, V)
         h32, rh32 = hidden.float(), ref_hidden.float()
         f32 = dict(device=hidden.device, dtype=torch.float32)
         kl, lse_out, ref_lse_out = (torch.empty(M, **f32) for _ in range(3))
         logp = torch.empty(M, **f32) if labels is not None else None
         ref_logp = torch.empty(M, **f32) if labels is not None else None
+        dkl = torch.empty(M, D, **f32) if frozen_head else None
+        ea = torch.empty(M, D, **f32) if frozen_head and labels is not None else None
         for r0, r1 in _blocks(M, rows):
             pol = OnlineLogSumExp(r1 - r0, hidden.device)
             ref = OnlineLogSumExp(r1 - r0, hidden.device)
             cross = torch.zeros(r1 - r0, **f32)  # Σ e^{z_src − m_src}(z_src − z_other), src = weighting model
+            expect = KLExpectations(r1 - r0, D, hidden.device, direction) if frozen_head else None
             z_label = torch.zeros(r1 - r0, **f32)
             rz_label = torch.zeros(r1 - r0, **f32)
             for c0, c1 in _blocks(V, chunk):
-                z, _ = logits_tile(h32[r0:r1], weight[c0:c1], None if bias is None else bias[c0:c1], opts)
+                w = weight[c0:c1]
+                z, dzdx = logits_tile(h32[r0:r1], w, None if bias is None else bias[c0:c1], opts)
                 rz, _ = logits_tile(rh32[r0:r1], ref_weight[c0:c1],
                                     None if ref_bias is None else ref_bias[c0:c1], ref_opts)
                 e_pol, scale_pol = pol.update(z)
@@ -254,6 +302,9 @@ class TorchBackend:
                     cross = cross * scale_ref + weighted(e_ref, rz - z).sum(1)
                 else:
                     cross = cross * scale_pol + weighted(e_pol, z - rz).sum(1)
+                if expect is not None:
+                    expect.update(pol, e_pol, scale_pol, e_ref, scale_ref, cross, z - rz,
+                                  1.0 / opts.temperature if dzdx is None else dzdx, w.float())
                 if labels is not None:
                     z_label += _gather_label(z, labels[r0:r1], c0)
                     rz_label += _gather_label(rz, labels[r0:r1], c0)
@@ -267,7 +318,11 @@ class TorchBackend:
             if labels is not None:
                 logp[r0:r1] = z_label - lse
                 ref_logp[r0:r1] = rz_label - ref_lse
-        return kl, lse_out, ref_lse_out, logp, ref_logp
+            if expect is not None:
+                dkl[r0:r1], a = expect.results(pol, ref)
+                if ea is not None:
+                    ea[r0:r1] = a
+        return kl, lse_out, ref_lse_out, logp, ref_logp, dkl, ea
 
     def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
                     grad_kl, grad_logp, opts, ref_opts, direction, needs):

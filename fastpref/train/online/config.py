@@ -102,7 +102,7 @@ class OnlineConfig:
 def validate(c: OnlineConfig) -> None:
     """Refuse bad settings before any heavy work, naming the setting and what is expected."""
     def bad(msg: str):
-        raise SystemExit(f"fastpref train --online: {msg}")
+        raise SystemExit(msg)
 
     if c.algorithm not in ALGORITHMS:
         bad(f"unknown --algorithm {c.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")

@@ -70,7 +70,7 @@ class OnlineRun:
             self.judge: Judge = make_judge(cfg.judge, synthetic=cfg.synthetic, temperature=cfg.judge_temperature,
                                            device=d.device)
         except JudgeError as e:
-            raise SystemExit(f"fastpref train --online: {e}") from None
+            raise SystemExit(str(e)) from None
         self.train_prompts, self.eval_prompts = self._prompts()
         self.policy = self._starting_policy().to(d.device).train()
         ref = load_model(cfg.ref_model) if cfg.ref_model else frozen_copy(self.policy)
@@ -180,7 +180,7 @@ class OnlineRun:
             try:
                 item, st = alg.build(g, self.judge, opt)
             except JudgeError as e:
-                raise SystemExit(f"fastpref train --online: judge failed: {e}") from None
+                raise SystemExit(f"judge failed: {e}") from None
             rewards = self.judge.rewards([text] * K, g.texts)
             st = {**st, "length": sum(map(len, s)) / K,
                   "eos": sum(bool(t) and t[-1] == self.eos_id for t in s) / K}
