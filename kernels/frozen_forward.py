@@ -1,7 +1,8 @@
-"""Frozen-head forward of token_stats, host side: two GEMMs per block (three with entropy), bounded scratch.
+"""Frozen-head forwards, host side: token_stats with two GEMMs per block (three with entropy), token_kl with
+two per model; bounded scratch.
 
 When the head needs no gradient the forward also forms, per row (``fastpref._frozen``, flash-attention style)
-    A = Σ_v e^{z_v − m}·(dz/dx)_v·W_v            and, with entropy,   T = Σ_v e^{z_v − m}·(z_v − m)·(dz/dx)_v·W_v
+    A = Σ_v e^{z_v − m}·(dz/dx)_v·W_v        and, with entropy,   T = Σ_v e^{z_v − m}·(z_v − m)·(dz/dx)_v·W_v
 (m the running max), so that the backward needs no pass over the vocabulary. For each block of R rows and
 each vocabulary chunk of C columns:
     X = H[r]·W[c]ᵀ                                  GEMM 1: the logits product, float32 output       [R, C]
@@ -26,64 +27,87 @@ kernel and the rescale do not overlap the GEMMs (one stream). None of this has b
 Scratch: X [R, C] float32 plus P (and P2) [R, C] in the input dtype, R·C·(4 + itemsize·(1 + entropy)) ≤ budget,
 the gemm backward's ``scratch_budget`` (max(256 MiB, 1% of the naive logits)); the block shape is
 ``gemm_backward.block_shape`` (all rows when they fit, otherwise about square, so both GEMMs stay large:
-bf16, 256 MiB: about 6600 × 6600 without entropy, 5800 × 5800 with it). Besides the scratch: the state, 7 float32 per row, and the outputs A, T.
+bf16, 256 MiB: about 6600 × 6600 without entropy, 5800 × 5800 with it). Besides the scratch: the state, 7
+float32 per row (``STATS_STATE``), and the outputs A, T.
+
+token_kl with a frozen policy head (``kl_frozen``) runs the same loop with two products per chunk (policy
+and reference logits, X and XR) and two accumulators (A = Σ e^{z−m}·s·W and, forward direction,
+Aq = Σ e^{zr−mr}·s·W, or, reverse, the centred B = Σ e^{z−m}·(d − μ)·s·W, B ← B·scale + A·(μ_old − μ_new)·scale):
+two GEMMs per model, scratch 2·4 + 2·itemsize bytes per element of a block.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from .gemm_backward import block_shape, mm_accumulate, mm_into
 
-STATE_ROWS = 7  # m, s, t, s2, z_label, scale, shift·scale (kernels/stats_frozen.py)
+# The epilogues' running state, one float32 row each per token (kernels/stats_frozen.py, kernels/kl_frozen.py);
+# "scale"/"scale_r" rescale the accumulators, "shift_scale"/"coef" couple T/B to A.
+STATS_STATE = ("m", "s", "t", "s2", "z_label", "scale", "shift_scale")
+KL_STATE = ("m", "mr", "sr", "cf", "z_label", "zr_label", "scale", "scale_r", "coef")
+KL_STATE64 = ("s", "cr")  # float64, as kl_forward's Part64
 ROW_ALIGN = 128  # block rows are a multiple of this (or all rows): whole GEMM tiles
 
 
-def element_bytes(dtype: torch.dtype, entropy: bool) -> int:
-    """Scratch bytes per (row, column) of a block: the float32 product and the weight tile(s) in ``dtype``."""
-    return 4 + torch.empty((), dtype=dtype).element_size() * (2 if entropy else 1)
+@dataclass
+class Accumulator:
+    """One float32 [M, D] accumulator: per chunk out ← out·state[scale] (+ A·state[coupled], A the first
+    accumulator before its own rescale) + P·W[c], P the weight tile the epilogue wrote for it."""
+
+    out: torch.Tensor
+    scale: int
+    coupled: int | None = None
 
 
-def new_state(rows: int, device: torch.device) -> torch.Tensor:
-    """The running state [STATE_ROWS, rows] float32: m = −inf, everything else 0."""
-    state = torch.zeros((STATE_ROWS, rows), device=device, dtype=torch.float32)
+def element_bytes(dtype: torch.dtype, products: int, weights: int) -> int:
+    """Scratch bytes per (row, column) of a block: the float32 products and the weight tiles in ``dtype``."""
+    return 4 * products + torch.empty((), dtype=dtype).element_size() * weights
+
+
+def new_state(rows: int, count: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A running state [count, rows]: row 0 (the running max) −inf, the others 0."""
+    state = torch.zeros((count, rows), device=device, dtype=dtype)
     state[0] = float("-inf")
     return state
 
 
-def run(epilogue: Callable[..., None], hidden: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
-        t: torch.Tensor | None, state: torch.Tensor, budget: int, bn: int, bv: int,
+def run(epilogue: Callable[..., None], products: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor,
+        accumulators: Sequence[Accumulator], state: torch.Tensor, budget: int, bn: int, bv: int,
         max_chunk: int | None = None) -> int:
-    """Accumulate A (and T), float32 [M, D] zeros on entry, and the running state [7, M] over the vocabulary.
+    """Fold the whole vocabulary into ``accumulators`` (zeros on entry) and the epilogue's running state.
 
-    epilogue(x, p, p2, r0, c0, R, C) runs ``stats_frozen`` on x [R, C] float32 (rows r0.., columns c0..), filling
-    p (and p2, None without entropy) [R, C] in the input dtype and the state's scale rows. ``max_chunk`` caps the
-    chunk width (tests). bn, bv: the kernel's tile; block rows are a multiple of max(bn, ROW_ALIGN) (or all
-    rows), columns of bv (or the whole vocabulary). Returns the scratch size in bytes (≤ budget)."""
+    products: (hidden [M, D_k], weight [V, D_k]) per model, one dtype; per chunk X_k = hidden[r]·weight[c]ᵀ.
+    weight: the head whose rows are accumulated (the policy's). epilogue(xs, ps, r0, c0, R, C) runs the Triton
+    epilogue on the products xs [R, C] float32 (rows r0.., columns c0..), fills one weight tile ps[i] [R, C]
+    (input dtype) per accumulator and the state rows the accumulators name. ``max_chunk`` caps the chunk width
+    (tests). bn, bv: the kernel's tile; block rows are a multiple of max(bn, ROW_ALIGN) (or all rows), columns
+    of bv (or the whole vocabulary). Returns the scratch size in bytes (≤ budget)."""
+    hidden = products[0][0]
     M, V = hidden.shape[0], weight.shape[0]
-    per = element_bytes(hidden.dtype, t is not None)
+    per = element_bytes(hidden.dtype, len(products), len(accumulators))
     R, C = block_shape(M, V, budget // per, max(bn, ROW_ALIGN), bv)
     C = C if max_chunk is None else min(C, max_chunk)
-    x_buf = torch.empty(R * C, device=hidden.device, dtype=torch.float32)
-    p_buf = torch.empty(R * C, device=hidden.device, dtype=hidden.dtype)
-    p2_buf = torch.empty(R * C, device=hidden.device, dtype=hidden.dtype) if t is not None else None
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    x_bufs = [torch.empty(R * C, **f32) for _ in products]
+    p_bufs = [torch.empty(R * C, device=hidden.device, dtype=hidden.dtype) for _ in accumulators]
     for r0 in range(0, M, R):
         rn = min(R, M - r0)
-        a_r = a[r0:r0 + rn]
-        t_r = None if t is None else t[r0:r0 + rn]
-        scale, shift_scale = state[5, r0:r0 + rn, None], state[6, r0:r0 + rn, None]
+        rows = slice(r0, r0 + rn)
         for c0 in range(0, V, C):
             cn = min(C, V - c0)
-            w = weight[c0:c0 + cn]
-            x = x_buf[: rn * cn].view(rn, cn)
-            p = p_buf[: rn * cn].view(rn, cn)
-            p2 = None if p2_buf is None else p2_buf[: rn * cn].view(rn, cn)
-            mm_into(x, hidden[r0:r0 + rn], w.t())  # GEMM 1: the logits product
-            epilogue(x, p, p2, r0, c0, rn, cn)
-            if t_r is not None:
-                t_r.mul_(scale).addcmul_(a_r, shift_scale)  # T ← (T + shift·A)·scale, with A before its rescale
-                mm_accumulate(t_r, p2, w)  # GEMM 3 (entropy)
-            a_r.mul_(scale)
-            mm_accumulate(a_r, p, w)  # GEMM 2
-    return sum(b.numel() * b.element_size() for b in (x_buf, p_buf, p2_buf) if b is not None)
+            xs = [b[: rn * cn].view(rn, cn) for b in x_bufs]
+            ps = [b[: rn * cn].view(rn, cn) for b in p_bufs]
+            for x, (h, w) in zip(xs, products):
+                mm_into(x, h[rows], w[c0:c0 + cn].t())  # the logits products
+            epilogue(xs, ps, r0, c0, rn, cn)
+            a = accumulators[0].out[rows]
+            for acc, p in reversed(list(zip(accumulators, ps))):  # A last: the coupled ones read it first
+                out = acc.out[rows]
+                out.mul_(state[acc.scale, rows, None])
+                if acc.coupled is not None:
+                    out.addcmul_(a, state[acc.coupled, rows, None])
+                mm_accumulate(out, p, weight[c0:c0 + cn])  # one accumulating product per weight tile
+    return sum(b.numel() * b.element_size() for b in x_bufs + p_bufs)

@@ -114,6 +114,20 @@ def max_shift(m, m_new):
 
 
 @triton.jit
+def centred_diff(z, zr, valid, c_hi, c_lo):
+    """(z − zr) − C [BN, BV] float32, 0 outside ``valid``; C [BN] per row as a float32 pair c_hi + c_lo.
+
+    z − zr is formed exactly (two-sum: d_hi + d_lo), so the difference keeps float32 precision relative to
+    itself even where |z|, |zr| ≈ 1e4 and C ≈ z − zr."""
+    zf = tl.where(valid, z, 0.0)
+    zrf = tl.where(valid, zr, 0.0)
+    d_hi = zf - zrf
+    back = d_hi - zf
+    d_lo = (zf - (d_hi - back)) - (zrf + back)
+    return tl.where(valid, (d_hi - c_hi[:, None]) + (d_lo - c_lo[:, None]), 0.0)
+
+
+@triton.jit
 def label_pick(z, cols, labels):
     """z[row, label] where the label falls in this tile, else 0 (rows × columns)."""
     return tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)

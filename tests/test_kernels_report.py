@@ -16,8 +16,9 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.aot
 
 KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward", "stats_dlogits", "kl_dlogits",
-           "stats_frozen")
-EPILOGUES = {"stats_frozen": {"M"}}  # no matrix product (no wgmma expected); the size arguments they take
+           "stats_frozen", "kl_frozen")
+# Epilogues: no matrix product (no wgmma expected); the size arguments they take.
+EPILOGUES = {"stats_frozen": {"M"}, "kl_frozen": {"M"}}
 ROW = re.compile(r"(\w+)\s+90\s+bf16\s+-\s+(\w+)\s+(\S+)\s+.*?\s(\d+)\s+(\d+)\s+(\d+)\s+(yes|no)\s")
 
 

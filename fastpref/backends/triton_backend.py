@@ -11,7 +11,9 @@ merged by a tiny torch reduction). Backward, two strategies (docs/gpu-strategies
   torch.use_deterministic_algorithms(True)).
 Frozen heads (weight and bias need no gradient): ``stats_forward_frozen`` runs per block of rows × vocabulary
 chunk the logits GEMM, one epilogue kernel (``kernels/stats_frozen.py``) and the GEMM(s) accumulating
-E_p[(dz/dx)·W] (``kernels/frozen_forward.py``): 2 GEMMs in all (3 with entropy) and no backward vocabulary pass.
+E_p[(dz/dx)·W] (``kernels/frozen_forward.py``): 2 GEMMs in all (3 with entropy) and no backward vocabulary pass;
+``kl_forward_frozen`` (a frozen policy head in token_kl) the same with two products and ``kernels/kl_frozen.py``:
+2 GEMMs per model.
 No [N, V] tensor is ever formed.
 Runs on CUDA (fp16/bf16/fp32, sm_80+) and, for tests, on CPU tensors under TRITON_INTERPRET=1 (fp32/fp16).
 """
@@ -88,6 +90,11 @@ def _finish_stats(m, s, t, s2, z_label, entropy, log_sum_p2):
     ent = log_s - t / s if entropy else None
     p2 = torch.log(s2) - 2.0 * log_s if log_sum_p2 else None
     return z_label - lse, lse, ent, p2
+
+
+def _as_dtype(dtype, *tensors):
+    """The reference model's tensors in the policy's dtype (one dtype per kernel launch); None stays None."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _bias(weight, bias):
@@ -188,33 +195,41 @@ class TritonBackend:
                                 B=_bias(weight, bias), **_scalars(opts))
         return _finish_stats(*self._k.combine_stats(part), entropy, log_sum_p2)
 
+    def _frozen_run(self, kernel, epilogue, products, weight, accs, state):
+        """``frozen_forward.run`` with this backend's budget (gemm_backward.scratch_budget) and chunk cap: the
+        vocabulary chunks are forced by ``splits`` (tests) as the forward kernels' splits are."""
+        from fastpref.kernels import frozen_forward, gemm_backward, presets
+
+        M, V, dt = products[0][0].shape[0], weight.shape[0], products[0][0].dtype
+        cfg = presets.select(kernel, dt, products[0][0].device)
+        max_chunk = None if self.splits is None else math.ceil(math.ceil(V / cfg.BV) / self.splits) * cfg.BV
+        budget = gemm_backward.scratch_budget(M, V, dt, self.scratch_floor)
+        self.last_scratch_bytes = frozen_forward.run(epilogue, products, weight, accs, state, budget, cfg.BN,
+                                                     cfg.BV, max_chunk)
+
     def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
         """stats_forward plus EA = E_p[(dz/dx)·W] (and EC with entropy) in 2 GEMMs (3 with entropy) per block
         of rows × vocabulary chunk: logits product, the ``stats_frozen`` epilogue, accumulating product(s)
         (``kernels/frozen_forward.py``; scratch within the gemm backward's budget, ``last_scratch_bytes``)."""
-        from fastpref.kernels import frozen_forward, gemm_backward, presets
+        from fastpref.kernels import frozen_forward
 
         M, D = hidden.shape
-        V = weight.shape[0]
         dev, dt = hidden.device, hidden.dtype
-        f32 = dict(device=dev, dtype=torch.float32)
-        state = frozen_forward.new_state(M, dev)
-        a = torch.zeros((M, D), **f32)
-        t = torch.zeros((M, D), **f32) if entropy else None
+        row = frozen_forward.STATS_STATE.index
+        state = frozen_forward.new_state(M, len(frozen_forward.STATS_STATE), dev)
+        a = torch.zeros((M, D), device=dev, dtype=torch.float32)
+        t = torch.zeros_like(a) if entropy else None
+        accs = [frozen_forward.Accumulator(a, scale=row("scale"))]
+        if entropy:  # T ← T·scale + A·(shift·scale) + P2·W
+            accs.append(frozen_forward.Accumulator(t, scale=row("scale"), coupled=row("shift_scale")))
         b = _bias(weight, bias)
         flags = dict(SOFTCAP=opts.softcap is not None, ENTROPY=entropy)
-        cfg = presets.select("stats_frozen", dt, dev)
 
-        def epilogue(x, p, p2, r0, c0, rn, cn):
-            self._k.launch("stats_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=x, B=b, Labels=labels,
-                           State=state, P=p, P2=p if p2 is None else p2, r0=r0, c0=c0, R=rn, C=cn, M=M,
-                           **_scalars(opts))
+        def epilogue(xs, ps, r0, c0, rn, cn):
+            self._k.launch("stats_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], B=b, Labels=labels,
+                           State=state, P=ps[0], P2=ps[-1], r0=r0, c0=c0, R=rn, C=cn, M=M, **_scalars(opts))
 
-        # self.splits (tests) forces the vocabulary chunks as it forces the forward kernels' splits
-        max_chunk = None if self.splits is None else math.ceil(math.ceil(V / cfg.BV) / self.splits) * cfg.BV
-        budget = gemm_backward.scratch_budget(M, V, dt, self.scratch_floor)
-        self.last_scratch_bytes = frozen_forward.run(epilogue, hidden, weight, a, t, state, budget, cfg.BN, cfg.BV,
-                                                     max_chunk)
+        self._frozen_run("stats_frozen", epilogue, [(hidden, weight)], weight, accs, state)
         m, s, t_sum, s2, z_label = state[:5]
         if t is not None:  # EC = (T − (t/s)·A)/s, from A before its normalisation
             t.addcmul_(a, (-t_sum / s)[:, None]).div_(s[:, None])
@@ -245,8 +260,7 @@ class TritonBackend:
 
     def kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
                    direction):
-        ref_hidden, ref_weight = ref_hidden.to(hidden.dtype), ref_weight.to(hidden.dtype)
-        ref_bias = None if ref_bias is None else ref_bias.to(hidden.dtype)
+        ref_hidden, ref_weight, ref_bias = _as_dtype(hidden.dtype, ref_hidden, ref_weight, ref_bias)
         flags, args = self._pair(weight, bias, ref_weight, ref_bias, labels, hidden.shape[0], opts, ref_opts)
         labels_arg = args.pop("Labels")
         part, part64 = self._forward("kl_forward", 6, hidden, weight, labels_arg, flags, n_parts64=2, RH=ref_hidden,
@@ -256,10 +270,45 @@ class TritonBackend:
             return kl, lse, ref_lse, None, None
         return kl, lse, ref_lse, z_label - lse, zr_label - ref_lse
 
+    def kl_forward_frozen(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                          direction):
+        """kl_forward plus dKL = ∂KL/∂h and (with labels) EA = E_p[(dz/dx)·W], float32 [M, D], in two GEMMs per
+        model per block of rows × vocabulary chunk: both logits products, the ``kl_frozen`` epilogue, the
+        accumulating products of A and of Aq (forward) or the centred B (reverse) (``kernels/frozen_forward.py``)."""
+        from fastpref.kernels import frozen_forward
+
+        ref_hidden, ref_weight, ref_bias = _as_dtype(hidden.dtype, ref_hidden, ref_weight, ref_bias)
+        M, D = hidden.shape
+        dev, dt = hidden.device, hidden.dtype
+        flags, args = self._pair(weight, bias, ref_weight, ref_bias, labels, M, opts, ref_opts)
+        reverse = direction == "reverse"
+        row = frozen_forward.KL_STATE.index
+        state = frozen_forward.new_state(M, len(frozen_forward.KL_STATE), dev)
+        state[row("mr")] = float("-inf")
+        state64 = torch.zeros((len(frozen_forward.KL_STATE64), M), device=dev, dtype=torch.float64)
+        a = torch.zeros((M, D), device=dev, dtype=torch.float32)
+        second = torch.zeros_like(a)  # Aq (forward) or B (reverse)
+        accs = [frozen_forward.Accumulator(a, scale=row("scale")),
+                frozen_forward.Accumulator(second, scale=row("scale"), coupled=row("coef")) if reverse else
+                frozen_forward.Accumulator(second, scale=row("scale_r"))]
+
+        def epilogue(xs, ps, r0, c0, rn, cn):
+            self._k.launch("kl_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], XR=xs[1], State=state,
+                           State64=state64, P=ps[0], P2=ps[1], r0=r0, c0=c0, R=rn, C=cn, M=M, reverse=int(reverse),
+                           **args)
+
+        self._frozen_run("kl_frozen", epilogue, [(hidden, weight), (ref_hidden, ref_weight)], weight, accs, state)
+        kl, lse, ref_lse, z_label, zr_label = self._k.combine_kl(state[:6, None], state64[:, None], reverse)
+        s = state64[frozen_forward.KL_STATE64.index("s")].float()[:, None]
+        a.div_(s)
+        dkl = second.div_(s) if reverse else a - second.div_(state[row("sr"), :, None])
+        if labels is None:
+            return kl, lse, ref_lse, None, None, dkl, None
+        return kl, lse, ref_lse, z_label - lse, zr_label - ref_lse, dkl, a
+
     def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
                     grad_kl, grad_logp, opts, ref_opts, direction, needs):
-        ref_hidden, ref_weight = ref_hidden.to(hidden.dtype), ref_weight.to(hidden.dtype)
-        ref_bias = None if ref_bias is None else ref_bias.to(hidden.dtype)
+        ref_hidden, ref_weight, ref_bias = _as_dtype(hidden.dtype, ref_hidden, ref_weight, ref_bias)
         flags, args = self._pair(weight, bias, ref_weight, ref_bias, labels, hidden.shape[0], opts, ref_opts)
         zero = torch.zeros_like(lse)
         # E_p[z − zr] = KL + lse − ref_lse for the reverse bracket, exact in float64, passed as hi + lo.
