@@ -5,9 +5,10 @@ X = h·wᵀ [R, C]; this kernel turns it into the chunk's share of the online so
 into the flash-attention-style accumulators A (and T) of ``fastpref._frozen``.
 
 Grid: one program per BN rows of the block; each walks the chunk's C columns in BV-wide tiles twice:
-  1. z = cap(x + b)/T (``tiles.transform``): the chunk's row max and the label's logit;
-  2. z again, e = e^{z − m_new} with the new running max m_new = max(m, chunk max):
-     Σe, Σe·(z − m_new), Σe² into the running s, t, s2 (rescaled by e^{m − m_new}), and the weights
+  1. z = cap(x + b)/T (``tiles.transform``): stats_forward's online step (``stats_forward.stats_step``: the
+     running m, s = Σe^{z−m}, t = Σe^{z−m}(z − m), s2 = Σe^{2(z−m)}, the label's logit), so that the new
+     running max m_new is known before any weight is written;
+  2. z again, e = e^{z − m_new}, and the weights
          P  = e·(dz/dx)                 [R, C], input dtype   (A ← A·scale + P·W_chunk)
          P2 = e·(z − m_new)·(dz/dx)     [R, C], input dtype   (T ← (T + shift·A)·scale + P2·W_chunk; ENTROPY)
      (0 at −inf logits: banned tokens, and every column while the running max is still −inf).
@@ -19,7 +20,8 @@ scale = e^{shift} and shift·scale, shift = m_old − m_new (0 while m_old is �
 import triton
 import triton.language as tl
 
-from .tiles import label_pick, max_shift, transform
+from .stats_forward import stats_step
+from .tiles import max_shift, transform
 
 ARGS = (("X", "f32*"), ("B", "in"), ("Labels", "i64*"), ("State", "f32*"), ("P", "in"), ("P2", "in"),
         ("r0", "i32"), ("c0", "i32"), ("R", "i32"), ("C", "i32"), ("M", "i32"),
@@ -49,39 +51,31 @@ def kernel(X, B, Labels, State, P, P2, r0, c0, R, C, M, inv_temp, inv_cap, cap_s
     rmask = row0 + tl.arange(0, BN) < R
     rows = r0 + row0 + tl.arange(0, BN)
     labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32) - c0  # chunk-local label column
-    chunk_max = tl.full((BN,), float("-inf"), tl.float32)
-    z_label = tl.zeros((BN,), tl.float32)
+    m_old = tl.load(State + rows, mask=rmask, other=0.0)
+    s_old = tl.load(State + M + rows, mask=rmask, other=0.0)
+    m, s = m_old, s_old
+    t = tl.load(State + 2 * M + rows, mask=rmask, other=0.0)
+    s2 = tl.load(State + 3 * M + rows, mask=rmask, other=0.0)
+    z_label = tl.load(State + 4 * M + rows, mask=rmask, other=0.0)
     for j in range(0, C, BV):
         z, _, lc, _ = _logits(X, B, row0, j, c0, R, C, inv_temp, inv_cap, cap_scale, BN, BV, SOFTCAP, INTERP)
-        chunk_max = tl.maximum(chunk_max, tl.max(z, axis=1))
-        z_label += label_pick(z, lc, labels)
-    m = tl.load(State + rows, mask=rmask, other=0.0)
-    m_new = tl.maximum(m, chunk_max)
-    shift, base = max_shift(m, m_new)
-    s_c = tl.zeros((BN,), tl.float32)
-    t_c = tl.zeros((BN,), tl.float32)
-    s2_c = tl.zeros((BN,), tl.float32)
+        m, s, t, s2, z_label = stats_step(z, lc, labels, m, s, t, s2, z_label)
+    _, base = max_shift(m, m)
     p_base = tl.cast(row0, tl.int64) * C
     for j in range(0, C, BV):
         z, dzdx, lc, off = _logits(X, B, row0, j, c0, R, C, inv_temp, inv_cap, cap_scale, BN, BV, SOFTCAP, INTERP)
         e = tl.exp(z - base[:, None])
-        ed = e * tl.where(e > 0, z - m_new[:, None], 0.0)  # 0 at −inf logits, not 0·(−inf)
-        s_c += tl.sum(e, axis=1)
-        t_c += tl.sum(ed, axis=1)
-        s2_c += tl.sum(e * e, axis=1)
         mask = rmask[:, None] & (lc < C)[None, :]
         tl.store(P + p_base + off, (e * dzdx).to(P.dtype.element_ty), mask=mask)
         if ENTROPY:
+            ed = e * tl.where(e > 0, z - m[:, None], 0.0)  # 0 at −inf logits, not 0·(−inf)
             tl.store(P2 + p_base + off, (ed * dzdx).to(P2.dtype.element_ty), mask=mask)
+    shift, _ = max_shift(m_old, m)
     scale = tl.exp(shift)
-    s = tl.load(State + M + rows, mask=rmask, other=0.0)
-    t = tl.load(State + 2 * M + rows, mask=rmask, other=0.0)
-    s2 = tl.load(State + 3 * M + rows, mask=rmask, other=0.0)
-    tl.store(State + rows, m_new, mask=rmask)
-    tl.store(State + M + rows, s * scale + s_c, mask=rmask)
-    tl.store(State + 2 * M + rows, (t + shift * s) * scale + t_c, mask=rmask)
-    tl.store(State + 3 * M + rows, s2 * scale * scale + s2_c, mask=rmask)
-    z_label += tl.load(State + 4 * M + rows, mask=rmask, other=0.0)
+    tl.store(State + rows, m, mask=rmask)
+    tl.store(State + M + rows, s, mask=rmask)
+    tl.store(State + 2 * M + rows, t, mask=rmask)
+    tl.store(State + 3 * M + rows, s2, mask=rmask)
     tl.store(State + 4 * M + rows, z_label, mask=rmask)
     tl.store(State + 5 * M + rows, scale, mask=rmask)
     tl.store(State + 6 * M + rows, shift * scale, mask=rmask)
