@@ -62,7 +62,7 @@ def _dtype_out_works(device: torch.device, dtype: torch.dtype) -> bool:
                 acc = torch.ones(3, 2, device=device, dtype=torch.float32)
                 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
                 prod = torch.empty(3, 2, device=device, dtype=torch.float32)
-                torch.mm(a, b, out_dtype=torch.float32, out=prod)
+                torch.mm(a, b.t().contiguous().t(), out_dtype=torch.float32, out=prod)  # as w[c]ᵀ: a transposed view
                 want = a.float() @ b.float()
                 ok = bool(torch.equal(acc, 1 + want)) and bool(torch.equal(prod, want))
             except (RuntimeError, TypeError):
