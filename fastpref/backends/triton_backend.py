@@ -274,7 +274,8 @@ class TritonBackend:
                           direction):
         """kl_forward plus dKL = ∂KL/∂h and (with labels) EA = E_p[(dz/dx)·W], float32 [M, D], in two GEMMs per
         model per block of rows × vocabulary chunk: both logits products, the ``kl_frozen`` epilogue, the
-        accumulating products of A and of Aq (forward) or the centred B (reverse) (``kernels/frozen_forward.py``)."""
+        accumulating products (reverse: A and the centred B; forward: E_q[s·W] and E_p[s·W] − E_q[s·W], p − q formed
+        per entry before rounding) (``kernels/frozen_forward.py``, ``kernels/kl_frozen.py``)."""
         from fastpref.kernels import frozen_forward
 
         ref_hidden, ref_weight, ref_bias = _as_dtype(hidden.dtype, ref_hidden, ref_weight, ref_bias)
@@ -286,11 +287,10 @@ class TritonBackend:
         state = frozen_forward.new_state(M, len(frozen_forward.KL_STATE), dev)
         state[row("mr")] = float("-inf")
         state64 = torch.zeros((len(frozen_forward.KL_STATE64), M), device=dev, dtype=torch.float64)
-        a = torch.zeros((M, D), device=dev, dtype=torch.float32)
-        second = torch.zeros_like(a)  # Aq (forward) or B (reverse)
-        accs = [frozen_forward.Accumulator(a, scale=row("scale")),
-                frozen_forward.Accumulator(second, scale=row("scale"), coupled=row("coef")) if reverse else
-                frozen_forward.Accumulator(second, scale=row("scale_r"))]
+        a = torch.zeros((M, D), device=dev, dtype=torch.float32)  # A (reverse) or Q = E_q[s·W] (forward)
+        second = torch.zeros_like(a)  # B (reverse) or E_p[s·W] − E_q[s·W] (forward), coupled to the first
+        accs = [frozen_forward.Accumulator(a, scale=row("scale" if reverse else "scale_r")),
+                frozen_forward.Accumulator(second, scale=row("scale"), coupled=row("coef"))]
 
         def epilogue(xs, ps, r0, c0, rn, cn):
             self._k.launch("kl_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], XR=xs[1], State=state,
@@ -299,9 +299,11 @@ class TritonBackend:
 
         self._frozen_run("kl_frozen", epilogue, [(hidden, weight), (ref_hidden, ref_weight)], weight, accs, state)
         kl, lse, ref_lse, z_label, zr_label = self._k.combine_kl(state[:6, None], state64[:, None], reverse)
-        s = state64[frozen_forward.KL_STATE64.index("s")].float()[:, None]
-        a.div_(s)
-        dkl = second.div_(s) if reverse else a - second.div_(state[row("sr"), :, None])
+        if reverse:
+            s = state64[frozen_forward.KL_STATE64.index("s")].float()[:, None]
+            a, dkl = a.div_(s), second.div_(s)
+        else:  # accumulated normalised (kernels/kl_frozen.py): dKL itself, and E_p[s·W] = Q + dKL
+            a, dkl = a.add_(second), second
         if labels is None:
             return kl, lse, ref_lse, None, None, dkl, None
         return kl, lse, ref_lse, z_label - lse, zr_label - ref_lse, dkl, a
