@@ -74,7 +74,7 @@ class _VocabParallelStats(torch.autograd.Function):
         if want_entropy:
             parts.append(_massed(w, ent_r - log_w))
         if want_p2:
-            parts.append(_massed(w, torch.exp(2 * log_w + p2_r)))
+            parts.append(_massed(w, torch.exp(log_w + p2_r)))  # w²·Σp²_r
         summed = _all_reduce(torch.stack(parts), group)
         logp = summed[0]
         ent = summed[1] if want_entropy else None

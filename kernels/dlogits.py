@@ -10,7 +10,7 @@ cuBLAS products.
 import triton
 import triton.language as tl
 
-from .tiles import logits_tile
+from .tiles import centred_diff, logits_tile
 
 
 @triton.jit
@@ -68,12 +68,7 @@ def kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, row0
     if reverse != 0:
         c_hi = tl.load(C_hi + rows, mask=rmask, other=0.0)
         c_lo = tl.load(C_lo + rows, mask=rmask, other=0.0)
-        zf = tl.where(valid, z, 0.0)
-        zrf = tl.where(valid, zr, 0.0)
-        d_hi = zf - zrf
-        back = d_hi - zf
-        d_lo = (zf - (d_hi - back)) - (zrf + back)  # two-sum: z − zr = d_hi + d_lo exactly
-        bracket = tl.where(valid, (d_hi - c_hi[:, None]) + (d_lo - c_lo[:, None]), 0.0)
+        bracket = centred_diff(z, zr, valid, c_hi, c_lo)
         dz = g_kl[:, None] * tl.where(p > 0, p * bracket, 0.0)  # 0 at banned tokens, not 0·NaN
     else:
         dz = g_kl[:, None] * (p - q)

@@ -46,13 +46,14 @@ def block_shape(rows: int, vocab: int, elems: int, bn: int, bv: int) -> tuple[in
     return r, c
 
 
-_ADDMM_DTYPE_OK: dict[tuple[str, torch.dtype], bool] = {}
+_DTYPE_OUT_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def _addmm_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether addmm with out_dtype=float32 into its own input runs (and is right) for these inputs."""
+def _dtype_out_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether mm and addmm with out_dtype=float32 (aten::mm.dtype_out / addmm.dtype_out, CUDA in torch ≥ 2.9)
+    run and are right for these inputs, addmm into its own input."""
     key = (device.type, dtype)
-    if key not in _ADDMM_DTYPE_OK:
+    if key not in _DTYPE_OUT_OK:
         ok = False
         if device.type == "cuda":
             try:
@@ -60,11 +61,14 @@ def _addmm_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
                 b = torch.ones(4, 2, device=device, dtype=dtype)
                 acc = torch.ones(3, 2, device=device, dtype=torch.float32)
                 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                ok = bool(torch.equal(acc, 1 + a.float() @ b.float()))
+                prod = torch.empty(3, 2, device=device, dtype=torch.float32)
+                torch.mm(a, b.t().contiguous().t(), out_dtype=torch.float32, out=prod)  # as w[c]ᵀ: a transposed view
+                want = a.float() @ b.float()
+                ok = bool(torch.equal(acc, 1 + want)) and bool(torch.equal(prod, want))
             except (RuntimeError, TypeError):
                 ok = False
-        _ADDMM_DTYPE_OK[key] = ok
-    return _ADDMM_DTYPE_OK[key]
+        _DTYPE_OUT_OK[key] = ok
+    return _DTYPE_OUT_OK[key]
 
 
 def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -74,10 +78,21 @@ def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     upcast first (CPU, older torch)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif _addmm_dtype_works(a.device, a.dtype):
+    elif _dtype_out_works(a.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a·b; out float32 [m, n], a [m, k] and b [k, n] of one dtype; float32 accumulation (as mm_accumulate,
+    through aten::mm.dtype_out for fp16/bf16 where torch has it)."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif _dtype_out_works(a.device, a.dtype):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a.float(), b.float(), out=out)
 
 
 def run(stage1: Callable[[torch.Tensor, int, int, int, int], None], hidden: torch.Tensor, weight: torch.Tensor,

@@ -46,29 +46,12 @@ def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, n_splits, til
     last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BV))
     for j in range(first, last):
         cols = j * BV + tl.arange(0, BV)
-        cmask = (cols < V)[None, :]
         z, _ = logits_tile(H, W, B, pid_n * BN, j * BV, M, V, D, inv_temp, inv_cap, cap_scale,
                            BN, BV, BD, SOFTCAP, INTERP)
         zr, _ = logits_tile(RH, RW, RB, pid_n * BN, j * BV, M, V, Dr, inv_temp, ref_inv_cap, ref_cap_scale,
                             BN, BV, BD, REF_SOFTCAP, INTERP)
-        m_new, shift, e = lse_step(z, m, s)
-        mr_new, shift_r, er = lse_step(zr, mr, sr)
-        scale = tl.exp(shift)
-        scale_r = tl.exp(shift_r)
-        zr_finite = tl.where(cmask, zr, 0.0)
-        z_finite = tl.where(cmask, z, 0.0)
-        diff = zr_finite - z_finite
-        cf = cf * scale_r + tl.sum(tl.where(er > 0, er * diff, 0.0), axis=1)  # 0 at banned tokens, not NaN
-        scale64 = scale.to(tl.float64)
-        e64 = e.to(tl.float64)
-        diff64 = z_finite.to(tl.float64) - zr_finite.to(tl.float64)
-        cr = cr * scale64 + tl.sum(tl.where(e64 > 0, e64 * diff64, 0.0), axis=1)
-        s = s * scale64 + tl.sum(e64, axis=1)
-        sr = sr * scale_r + tl.sum(er, axis=1)
-        m = m_new
-        mr = mr_new
-        z_label += label_pick(z, cols, labels)
-        zr_label += label_pick(zr, cols, labels)
+        m, mr, s, sr, cf, cr, z_label, zr_label = kl_step(z, zr, cols, cols < V, labels, m, mr, s, sr, cf, cr,
+                                                          z_label, zr_label)
     stride = n_splits * M
     out = Part + split * M + rows
     tl.store(out, m, mask=rmask)
@@ -80,3 +63,26 @@ def kernel(H, W, B, RH, RW, RB, Labels, Part, Part64, M, V, D, Dr, n_splits, til
     out64 = Part64 + split * M + rows
     tl.store(out64, s, mask=rmask)
     tl.store(out64 + stride, cr, mask=rmask)
+
+
+@triton.jit
+def kl_step(z, zr, cols, cmask, labels, m, mr, s, sr, cf, cr, z_label, zr_label):
+    """Fold one pair of logits tiles z, zr [BN, BV] (−inf at columns outside cmask [BV]) of columns ``cols`` into
+    the running (m, mr, s, sr, cf, cr, z_label, zr_label) described above (s and cr float64); returns them."""
+    m_new, shift, e = lse_step(z, m, s)
+    mr_new, shift_r, er = lse_step(zr, mr, sr)
+    scale = tl.exp(shift)
+    scale_r = tl.exp(shift_r)
+    zr_finite = tl.where(cmask[None, :], zr, 0.0)
+    z_finite = tl.where(cmask[None, :], z, 0.0)
+    diff = zr_finite - z_finite
+    cf = cf * scale_r + tl.sum(tl.where(er > 0, er * diff, 0.0), axis=1)  # 0 at banned tokens, not NaN
+    scale64 = scale.to(tl.float64)
+    e64 = e.to(tl.float64)
+    diff64 = z_finite.to(tl.float64) - zr_finite.to(tl.float64)
+    cr = cr * scale64 + tl.sum(tl.where(e64 > 0, e64 * diff64, 0.0), axis=1)
+    s = s * scale64 + tl.sum(e64, axis=1)
+    sr = sr * scale_r + tl.sum(er, axis=1)
+    z_label += label_pick(z, cols, labels)
+    zr_label += label_pick(zr, cols, labels)
+    return m_new, mr_new, s, sr, cf, cr, z_label, zr_label

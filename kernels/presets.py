@@ -36,7 +36,8 @@ class Config:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward", "stats_dlogits", "kl_dlogits")
+KERNELS = ("stats_forward", "stats_backward", "kl_forward", "kl_backward", "stats_dlogits", "kl_dlogits",
+           "stats_frozen", "kl_frozen")
 ARCHS = (80, 90)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -71,6 +72,16 @@ _GPU: dict[tuple[str, int, int], Config] = {
     ("kl_dlogits", 90, 16): Config(BN=64, BV=64, BD=32, num_warps=8, num_stages=3),
     ("kl_dlogits", 80, 32): Config(BN=32, BV=64, BD=16, num_warps=4, num_stages=2),
     ("kl_dlogits", 90, 32): Config(BN=32, BV=64, BD=32, num_warps=4, num_stages=2),
+    # Frozen-head forward epilogues (no product; BD unused): BN rows per program walk a vocabulary chunk in
+    # BV-wide tiles. Memory-bound; few rows per program keep a program's two passes over its rows near L2.
+    ("stats_frozen", 80, 16): Config(BN=4, BV=256, BD=16, num_warps=4, num_stages=1),
+    ("stats_frozen", 90, 16): Config(BN=4, BV=256, BD=16, num_warps=4, num_stages=1),
+    ("stats_frozen", 80, 32): Config(BN=4, BV=256, BD=16, num_warps=4, num_stages=1),
+    ("stats_frozen", 90, 32): Config(BN=4, BV=256, BD=16, num_warps=4, num_stages=1),
+    ("kl_frozen", 80, 16): Config(BN=4, BV=256, BD=16, num_warps=8, num_stages=1),
+    ("kl_frozen", 90, 16): Config(BN=4, BV=256, BD=16, num_warps=8, num_stages=1),
+    ("kl_frozen", 80, 32): Config(BN=4, BV=256, BD=16, num_warps=8, num_stages=1),
+    ("kl_frozen", 90, 32): Config(BN=4, BV=256, BD=16, num_warps=8, num_stages=1),
 }
 
 

@@ -37,17 +37,9 @@ def kernel(H, W, B, Labels, Part, M, V, D, n_splits, tiles_per_split, inv_temp, 
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BV))
     for j in range(first, last):
-        cols = j * BV + tl.arange(0, BV)
         z, _ = logits_tile(H, W, B, pid_n * BN, j * BV, M, V, D, inv_temp, inv_cap, cap_scale,
                            BN, BV, BD, SOFTCAP, INTERP)
-        m_new, shift, e = lse_step(z, m, s)
-        scale = tl.exp(shift)
-        d = tl.where(e > 0, z - m_new[:, None], 0.0)  # e·d = 0 at −inf columns (masked or banned), not NaN
-        t = (t + shift * s) * scale + tl.sum(e * d, axis=1)
-        s2 = s2 * scale * scale + tl.sum(e * e, axis=1)
-        s = s * scale + tl.sum(e, axis=1)
-        m = m_new
-        z_label += label_pick(z, cols, labels)
+        m, s, t, s2, z_label = stats_step(z, j * BV + tl.arange(0, BV), labels, m, s, t, s2, z_label)
     stride = n_splits * M
     out = Part + split * M + rows
     tl.store(out, m, mask=rmask)
@@ -55,3 +47,16 @@ def kernel(H, W, B, Labels, Part, M, V, D, n_splits, tiles_per_split, inv_temp, 
     tl.store(out + 2 * stride, t, mask=rmask)
     tl.store(out + 3 * stride, s2, mask=rmask)
     tl.store(out + 4 * stride, z_label, mask=rmask)
+
+
+@triton.jit
+def stats_step(z, cols, labels, m, s, t, s2, z_label):
+    """Fold one logits tile z [BN, BV] (−inf at masked and banned columns) of columns ``cols`` into the running
+    (m, s, t, s2, z_label) described above; returns them."""
+    m_new, shift, e = lse_step(z, m, s)
+    scale = tl.exp(shift)
+    d = tl.where(e > 0, z - m_new[:, None], 0.0)  # e·d = 0 at −inf columns (masked or banned), not NaN
+    t = (t + shift * s) * scale + tl.sum(e * d, axis=1)
+    s2 = s2 * scale * scale + tl.sum(e * e, axis=1)
+    s = s * scale + tl.sum(e, axis=1)
+    return m_new, s, t, s2, z_label + label_pick(z, cols, labels)

@@ -69,15 +69,23 @@ def logits_tile(H, W, B, row0, col0, M, V, D, inv_temp, inv_cap, cap_scale,
         h = load_upcast(h_base + d0 + h_off, rmask[:, None] & dmask[None, :], INTERP)
         w = load_upcast(w_base + d0 + w_off, dmask[:, None] & cmask[None, :], INTERP)
         acc = mma(h, w, acc)
+    return transform(acc, B, col0, cmask, inv_temp, inv_cap, cap_scale, SOFTCAP, INTERP)
+
+
+@triton.jit
+def transform(x, B, col0, cmask, inv_temp, inv_cap, cap_scale, SOFTCAP: tl.constexpr, INTERP: tl.constexpr):
+    """(z, dz/dx) from the product x = h·wᵀ [BN, BV] (float32) of columns col0 + [0, BV): z = cap(x + b)/T,
+    −inf at columns outside ``cmask`` [BV]; dz/dx [BN, BV], or the scalar 1/T without a softcap."""
+    BV: tl.constexpr = x.shape[1]
     # The bias is always added (a zero vector stands in for none): one [BV] load per tile, and half as
     # many compiled variants.
-    acc += tl.load(B + col0 + lc, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    x += tl.load(B + col0 + tl.arange(0, BV), mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
-        c = tanh(acc * inv_cap, INTERP)
+        c = tanh(x * inv_cap, INTERP)
         z = c * cap_scale
         dzdx = (1.0 - c * c) * inv_temp
     else:
-        z = acc * inv_temp
+        z = x * inv_temp
         dzdx = inv_temp
     z = tl.where(cmask[None, :], z, float("-inf"))
     return z, dzdx
@@ -91,9 +99,32 @@ def lse_step(z, m, s):
     while every logit so far is −inf (then 0 is subtracted instead of m_new: exp(−inf − (−inf)) is NaN).
     """
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    shift = tl.where(m == float("-inf"), 0.0, m - m_new)
-    e = tl.exp(z - tl.where(m_new == float("-inf"), 0.0, m_new)[:, None])
+    shift, base = max_shift(m, m_new)
+    e = tl.exp(z - base[:, None])
     return m_new, shift, e
+
+
+@triton.jit
+def max_shift(m, m_new):
+    """(shift = m − m_new, 0 while m is −inf; base = m_new, 0 while m_new is −inf) for a running max m → m_new:
+    running sums are rescaled by exp(shift) and new terms are e^{z − base} (0 at −inf logits, never NaN)."""
+    shift = tl.where(m == float("-inf"), 0.0, m - m_new)
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return shift, base
+
+
+@triton.jit
+def centred_diff(z, zr, valid, c_hi, c_lo):
+    """(z − zr) − C [BN, BV] float32, 0 outside ``valid``; C [BN] per row as a float32 pair c_hi + c_lo.
+
+    z − zr is formed exactly (two-sum: d_hi + d_lo), so the difference keeps float32 precision relative to
+    itself even where |z|, |zr| ≈ 1e4 and C ≈ z − zr."""
+    zf = tl.where(valid, z, 0.0)
+    zrf = tl.where(valid, zr, 0.0)
+    d_hi = zf - zrf
+    back = d_hi - zf
+    d_lo = (zf - (d_hi - back)) - (zrf + back)
+    return tl.where(valid, (d_hi - c_hi[:, None]) + (d_lo - c_lo[:, None]), 0.0)
 
 
 @triton.jit

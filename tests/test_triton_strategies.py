@@ -1,4 +1,5 @@
-"""The Triton backend's two backward strategies ("gemm", "atomic"): float64 oracle, scratch budget, determinism.
+"""The Triton backend's two backward strategies ("gemm", "atomic"): float64 oracle, scratch budget, determinism;
+its frozen-head forward (2 GEMMs, 3 with entropy): oracle with small blocks, scratch budget, GEMM count.
 
 The "gemm" runs use a scratch floor of one interpreter tile so that every case is cut into several
 row × vocabulary blocks (the accumulation across blocks is what is under test).
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import test_frozen_head
+import test_frozen_kl
 import test_token_kl
 import test_token_stats
 from cases import DEVICE, Case, require_backend
@@ -25,7 +29,7 @@ def triton_backend():
     require_backend("triton")
     b = backends.resolve("triton", DEVICE, torch.float32)
     yield b
-    b.backward, b.scratch_floor, b.grad_filter = None, None, None
+    b.backward, b.scratch_floor, b.grad_filter, b.splits = None, None, None, None
 
 
 def _small_blocks(b, strategy):
@@ -195,3 +199,127 @@ def test_grad_filter_bounded_and_off_by_default(triton_backend, monkeypatch):
     b.backward = "gemm"
     with pytest.raises(ValueError, match="atomic"):
         grads()
+
+
+# ---- frozen head: stats_forward_frozen ------------------------------------------------------------------
+FROZEN_CASES = {**{k: test_frozen_head.CASES[k] for k in ("bias_ignore", "softcap_temp", "extreme", "odd", "fp16")},
+                "row_blocks": Case(N=300, D=40, V=700, bias=True, softcap=5.0, ignore_frac=0.2, seed=90)}
+
+
+def _small_frozen_blocks(b):
+    """Blocks of ROW_ALIGN rows × one interpreter tile of columns (fp32, two products and two weight tiles: the
+    KL's, and the stats' with entropy), and at least three chunks."""
+    from fastpref.kernels import frozen_forward, presets
+
+    cfg = presets.select("stats_frozen", torch.float32, DEVICE)
+    if DEVICE.type == "cpu":
+        b.scratch_floor = max(cfg.BN, frozen_forward.ROW_ALIGN) * cfg.BV * frozen_forward.element_bytes(
+            torch.float32, 2, 2)
+        b.splits = 3
+
+
+@pytest.mark.parametrize("case", list(FROZEN_CASES))
+def test_frozen_oracle_small_blocks(triton_backend, case, monkeypatch):
+    """Values and hidden-state gradients against float64 gold, the accumulators carried across row blocks and
+    vocabulary chunks (rescaled as the running max moves), no vocabulary backward."""
+    _small_frozen_blocks(triton_backend)
+    test_frozen_head._no_vocabulary_backward(monkeypatch, "triton")
+    test_frozen_head._check("triton", FROZEN_CASES[case], ("logp", "lse", "entropy"))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("case", ["plain", "labels_ignore_bias", "softcap_temp", "ref_wider", "extreme", "odd_vocab",
+                                  "fp16", "row_blocks"])
+def test_frozen_kl_oracle_small_blocks(triton_backend, case, direction, monkeypatch):
+    """token_kl with a frozen policy head: test_frozen_kl's oracle check with several row blocks and chunks."""
+    _small_frozen_blocks(triton_backend)
+    monkeypatch.setitem(test_token_kl.CASES, "row_blocks", (
+        Case(N=300, D=40, V=700, bias=True, softcap=5.0, ignore_frac=0.2, seed=93),
+        dict(labels=True, ref_D=56, ref_softcap=4.0, ref_bias=True)))
+    test_frozen_kl.test_frozen_policy_head_hidden_grad("triton", case, direction, monkeypatch)
+
+
+@pytest.mark.parametrize("op", ["stats", "kl_forward", "kl_reverse"])
+def test_frozen_scratch_stays_within_budget(triton_backend, op):
+    """Every allocation of a frozen forward is within the stated budget, far below the naive logits."""
+    from fastpref.kernels import gemm_backward
+    from fastpref.options import LogitOptions
+
+    _small_frozen_blocks(triton_backend)
+    M, D, V = 300, 24, 3000
+    h, w, b, lab = Case(N=M, D=D, V=V, bias=True, seed=91).make()
+    rh, rw, rb, _ = Case(N=M, D=D + 8, V=V, bias=True, seed=92).make()
+    budget = gemm_backward.scratch_budget(M, V, h.dtype, triton_backend.scratch_floor)
+    assert budget == triton_backend.scratch_floor  # the floor dominates 1% of 300·3000·4 bytes
+    opts = LogitOptions()
+    with _Allocations() as rec:
+        if op == "stats":
+            out = triton_backend.stats_forward_frozen(h, w, b, lab, opts, True, True)
+        else:
+            out = triton_backend.kl_forward_frozen(h, w, b, rh, rw, rb, lab, opts, opts, op[3:])
+    assert 0 < triton_backend.last_scratch_bytes <= budget
+    over = [s for s in rec.sizes if s > budget]
+    assert not over, f"allocations above the {budget}-byte budget: {over}"
+    assert max(rec.sizes) < M * V * 4 / 4, "nothing close to the naive logits may be allocated"
+    assert all(torch.isfinite(x).all() for x in out)
+
+
+class _Products(TorchFunctionMode):
+    """FLOPs (2·m·n·k) of every matrix product called through torch (a function mode, not a dispatch mode: the
+    eager path runs under it, and its products inside the backend's forward are seen)."""
+
+    NAMES = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "__matmul__", "__rmatmul__", "mv", "addmv", "dot",
+             "linear", "einsum", "tensordot", "inner", "outer", "_scaled_mm"}
+
+    def __init__(self):
+        super().__init__()
+        self.flops: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        name = name[:-1] if name.endswith("_") and not name.endswith("__") else name  # addmm_ → addmm
+        if name in self.NAMES:
+            assert name in ("mm", "addmm"), f"an unexpected product: {name}"
+            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+            self.flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", ["stats", "stats_entropy", "kl_forward", "kl_reverse"])
+def test_frozen_forward_backward_is_two_gemms(triton_backend, op, monkeypatch):
+    """Forward + backward of a frozen head: matrix products of exactly 2·(2·N·D·V) FLOPs (3· with entropy),
+    2 (3) per block of rows × vocabulary chunk, one epilogue launch per block and no other Triton kernel.
+    token_kl with a frozen policy head: 2 per model, 2·N·V·(3·D + Dr) FLOPs (Dr: the reference's hidden size)."""
+    import fastpref
+    from fastpref.kernels import launch
+
+    _small_frozen_blocks(triton_backend)
+    if DEVICE.type != "cpu":
+        pytest.skip("the interpreter's small blocks")
+    M, D, Dr, V = 300, 24, 40, 1037
+    h, w, b, lab = Case(N=M, D=D, V=V, bias=True, softcap=4.0, seed=92).make()
+    rh, rw, rb, _ = Case(N=M, D=Dr, V=V, bias=True, seed=94).make()
+    entropy = op == "stats_entropy"
+    launches = []
+    real = launch.launch
+    monkeypatch.setattr(launch, "launch", lambda kernel, *a, **k: (
+        launches.append((kernel, k.get("r0"), k.get("c0"), k.get("R", 0) * k.get("C", 0))), real(kernel, *a, **k)))
+    hh = h.clone().requires_grad_()
+    with _Products() as rec:
+        if op.startswith("stats"):
+            st = fastpref.token_stats(hh, w, lab, bias=b, softcap=4.0, entropy=entropy, backend="triton")
+            loss = st.logp.sum() + 0.5 * st.lse.sum() + (st.entropy.sum() if entropy else 0.0)
+        else:
+            out = fastpref.token_kl(hh, w, rh, rw, lab, bias=b, ref_bias=rb, softcap=4.0, direction=op[3:],
+                                    backend="triton")
+            loss = out.kl.sum() + 0.5 * out.logp.sum()
+        loss.backward()
+    kernel = "stats_frozen" if op.startswith("stats") else "kl_frozen"
+    products = {"stats": 2, "stats_entropy": 3}.get(op, 4)
+    flops = {"stats": 2 * 2 * M * D * V, "stats_entropy": 3 * 2 * M * D * V}.get(op, 2 * M * V * (3 * D + Dr))
+    assert {k for k, *_ in launches} == {kernel}
+    assert sum(n for *_, n in launches) == M * V, "the epilogue launches tile the rows × vocabulary once"
+    assert len({r0 for _, r0, _, _ in launches}) > 1 and len({c0 for _, _, c0, _ in launches}) > 2
+    assert len(rec.flops) == products * len(launches)
+    assert sum(rec.flops) == flops
+    assert torch.isfinite(hh.grad).all()

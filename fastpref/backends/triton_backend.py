@@ -9,11 +9,17 @@ merged by a tiny torch reduction). Backward, two strategies (docs/gpu-strategies
 - "atomic": one program per (row block, vocabulary block) recomputing the logits tile and scattering
   float32 atomics into dH, dW, db. No scratch; not deterministic (refused under
   torch.use_deterministic_algorithms(True)).
+Frozen heads (weight and bias need no gradient): ``stats_forward_frozen`` runs per block of rows × vocabulary
+chunk the logits GEMM, one epilogue kernel (``kernels/stats_frozen.py``) and the GEMM(s) accumulating
+E_p[(dz/dx)·W] (``kernels/frozen_forward.py``): 2 GEMMs in all (3 with entropy) and no backward vocabulary pass;
+``kl_forward_frozen`` (a frozen policy head in token_kl) the same with two products and ``kernels/kl_frozen.py``:
+2 GEMMs per model.
 No [N, V] tensor is ever formed.
 Runs on CUDA (fp16/bf16/fp32, sm_80+) and, for tests, on CPU tensors under TRITON_INTERPRET=1 (fp32/fp16).
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -76,6 +82,21 @@ def grad_filter_eps(choice: float | str | None, dtype: torch.dtype) -> float:
     return eps
 
 
+def _finish_stats(m, s, t, s2, z_label, entropy, log_sum_p2):
+    """(logp, lse, entropy or None, log Σp² or None), float32 [M], from the online sums over the whole vocabulary:
+    running max m, s = Σe^{z−m}, t = Σe^{z−m}(z−m), s2 = Σe^{2(z−m)} and the label's logit."""
+    log_s = torch.log(s)
+    lse = m + log_s
+    ent = log_s - t / s if entropy else None
+    p2 = torch.log(s2) - 2.0 * log_s if log_sum_p2 else None
+    return z_label - lse, lse, ent, p2
+
+
+def _as_dtype(dtype, *tensors):
+    """The reference model's tensors in the policy's dtype (one dtype per kernel launch); None stays None."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _bias(weight, bias):
     """The kernels always add a bias; a zero vector stands in for none."""
     return torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None else bias
@@ -89,7 +110,7 @@ class TritonBackend:
         self.splits: int | None = None  # forces the forward's vocabulary splits (tests); None = heuristic
         self.backward: str | None = None  # "gemm" | "atomic"; None = $FASTPREF_TRITON_BACKWARD or "gemm"
         self.scratch_floor: int | None = None  # bytes; None = gemm_backward.SCRATCH_FLOOR (256 MiB)
-        self.last_scratch_bytes = 0  # scratch the last "gemm" backward allocated (tests check the budget)
+        self.last_scratch_bytes = 0  # scratch the last "gemm" backward or frozen forward allocated (tests)
         self.grad_filter: float | str | None = None  # None = $FASTPREF_GRAD_FILTER, else off ("atomic" only)
 
     def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
@@ -172,32 +193,49 @@ class TritonBackend:
     def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
         part, _ = self._forward("stats_forward", 5, hidden, weight, labels, dict(SOFTCAP=opts.softcap is not None),
                                 B=_bias(weight, bias), **_scalars(opts))
-        m, s, t, s2, z_label = self._k.combine_stats(part)
-        log_s = torch.log(s)
-        lse = m + log_s
-        ent = log_s - t / s if entropy else None
-        p2 = torch.log(s2) - 2.0 * log_s if log_sum_p2 else None
-        return z_label - lse, lse, ent, p2
+        return _finish_stats(*self._k.combine_stats(part), entropy, log_sum_p2)
+
+    def _frozen_run(self, kernel, epilogue, products, weight, accs, state):
+        """``frozen_forward.run`` with this backend's budget (gemm_backward.scratch_budget) and chunk cap: the
+        vocabulary chunks are forced by ``splits`` (tests) as the forward kernels' splits are."""
+        from fastpref.kernels import frozen_forward, gemm_backward, presets
+
+        M, V, dt = products[0][0].shape[0], weight.shape[0], products[0][0].dtype
+        cfg = presets.select(kernel, dt, products[0][0].device)
+        max_chunk = None if self.splits is None else math.ceil(math.ceil(V / cfg.BV) / self.splits) * cfg.BV
+        budget = gemm_backward.scratch_budget(M, V, dt, self.scratch_floor)
+        self.last_scratch_bytes = frozen_forward.run(epilogue, products, weight, accs, state, budget, cfg.BN,
+                                                     cfg.BV, max_chunk)
 
     def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
-        """EA and EC are the hidden-state gradients for unit upstream gradients on lse and (negated) entropy,
-        formed here by the GEMM strategy: a [rows, D] accumulator does not fit a Triton program at LM hidden
-        sizes, so the expectation is a second pass (recompute + GEMM) rather than fused into the first."""
-        logp, lse, ent, p2 = self.stats_forward(hidden, weight, bias, labels, opts, entropy, log_sum_p2)
+        """stats_forward plus EA = E_p[(dz/dx)·W] (and EC with entropy) in 2 GEMMs (3 with entropy) per block
+        of rows × vocabulary chunk: logits product, the ``stats_frozen`` epilogue, accumulating product(s)
+        (``kernels/frozen_forward.py``; scratch within the gemm backward's budget, ``last_scratch_bytes``)."""
+        from fastpref.kernels import frozen_forward
+
         M, D = hidden.shape
-        zero, one = torch.zeros_like(lse), torch.ones_like(lse)
-        args = dict(B=_bias(weight, bias), Labels=labels, Lse=lse, G_logp=zero, **_scalars(opts))
-        flags = dict(SOFTCAP=opts.softcap is not None)
-        ea = torch.zeros((M, D), device=hidden.device, dtype=torch.float32)
-        self._gemm_backward("stats_dlogits", hidden, weight, ea, None, None, flags,
-                            dict(args, Ent=zero, G_lse=one, G_ent=zero))
-        ec = None
-        if entropy:
-            ec = torch.zeros((M, D), device=hidden.device, dtype=torch.float32)
-            self._gemm_backward("stats_dlogits", hidden, weight, ec, None, None, flags,
-                                dict(args, Ent=ent, G_lse=zero, G_ent=one))
-            ec.neg_()
-        return logp, lse, ent, p2, ea, ec
+        dev, dt = hidden.device, hidden.dtype
+        row = frozen_forward.STATS_STATE.index
+        state = frozen_forward.new_state(M, len(frozen_forward.STATS_STATE), dev)
+        a = torch.zeros((M, D), device=dev, dtype=torch.float32)
+        t = torch.zeros_like(a) if entropy else None
+        accs = [frozen_forward.Accumulator(a, scale=row("scale"))]
+        if entropy:  # T ← T·scale + A·(shift·scale) + P2·W
+            accs.append(frozen_forward.Accumulator(t, scale=row("scale"), coupled=row("shift_scale")))
+        b = _bias(weight, bias)
+        flags = dict(SOFTCAP=opts.softcap is not None, ENTROPY=entropy)
+
+        def epilogue(xs, ps, r0, c0, rn, cn):
+            self._k.launch("stats_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], B=b, Labels=labels,
+                           State=state, P=ps[0], P2=ps[-1], r0=r0, c0=c0, R=rn, C=cn, M=M, **_scalars(opts))
+
+        self._frozen_run("stats_frozen", epilogue, [(hidden, weight)], weight, accs, state)
+        m, s, t_sum, s2, z_label = state[:5]
+        if t is not None:  # EC = (T − (t/s)·A)/s, from A before its normalisation
+            t.addcmul_(a, (-t_sum / s)[:, None]).div_(s[:, None])
+        a.div_(s[:, None])
+        logp, lse, ent, p2 = _finish_stats(m, s, t_sum, s2, z_label, entropy, log_sum_p2)
+        return logp, lse, ent, p2, a, t
 
     def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
                        opts, needs):
@@ -222,8 +260,7 @@ class TritonBackend:
 
     def kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
                    direction):
-        ref_hidden, ref_weight = ref_hidden.to(hidden.dtype), ref_weight.to(hidden.dtype)
-        ref_bias = None if ref_bias is None else ref_bias.to(hidden.dtype)
+        ref_hidden, ref_weight, ref_bias = _as_dtype(hidden.dtype, ref_hidden, ref_weight, ref_bias)
         flags, args = self._pair(weight, bias, ref_weight, ref_bias, labels, hidden.shape[0], opts, ref_opts)
         labels_arg = args.pop("Labels")
         part, part64 = self._forward("kl_forward", 6, hidden, weight, labels_arg, flags, n_parts64=2, RH=ref_hidden,
@@ -233,10 +270,47 @@ class TritonBackend:
             return kl, lse, ref_lse, None, None
         return kl, lse, ref_lse, z_label - lse, zr_label - ref_lse
 
+    def kl_forward_frozen(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                          direction):
+        """kl_forward plus dKL = ∂KL/∂h and (with labels) EA = E_p[(dz/dx)·W], float32 [M, D], in two GEMMs per
+        model per block of rows × vocabulary chunk: both logits products, the ``kl_frozen`` epilogue, the
+        accumulating products (reverse: A and the centred B; forward: E_q[s·W] and E_p[s·W] − E_q[s·W], p − q formed
+        per entry before rounding) (``kernels/frozen_forward.py``, ``kernels/kl_frozen.py``)."""
+        from fastpref.kernels import frozen_forward
+
+        ref_hidden, ref_weight, ref_bias = _as_dtype(hidden.dtype, ref_hidden, ref_weight, ref_bias)
+        M, D = hidden.shape
+        dev, dt = hidden.device, hidden.dtype
+        flags, args = self._pair(weight, bias, ref_weight, ref_bias, labels, M, opts, ref_opts)
+        reverse = direction == "reverse"
+        row = frozen_forward.KL_STATE.index
+        state = frozen_forward.new_state(M, len(frozen_forward.KL_STATE), dev)
+        state[row("mr")] = float("-inf")
+        state64 = torch.zeros((len(frozen_forward.KL_STATE64), M), device=dev, dtype=torch.float64)
+        a = torch.zeros((M, D), device=dev, dtype=torch.float32)  # A (reverse) or Q = E_q[s·W] (forward)
+        second = torch.zeros_like(a)  # B (reverse) or E_p[s·W] − E_q[s·W] (forward), coupled to the first
+        accs = [frozen_forward.Accumulator(a, scale=row("scale" if reverse else "scale_r")),
+                frozen_forward.Accumulator(second, scale=row("scale"), coupled=row("coef"))]
+
+        def epilogue(xs, ps, r0, c0, rn, cn):
+            self._k.launch("kl_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], XR=xs[1], State=state,
+                           State64=state64, P=ps[0], P2=ps[1], r0=r0, c0=c0, R=rn, C=cn, M=M, reverse=int(reverse),
+                           **args)
+
+        self._frozen_run("kl_frozen", epilogue, [(hidden, weight), (ref_hidden, ref_weight)], weight, accs, state)
+        kl, lse, ref_lse, z_label, zr_label = self._k.combine_kl(state[:6, None], state64[:, None], reverse)
+        if reverse:
+            s = state64[frozen_forward.KL_STATE64.index("s")].float()[:, None]
+            a, dkl = a.div_(s), second.div_(s)
+        else:  # accumulated normalised (kernels/kl_frozen.py): dKL itself, and E_p[s·W] = Q + dKL
+            a, dkl = a.add_(second), second
+        if labels is None:
+            return kl, lse, ref_lse, None, None, dkl, None
+        return kl, lse, ref_lse, z_label - lse, zr_label - ref_lse, dkl, a
+
     def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
                     grad_kl, grad_logp, opts, ref_opts, direction, needs):
-        ref_hidden, ref_weight = ref_hidden.to(hidden.dtype), ref_weight.to(hidden.dtype)
-        ref_bias = None if ref_bias is None else ref_bias.to(hidden.dtype)
+        ref_hidden, ref_weight, ref_bias = _as_dtype(hidden.dtype, ref_hidden, ref_weight, ref_bias)
         flags, args = self._pair(weight, bias, ref_weight, ref_bias, labels, hidden.shape[0], opts, ref_opts)
         zero = torch.zeros_like(lse)
         # E_p[z − zr] = KL + lse − ref_lse for the reverse bracket, exact in float64, passed as hi + lo.

@@ -1,0 +1,114 @@
+"""Frozen-head forwards, host side: token_stats with two GEMMs per block (three with entropy), token_kl with
+two per model; bounded scratch.
+
+When the head needs no gradient the forward also forms, per row (``fastpref._frozen``, flash-attention style)
+    A = Σ_v e^{z_v − m}·(dz/dx)_v·W_v        and, with entropy,   T = Σ_v e^{z_v − m}·(z_v − m)·(dz/dx)_v·W_v
+(m the running max), so that the backward needs no pass over the vocabulary. For each block of R rows and
+each vocabulary chunk of C columns:
+    X = H[r]·W[c]ᵀ                                  GEMM 1: the logits product, float32 output       [R, C]
+    stats_frozen(X)                                 one Triton kernel: bias, temperature, softcap, the online
+                                                    m, s, t, s2, label logit; weights P (and P2) in the
+                                                    input dtype; per row scale = e^{m_old − m_new}
+    T ← T·scale + A·(shift·scale);  T += P2·W[c]    GEMM 3 (entropy only)
+    A ← A·scale;                    A += P·W[c]     GEMM 2
+The GEMMs are cuBLAS through torch (``gemm_backward.mm_into`` / ``mm_accumulate``: float32 output and
+accumulation, tensor cores for fp16/bf16). In all: 2 GEMMs of 2·N·D·V FLOPs (3 with entropy) for the forward
+and none in the backward (``fastpref._frozen.hidden_grad`` is a gather and a few [N, D] products), where the
+plain path needs the forward's, the recompute's and dH's (3; the weight's dW is skipped for a frozen head).
+
+Extra memory traffic against two bare GEMMs, per chunk: the rescale reads and writes A once (8·R·D bytes;
+with entropy T twice more and A once more, 20·R·D), on top of the accumulating GEMM's own read of A; and per
+logit, X written (4 bytes) and read by the kernel (4, up to 8 with its second pass), P written and read (2 + 2
+for bf16; P2 as much again). The rescale's share is 8·N·D·⌈V/C⌉ bytes in all, hence chunks of thousands of
+columns; the per-logit traffic is 11–14 % of the two GEMMs' time at D = 4096 (4.8 TB/s, 700 TFLOP/s), and the
+kernel and the rescale do not overlap the GEMMs (one stream). None of this has been measured on a GPU yet
+(docs/gpu-strategies.md).
+
+Scratch: X [R, C] float32 plus P (and P2) [R, C] in the input dtype, R·C·(4 + itemsize·(1 + entropy)) ≤ budget,
+the gemm backward's ``scratch_budget`` (max(256 MiB, 1% of the naive logits)); the block shape is
+``gemm_backward.block_shape`` (all rows when they fit, otherwise about square, so both GEMMs stay large:
+bf16, 256 MiB: about 6600 × 6600 without entropy, 5800 × 5800 with it). Besides the scratch: the state, 7
+float32 per row (``STATS_STATE``), and the outputs A, T.
+
+token_kl with a frozen policy head (``kl_frozen``) runs the same loop with two products per chunk (policy
+and reference logits, X and XR) and two accumulators, the second coupled to the first (reverse direction:
+A = Σ e^{z−m}·s·W and the centred B = Σ e^{z−m}·(d − μ)·s·W, B ← B·scale + A·(μ_old − μ_new)·scale; forward:
+Q = E_q[s·W] and E_p[s·W] − E_q[s·W] normalised as they go, with p − q formed per entry; kernels/kl_frozen.py):
+two GEMMs per model, scratch 2·4 + 2·itemsize bytes per element of a block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .gemm_backward import block_shape, mm_accumulate, mm_into
+
+# The epilogues' running state, one float32 row each per token (kernels/stats_frozen.py, kernels/kl_frozen.py);
+# "scale"/"scale_r" rescale the accumulators, "shift_scale"/"coef" couple T/B to A.
+STATS_STATE = ("m", "s", "t", "s2", "z_label", "scale", "shift_scale")
+KL_STATE = ("m", "mr", "sr", "cf", "z_label", "zr_label", "scale", "scale_r", "coef")
+KL_STATE64 = ("s", "cr")  # float64, as kl_forward's Part64
+ROW_ALIGN = 128  # block rows are a multiple of this (or all rows): whole GEMM tiles
+
+
+@dataclass
+class Accumulator:
+    """One float32 [M, D] accumulator: per chunk out ← out·state[scale] (+ A·state[coupled], A the first
+    accumulator before its own rescale) + P·W[c], P the weight tile the epilogue wrote for it."""
+
+    out: torch.Tensor
+    scale: int
+    coupled: int | None = None
+
+
+def element_bytes(dtype: torch.dtype, products: int, weights: int) -> int:
+    """Scratch bytes per (row, column) of a block: the float32 products and the weight tiles in ``dtype``."""
+    return 4 * products + torch.empty((), dtype=dtype).element_size() * weights
+
+
+def new_state(rows: int, count: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A running state [count, rows]: row 0 (the running max) −inf, the others 0."""
+    state = torch.zeros((count, rows), device=device, dtype=dtype)
+    state[0] = float("-inf")
+    return state
+
+
+def run(epilogue: Callable[..., None], products: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor,
+        accumulators: Sequence[Accumulator], state: torch.Tensor, budget: int, bn: int, bv: int,
+        max_chunk: int | None = None) -> int:
+    """Fold the whole vocabulary into ``accumulators`` (zeros on entry) and the epilogue's running state.
+
+    products: (hidden [M, D_k], weight [V, D_k]) per model, one dtype; per chunk X_k = hidden[r]·weight[c]ᵀ.
+    weight: the head whose rows are accumulated (the policy's). epilogue(xs, ps, r0, c0, R, C) runs the Triton
+    epilogue on the products xs [R, C] float32 (rows r0.., columns c0..), fills one weight tile ps[i] [R, C]
+    (input dtype) per accumulator and the state rows the accumulators name. ``max_chunk`` caps the chunk width
+    (tests). bn, bv: the kernel's tile; block rows are a multiple of max(bn, ROW_ALIGN) (or all rows), columns
+    of bv (or the whole vocabulary). Returns the scratch size in bytes (≤ budget)."""
+    hidden = products[0][0]
+    M, V = hidden.shape[0], weight.shape[0]
+    per = element_bytes(hidden.dtype, len(products), len(accumulators))
+    R, C = block_shape(M, V, budget // per, max(bn, ROW_ALIGN), bv)
+    C = C if max_chunk is None else min(C, max_chunk)
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    x_bufs = [torch.empty(R * C, **f32) for _ in products]
+    p_bufs = [torch.empty(R * C, device=hidden.device, dtype=hidden.dtype) for _ in accumulators]
+    for r0 in range(0, M, R):
+        rn = min(R, M - r0)
+        rows = slice(r0, r0 + rn)
+        for c0 in range(0, V, C):
+            cn = min(C, V - c0)
+            xs = [b[: rn * cn].view(rn, cn) for b in x_bufs]
+            ps = [b[: rn * cn].view(rn, cn) for b in p_bufs]
+            for x, (h, w) in zip(xs, products):
+                mm_into(x, h[rows], w[c0:c0 + cn].t())  # the logits products
+            epilogue(xs, ps, r0, c0, rn, cn)
+            a = accumulators[0].out[rows]
+            for acc, p in reversed(list(zip(accumulators, ps))):  # A last: the coupled ones read it first
+                out = acc.out[rows]
+                out.mul_(state[acc.scale, rows, None])
+                if acc.coupled is not None:
+                    out.addcmul_(a, state[acc.coupled, rows, None])
+                mm_accumulate(out, p, weight[c0:c0 + cn])  # one accumulating product per weight tile
+    return sum(b.numel() * b.element_size() for b in x_bufs + p_bufs)
