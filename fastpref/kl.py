@@ -52,7 +52,9 @@ def token_kl(
     "reverse" = KL(π_θ‖π_ref). temperature applies to both models; softcap / ref_softcap to each.
     labels [...] int (optional): also returns both models' log-probs of the labels; positions equal to
     ignore_index give 0 and no gradient. Without labels every position counts.
-    Gradients flow to the policy's hidden, weight and bias only.
+    Gradients flow to the policy's hidden, weight and bias only. When only the policy's hidden states need a
+    gradient (a frozen head), the forward also forms ∂KL/∂hidden (and E_p[W] with labels), float32 [N, D] each,
+    and the backward makes no pass over the vocabulary (docs/gpu-strategies.md).
     sync_free: as in ``token_stats`` (ignored rows masked without host synchronisation).
     """
     if direction not in DIRECTIONS:

@@ -45,7 +45,9 @@ def token_stats(
 
     hidden [..., D] float (any leading shape, views allowed); weight [V, D]; bias [V]; labels [...] int.
     cap(x) = softcap·tanh(x/softcap) when softcap is set. Gradients flow to hidden, weight and bias from
-    logp, lse and entropy (any combination), accumulated in float32, returned in the input dtype.
+    logp, lse and entropy (any combination), accumulated in float32, returned in the input dtype. When only
+    hidden needs a gradient (a frozen head), the forward also forms E_p[W] (float32 [N, D]; with entropy a
+    second one) and the backward makes no pass over the vocabulary (docs/gpu-strategies.md).
     Positions whose label is ignore_index give 0 and pass no gradient.
     backend: "auto" (triton on CUDA, native or torch on CPU; env FASTPREF_BACKEND overrides), "torch",
     "triton" or "native".
