@@ -48,9 +48,9 @@ def _compare(backend, h, w, b, rh, rw, rb, labels, ups, dtype, opts):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_policy_head_hidden_grad(backend, case, direction, monkeypatch):
     c, extra = CASES[case]
-    require_backend(backend, c.dtype)
     if backend == "triton" and c.dtype == torch.bfloat16 and DEVICE.type != "cuda":
         pytest.skip("bf16 Triton arithmetic is unsupported by the interpreter; runs on GPUs")
+    require_backend(backend, c.dtype)
     _no_vocabulary_backward(monkeypatch, backend)
     h, w, b, labels = c.make()
     rh, rw, rb = _reference_model(c, extra.get("ref_D"), extra.get("ref_scale"), extra.get("ref_bias", False))
@@ -105,9 +105,9 @@ def test_frozen_policy_head_near_reference(backend, direction, dtype, monkeypatc
     """A policy close to its reference (the KL-penalty regime, p ≈ q), where dKL/dh is small: the frozen path's
     d_hidden is as accurate as the same backend's vocabulary backward, not lost to the rounding of two nearly
     equal expectations (half-precision backends round the weights of their accumulating GEMMs)."""
-    require_backend(backend, dtype)
     if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type != "cuda":
         pytest.skip("bf16 Triton arithmetic is unsupported by the interpreter; runs on GPUs")
+    require_backend(backend, dtype)
     c = Case(N=40, D=32, V=600, dtype=dtype, bias=True, softcap=20.0, seed=95)
     h, w, b, _ = c.make()
     g = torch.Generator().manual_seed(96)
