@@ -1,6 +1,7 @@
 """Vocabulary-parallel heads with 2 gloo processes on CPU match the single-process full-vocabulary result."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -30,6 +31,17 @@ def _data():
     return h, w, b, rh, rw, y, ups
 
 
+@contextlib.contextmanager
+def _gloo(rank: int, port: int):
+    """This process as rank ``rank`` of a WORLD-process gloo group on localhost, destroyed on exit."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _bounds(rank):
     cut = V // 2 + 3
     return (0, cut) if rank == 0 else (cut, V)
@@ -40,9 +52,7 @@ def _stats_loss(st, ups):
 
 
 def _worker(rank, port, backend, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _gloo(rank, port):
         h, w, b, rh, rw, y, ups = _data()
         s, e = _bounds(rank)
         hh = h.clone().requires_grad_()
@@ -62,8 +72,6 @@ def _worker(rank, port, backend, results):
                         f"kl_ref_logp_{direction}": kl.ref_logp, f"kl_dh_{direction}": hk.grad,
                         f"kl_dw_{direction}": wk.grad})
         results[rank] = {k: v.detach().clone() for k, v in out.items()}
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port():
@@ -100,9 +108,7 @@ def test_vocab_parallel_matches_full(backend):
 
 def _sums_worker(rank, port, names, results):
     """Every output's plain .sum(): autograd hands the backward expanded (stride-0) upstream gradients."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _gloo(rank, port):
         h, w, b, rh, rw, y, _ = _data()
         y = y.clamp(min=0)  # no ignored rows: their scatter would hand the backward a contiguous gradient
         s, e = _bounds(rank)
@@ -121,8 +127,6 @@ def _sums_worker(rank, port, names, results):
                 (kl.kl.sum() + kl.logp.sum() + kl.ref_logp.sum()).backward()
                 out.update({f"{name}_kl_dh_{direction}": hk.grad, f"{name}_kl_dw_{direction}": wk.grad})
         results[rank] = {k: v.detach().clone() for k, v in out.items()}
-    finally:
-        dist.destroy_process_group()
 
 
 def test_vocab_parallel_sums_of_outputs_on_triton_and_native():
@@ -154,9 +158,7 @@ def test_vocab_parallel_sums_of_outputs_on_triton_and_native():
 
 def _banned_worker(rank, port, results):
     """Rank 1's whole vocabulary slice is banned (−inf bias in both models): its partials are −inf/NaN."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _gloo(rank, port):
         h, w, b, rh, rw, y, ups = _banned_data()
         s, e = _bounds(rank)
         hh = h.clone().requires_grad_()
@@ -171,8 +173,6 @@ def _banned_worker(rank, port, results):
             (kl.kl * ups[3] + kl.logp * ups[0]).sum().backward()
             out.update({f"kl_{direction}": kl.kl, f"kl_dh_{direction}": hk.grad})
         results[rank] = {k: v.detach().clone() for k, v in out.items()}
-    finally:
-        dist.destroy_process_group()
 
 
 def _banned_data():
@@ -207,9 +207,7 @@ def _fsdp_worker(rank, port, results):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _gloo(rank, port):
         h, w, _, _, _, y, ups = _data()
         head = torch.nn.Linear(D, V, bias=False)
         with torch.no_grad():
@@ -220,8 +218,6 @@ def _fsdp_worker(rank, port, results):
         logp = fastpref.token_logprobs(hh, head.weight, y, backend="torch")  # the DTensor goes in as it is
         (logp * ups[0]).sum().backward()
         results[rank] = {"logp": logp.detach(), "dh": hh.grad, "dw": head.weight.grad.full_tensor()}
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_sharded_head_is_gathered_inside_the_op():
