@@ -120,6 +120,15 @@ class NativeBackend:
             raise RuntimeError(self.cuda_why if x.is_cuda else self.cpu_why)
         return mod
 
+    def _frozen_fn(self, x: torch.Tensor, name: str):
+        """The module's frozen-head forward ``name``; an extension built before frozen heads lacks it."""
+        fn = getattr(self._mod(x), name, None)
+        if fn is None:
+            raise RuntimeError(f"the native {'CUDA' if x.is_cuda else 'CPU'} extension was built before frozen "
+                               f"heads were supported (it has no {name}); rebuild it with "
+                               "`pip install --no-build-isolation -e .`")
+        return fn
+
     # ---- token_stats ----------------------------------------------------------------------------
     def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
         logp, lse, ent, p2 = self._mod(hidden).stats_forward(
@@ -127,12 +136,7 @@ class NativeBackend:
         return logp, lse, ent, p2
 
     def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
-        mod = self._mod(hidden)
-        if not hasattr(mod, "stats_forward_frozen"):
-            raise RuntimeError(f"the native {'CUDA' if hidden.is_cuda else 'CPU'} extension was built before "
-                               "frozen heads were supported (it has no stats_forward_frozen); rebuild it with "
-                               "`pip install --no-build-isolation -e .`")
-        logp, lse, ent, p2, ea, ec = mod.stats_forward_frozen(
+        logp, lse, ent, p2, ea, ec = self._frozen_fn(hidden, "stats_forward_frozen")(
             *_d(hidden, weight, bias, labels), float(opts.temperature), _cap(opts.softcap), entropy, log_sum_p2)
         return logp, lse, ent if entropy else None, p2 if log_sum_p2 else None, ea, ec if entropy else None
 
@@ -155,11 +159,7 @@ class NativeBackend:
                           direction):
         """kl_forward plus, for a frozen policy head (fastpref._frozen.kl_hidden_grad), float32 [M, D]
         dkl = ∂KL/∂h and ea = E_p[(dz/dx)·W] (None without labels)."""
-        mod = self._mod(hidden)
-        if not hasattr(mod, "kl_forward_frozen"):
-            raise RuntimeError("this build of the native extension has no frozen-head token_kl; rebuild it "
-                               "(`pip install --no-build-isolation -e .`)")
-        kl, lse, ref_lse, logp, ref_logp, dkl, ea = mod.kl_forward_frozen(
+        kl, lse, ref_lse, logp, ref_logp, dkl, ea = self._frozen_fn(hidden, "kl_forward_frozen")(
             *_d(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels), float(opts.temperature),
             _cap(opts.softcap), _cap(ref_opts.softcap), direction == "reverse")
         return kl, lse, ref_lse, logp, ref_logp, dkl, ea
