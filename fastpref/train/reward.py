@@ -242,7 +242,7 @@ def train_reward(cfg: Config) -> dict:
     from .loop import _tokenizer
 
     tok = _tokenizer(cfg)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = D.pad_id_of(tok)
     train, held, attrs = load(cfg, tok)
     if (loss == "regression") != (attrs is not None):
         want = "score rows {prompt, response, scores}" if loss == "regression" else \

@@ -64,7 +64,7 @@ class OnlineRun:
         d.barrier()
         self.log = print if d.main else (lambda *a, **k: None)
         self.tok = self._tokenizer()
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
+        self.pad_id = D.pad_id_of(self.tok)
         self.eos_id = self.tok.eos_token_id
         try:
             self.judge: Judge = make_judge(cfg.judge, synthetic=cfg.synthetic, temperature=cfg.judge_temperature,
