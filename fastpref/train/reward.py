@@ -30,6 +30,7 @@ from .. import losses as L
 from ..nn import loss_params
 from . import data as D
 from .config import REAL_DEFAULTS, SYNTHETIC_DEFAULTS, Config
+from .dist import setup
 from .fields import source
 
 LOSSES = ("bt", "scaled_bt", "regression", "gpm", "micro")
@@ -237,8 +238,7 @@ def train_reward(cfg: Config) -> dict:
         raise SystemExit(f"--loss-args {bad} are not taken by {loss} (reward-model keys: heads)")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = setup("none", cfg.device).device  # single process: only the --device choice
     from .loop import _tokenizer
 
     tok = _tokenizer(cfg)
