@@ -317,6 +317,11 @@ def sequences(ds: Dataset, index: list[int], which: str = "all") -> list[tuple[l
     return [s for e in ex for s in e.seqs]
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: int = 0, pack_length: int = 0,
             index: list[int] | None = None, inputs: dict | None = None, sequence_labels: bool = False) -> Batch:
     """Labels are already shifted: labels[t] = token t+1 when that token is part of the completion, else -100.

@@ -71,6 +71,12 @@ def greedy_scores(model: nn.Module, tokenizer, prompts: Sequence[str | list], ve
     if not prompts:
         return {}
     answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return mean_scores(prompts, answers, verifier)
+
+
+def mean_scores(prompts: Sequence[str | list], answers: Sequence[str], verifier: Verifier) -> dict[str, float]:
+    """The verifier's scores of ``answers[i]`` to ``prompts[i]``, averaged over the (non-empty) prompts:
+    {score name: mean}."""
     totals: dict[str, float] = {}
     for p, a in zip(prompts, answers):
         for k, v in verifier(p, a).items():

@@ -75,7 +75,7 @@ class Run:
         self.ckdir = self.out / "checkpoints"
         self.log = print if d.main else (lambda *a, **k: None)
         self.tok = _tokenizer(cfg)
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
+        self.pad_id = D.pad_id_of(self.tok)
         torch.manual_seed(cfg.seed)
         self.policy = self.make_model().to(d.device)
         self.softcap = final_softcap(self.policy)

@@ -30,6 +30,7 @@ from .. import losses as L
 from ..nn import loss_params
 from . import data as D
 from .config import REAL_DEFAULTS, SYNTHETIC_DEFAULTS, Config
+from .dist import setup
 from .fields import source
 
 LOSSES = ("bt", "scaled_bt", "regression", "gpm", "micro")
@@ -113,7 +114,7 @@ def outputs_for(loss: str, heads: int, attrs: list[str] | None) -> int:
     return {"regression": len(attrs or [1]), "gpm": 2 * heads, "micro": 2 * heads}.get(loss, 1)
 
 
-def sft_warmup(cfg: Config, tok, train: D.Dataset, device) -> nn.Module:
+def sft_warmup(cfg: Config, tok, train: D.Dataset, pad_id: int, device) -> nn.Module:
     """A causal LM (the demo model or --model) after --sft-steps on the preferred answers: the reward model's
     body starts from it (as InstructGPT's reward models start from the SFT policy)."""
     from ..nn import PreferenceLoss
@@ -123,7 +124,6 @@ def sft_warmup(cfg: Config, tok, train: D.Dataset, device) -> nn.Module:
     lm = (tiny_model(len(tok), cfg.seed) if cfg.model is None else load_model(cfg.model)).to(device).train()
     obj = Objective(lm, PreferenceLoss("sft"), backend=cfg.backend)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     for step in range(cfg.sft_steps):
         idx = D.order(len(train), cfg.seed + 1, step * cfg.batch_size, cfg.batch_size)
         seqs = D.sequences(train, idx, "target")
@@ -157,9 +157,10 @@ def make_model(cfg: Config, tok, num_labels: int, lm: nn.Module | None = None) -
     return model
 
 
-def forward(model: nn.Module, seqs, pad_id: int, device) -> Tensor:
-    """Model outputs [S, num_labels] (float32) for (prompt ids, completion ids) sequences, right-padded."""
-    b = D.collate(seqs, packed=False, pad_id=pad_id).to(device)
+def forward(model: nn.Module, ds: D.Dataset, idx: list[int], pad_id: int, device) -> Tensor:
+    """Model outputs [S, num_labels] (float32) for the sequences of examples ``idx`` of ``ds``, right-padded
+    (pairs: the chosen sequences, then the rejected ones; score rows: one each)."""
+    b = D.collate(D.sequences(ds, idx), packed=False, pad_id=pad_id).to(device)
     return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
 
 
@@ -186,10 +187,6 @@ def _numbers(ds: D.Dataset, idx: list[int], device) -> dict[str, Tensor]:
     return {k: torch.tensor([e.numbers[k] for e in ex], dtype=torch.float32, device=device) for k in ex[0].numbers}
 
 
-def _sequences(ds: D.Dataset, idx: list[int]):
-    return D.sequences(ds, idx)  # pairs: chosen then rejected; score rows: one each
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: D.Dataset, loss: str, heads: int, pad_id: int, device, batch_size: int) -> dict:
     """Held-out reward accuracy (ties count one half) and, for score rows, the mean squared error."""
@@ -198,7 +195,7 @@ def evaluate(model: nn.Module, ds: D.Dataset, loss: str, heads: int, pad_id: int
     outs = []
     for i in range(0, len(ds), batch_size):
         idx = list(range(i, min(i + batch_size, len(ds))))
-        out = forward(model, _sequences(ds, idx), pad_id, device)
+        out = forward(model, ds, idx, pad_id, device)
         outs.append(out if loss == "regression" else torch.stack([out[:len(idx)], out[len(idx):]], 1))
     model.train(was)
     out = torch.cat(outs)
@@ -241,12 +238,11 @@ def train_reward(cfg: Config) -> dict:
         raise SystemExit(f"--loss-args {bad} are not taken by {loss} (reward-model keys: heads)")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = setup("none", cfg.device).device  # single process: only the --device choice
     from .loop import _tokenizer
 
     tok = _tokenizer(cfg)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = D.pad_id_of(tok)
     train, held, attrs = load(cfg, tok)
     if (loss == "regression") != (attrs is not None):
         want = "score rows {prompt, response, scores}" if loss == "regression" else \
@@ -254,7 +250,7 @@ def train_reward(cfg: Config) -> dict:
         raise SystemExit(f"--loss {loss} needs {want} (got {'score' if attrs else 'pairwise'} rows)")
     if loss == "scaled_bt" and "strength" not in train.examples[0].numbers:
         raise SystemExit(f"--loss scaled_bt needs the preference strength: {source('strength')}")
-    lm = sft_warmup(cfg, tok, train, device) if cfg.sft_steps and attrs is None else None
+    lm = sft_warmup(cfg, tok, train, pad_id, device) if cfg.sft_steps and attrs is None else None
     model = make_model(cfg, tok, outputs_for(loss, heads, attrs), lm).to(device).train()
     del lm
     out_dir = Path(cfg.output_dir)
@@ -281,7 +277,7 @@ def train_reward(cfg: Config) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
         idx = D.order(len(train), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-        out = forward(model, _sequences(train, idx), pad_id, device)
+        out = forward(model, train, idx, pad_id, device)
         kw, score = loss_terms(loss, out, len(idx), heads, _numbers(train, idx, device))
         value = fn(**kw, **hp).mean()
         value.backward()

@@ -1,6 +1,11 @@
 """Shared fixtures for the trainer tests: a tiny local HF model folder and small data files."""
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -40,3 +45,18 @@ def pairs_rows():
     from fastpref.train.synthetic import make_task
 
     return make_task(48, 8, seed=1)[0]
+
+
+def kill_when_saved(out: pathlib.Path, args: list[str], checkpoint: str, timeout: float, poll: float) -> None:
+    """Run ``fastpref train --output-dir out *args`` in a subprocess, SIGKILL it as soon as
+    ``out/checkpoints/<checkpoint>`` exists, and check that it died by the kill before writing ``final``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastpref.train", "--output-dir", str(out), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (out / "checkpoints" / checkpoint).exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "final").exists()

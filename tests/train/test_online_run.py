@@ -2,16 +2,16 @@
 2-process torchrun (gloo) gives the parameters of one process; bad settings give short messages."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from fastpref.train import main
+
+from conftest import kill_when_saved
 
 ARGS = ["--online", "--sft-steps", "30", "--synthetic-train", "64", "--synthetic-eval", "16", "--rounds", "2",
         "--prompts-per-round", "16", "--batch-size", "4", "--epochs", "2", "--gen-batch", "4", "--threads", "1",
@@ -42,17 +42,8 @@ def test_round_data_and_summary(straight):
 
 def test_sigkill_mid_round_then_resume_is_exact(tmp_path, straight):
     out, summary = straight
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     args = [*ARGS, "--save-every", "1", "--keep-checkpoints", "50"]
-    proc = subprocess.Popen([sys.executable, "-m", "fastpref.train", "--output-dir", str(tmp_path), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (tmp_path / "checkpoints" / "step-00000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (tmp_path / "final").exists()
+    kill_when_saved(tmp_path, args, "step-00000002", timeout=300, poll=0.01)
     ckpts = sorted((tmp_path / "checkpoints").glob("step-*"))
     assert json.loads((ckpts[-1] / "info.json").read_text())["round_step"] > 0  # killed inside a round
     resumed = main(["--output-dir", str(tmp_path), *args, "--resume", "auto"])

@@ -2,10 +2,6 @@
 corrupted, truncated or pickled checkpoints are refused and the previous good one is used."""
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +10,8 @@ from safetensors.torch import load_file
 from fastpref.train import checkpoint as C
 from fastpref.train import main
 
+from conftest import kill_when_saved
+
 ARGS = ["--sft-steps", "6", "--steps", "14", "--synthetic-train", "64", "--synthetic-eval", "16", "--batch-size", "4",
         "--eval-batch-size", "16", "--no-progress", "--no-plots", "--save-every", "4", "--eval-every", "5",
         "--threads", "1"]
@@ -21,16 +19,7 @@ ARGS = ["--sft-steps", "6", "--steps", "14", "--synthetic-train", "64", "--synth
 
 def test_sigkill_then_resume_is_exact(tmp_path):
     a, b = tmp_path / "killed", tmp_path / "straight"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fastpref.train", "--output-dir", str(a), *ARGS], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (a / "checkpoints" / "step-00000008").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (a / "final").exists()
+    kill_when_saved(a, ARGS, "step-00000008", timeout=240, poll=0.02)
     resumed = main(["--output-dir", str(a), *ARGS, "--resume", "auto"])
     straight = main(["--output-dir", str(b), *ARGS])
     pa, pb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import _Parser, parse_kv
-from ..validate import check_path
+from ..config import _Parser, parse_kv, read_yaml
+from ..validate import UserError, check_path
 from .algorithms import ALGORITHMS
 
 # The embedded demo (synthetic task, no --model): a weak SFT start, then SPPO rounds judged by the verifier.
@@ -204,22 +204,6 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise SystemExit(f"--config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise SystemExit(f"--config {path}" + (f" line {mark.line + 1}" if mark else "") + ": not valid YAML") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a mapping of settings")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
 def wants_online(argv: list[str]) -> bool:
     """Whether ``fastpref train`` arguments ask for the online mode (``--online`` or ``online: true`` in YAML)."""
     if "--online" in argv:
@@ -228,8 +212,8 @@ def wants_online(argv: list[str]) -> bool:
         path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a[9:] if a.startswith("--config=") else None
         if path and os.path.isfile(path):
             try:
-                return bool(_yaml(path).get("online"))
-            except SystemExit:
+                return bool(read_yaml(path)[0].get("online"))
+            except UserError:
                 return False
     return False
 
@@ -238,7 +222,7 @@ def load_config(argv: list[str] | None = None) -> OnlineConfig:
     ns = parser().parse_args(argv)
     values: dict[str, Any] = {}
     if ns.config:
-        data = _yaml(ns.config)
+        data = read_yaml(ns.config)[0]
         data.pop("online", None)
         known = {f.name for f in dataclasses.fields(OnlineConfig)}
         unknown = sorted(k for k in data if k not in known)

@@ -24,7 +24,7 @@ from .. import checkpoint as C
 from .. import data as D
 from ..dist import Dist, setup
 from ..model import frozen_copy, load_model, tiny_model
-from ..evaluate import prompt_ids, prompt_text
+from ..evaluate import mean_scores, prompt_ids, prompt_text
 from ..synthetic import verify
 from . import algorithms as A
 from .config import OnlineConfig
@@ -64,7 +64,7 @@ class OnlineRun:
         d.barrier()
         self.log = print if d.main else (lambda *a, **k: None)
         self.tok = self._tokenizer()
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
+        self.pad_id = D.pad_id_of(self.tok)
         self.eos_id = self.tok.eos_token_id
         try:
             self.judge: Judge = make_judge(cfg.judge, synthetic=cfg.synthetic, temperature=cfg.judge_temperature,
@@ -291,9 +291,9 @@ class OnlineRun:
             if rewards is not None:
                 rec["eval/judge_score"] = sum(rewards) / len(rewards)
             if self.cfg.synthetic:
-                sc = [verify(p, t) for p, t in zip(prompts, texts)]  # the offline demo's verifier
-                rec["eval/greedy_accuracy"] = sum(v["exact_match"] for v in sc) / len(sc)
-                rec["eval/greedy_digit_accuracy"] = sum(v["digit_accuracy"] for v in sc) / len(sc)
+                sc = mean_scores(prompts, texts, verify)  # the offline demo's verifier
+                rec["eval/greedy_accuracy"] = sc["exact_match"]
+                rec["eval/greedy_digit_accuracy"] = sc["digit_accuracy"]
             rec["eval/kl_to_ref"] = mean_token_kl(self.policy, self.ref, [(p, a or [self.eos_id]) for (p, _), a in
                                                                          zip(self.eval_prompts, answers)],
                                                   pad_id=self.pad_id, backend=self.cfg.backend)
