@@ -187,6 +187,17 @@ def _advantages(advantages: Tensor, like: Tensor) -> Tensor:
     return a
 
 
+def _ppo_clip(level: str, *, token_logps: Tensor, advantages: Tensor, old_token_logps: Tensor | None,
+              mask: Tensor | None, epsilon: float, epsilon_high: float | None, delta: float | None,
+              **terms) -> Tensor:
+    """:func:`clipped_surrogate` on the token (PPO / GRPO) or sequence (GSPO) ratio, then :func:`_objective` with
+    ``terms``, the loss's remaining arguments by name."""
+    require(token_logps=token_logps)
+    ratio = clamped_exp(log_ratio(token_logps, old_token_logps, mask, level))
+    surrogate = clipped_surrogate(ratio, _advantages(advantages, token_logps), epsilon, epsilon_high, delta)
+    return _objective(surrogate, ratio, token_logps, mask, **terms)
+
+
 _COMMON = """
     Inputs and the terms ``importance_sampling_ratio``, β·KL (``beta``, ``kl_estimator``, ``ref_token_logps`` or
     exact ``token_kl``, ``use_bias_correction_kl``: multiply a sampled KL by the ratio r, DeepSeek-V3.2, TRL's
@@ -210,15 +221,7 @@ def grpo(
     Defaults are TRL's ``GRPOConfig``: ε = 0.2, ε_high = ε, β = 0 (DeepSeekMath used β = 0.04 with k3),
     ``loss_type="dapo"``. PPO-RLHF normalises like ``bnpo``.
     """
-    require(token_logps=token_logps)
-    lr = log_ratio(token_logps, old_token_logps, mask)
-    ratio = clamped_exp(lr)
-    surrogate = clipped_surrogate(ratio, _advantages(advantages, lr), epsilon, epsilon_high, delta)
-    return _objective(surrogate, ratio, token_logps, mask, importance_sampling_ratio, ref_token_logps, token_kl,
-                      entropies, beta, kl_estimator, use_bias_correction_kl, entropy_coef, loss_type,
-                      max_completion_length, num_items_in_batch)
-
-
+    return _ppo_clip("token", **locals())  # every argument, by name
 
 
 @register("gspo")
@@ -238,13 +241,7 @@ def gspo(
     ε_high = 4e-4, β = 0, ``loss_type="grpo"`` (a per-sequence mean, i.e. the paper's (1/G)·Σ_i ψ_i); ``delta``
     caps s_i as in :func:`grpo`.
     """
-    require(token_logps=token_logps)
-    lr = log_ratio(token_logps, old_token_logps, mask, level="sequence")
-    ratio = clamped_exp(lr)
-    surrogate = clipped_surrogate(ratio, _advantages(advantages, token_logps), epsilon, epsilon_high, delta)
-    return _objective(surrogate, ratio, token_logps, mask, importance_sampling_ratio, ref_token_logps, token_kl,
-                      entropies, beta, kl_estimator, use_bias_correction_kl, entropy_coef, loss_type,
-                      max_completion_length, num_items_in_batch)
+    return _ppo_clip("sequence", **locals())  # every argument, by name
 
 
 @register("cispo")
