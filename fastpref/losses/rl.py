@@ -153,6 +153,15 @@ def entropy_bonus(entropies: Tensor, mask: Tensor | None = None) -> Tensor:
     return normalise(entropies, mask, "bnpo")
 
 
+def _masked_kl(token_logps: Tensor, ref_token_logps: Tensor | None, token_kl: Tensor | None, mask: Tensor,
+               estimator: str, ratio: Tensor, use_bias_correction_kl: bool) -> Tensor:
+    """:func:`kl_penalty` [B, T] on inputs with masked positions zeroed (``mask`` bool [B, T]), times the ratio r
+    ([B, T] or [B, 1]) for a sampled estimator with ``use_bias_correction_kl``."""
+    ref, exact = (None if x is None else _zeroed(x, mask) for x in (ref_token_logps, token_kl))
+    kl = kl_penalty(_zeroed(token_logps, mask), ref, exact, estimator)
+    return kl * ratio if use_bias_correction_kl and token_kl is None else kl
+
+
 def _objective(surrogate: Tensor, ratio: Tensor, token_logps: Tensor, mask: Tensor | None,
                importance_sampling_ratio: Tensor | None, ref_token_logps: Tensor | None, token_kl: Tensor | None,
                entropies: Tensor | None, beta: float, kl_estimator: str, use_bias_correction_kl: bool,
@@ -164,11 +173,8 @@ def _objective(surrogate: Tensor, ratio: Tensor, token_logps: Tensor, mask: Tens
     if importance_sampling_ratio is not None:
         per_token = per_token * f32(importance_sampling_ratio).detach()
     if beta != 0.0:
-        ref, exact = (None if x is None else _zeroed(x, mask) for x in (ref_token_logps, token_kl))
-        kl = kl_penalty(_zeroed(token_logps, mask), ref, exact, kl_estimator)
-        if use_bias_correction_kl and token_kl is None:
-            kl = kl * ratio
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * _masked_kl(token_logps, ref_token_logps, token_kl, mask, kl_estimator,
+                                                  ratio, use_bias_correction_kl)
     per_seq = normalise(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
     if entropy_coef != 0.0:
         require(entropies=entropies)
@@ -306,10 +312,8 @@ def policy_metrics(token_logps: Tensor, advantages: Tensor, old_token_logps: Ten
 
     out: dict[str, float] = {}
     if ref_token_logps is not None or token_kl is not None:
-        lp = _zeroed(token_logps, m)
-        kl = kl_penalty(lp, None if ref_token_logps is None else _zeroed(ref_token_logps, m),
-                        None if token_kl is None else _zeroed(token_kl, m), kl_estimator)
-        out["kl"] = token_mean(kl * ratio if use_bias_correction_kl and token_kl is None else kl)
+        out["kl"] = token_mean(_masked_kl(token_logps, ref_token_logps, token_kl, m, kl_estimator, ratio,
+                                          use_bias_correction_kl))
     if entropies is not None:
         out["entropy"] = token_mean(_zeroed(entropies, m))
     eps_high = epsilon if epsilon_high is None else epsilon_high
