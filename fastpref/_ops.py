@@ -58,6 +58,12 @@ def _eager_function(name: str, impl, setup_context, backward) -> type[torch.auto
         "backward": staticmethod(backward)})
 
 
+def _zero_grads(inputs: tuple, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of zero rows: zero gradients for the needed (hidden, weight, bias), empty elsewhere."""
+    return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
+                      inputs)
+
+
 def _zero_grads_fake(hidden, weight, bias, needs):
     return tuple(torch.empty_like(x) if (n and x is not None) else (hidden.new_empty(0))
                  for n, x in zip(needs, (hidden, weight, bias)))
@@ -90,8 +96,7 @@ def _stats_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = (hidden, weight, bias)
     if hidden.shape[0] == 0:
-        return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
-                          inputs)
+        return _zero_grads(inputs, needs)
     ent = _opt(entropy)
     impl = backends.resolve(backend, hidden.device, hidden.dtype)
     grads = backends.stats_backward(
@@ -226,8 +231,7 @@ def _kl_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], re
                       needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = (hidden, weight, bias)
     if hidden.shape[0] == 0:
-        return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
-                          inputs)
+        return _zero_grads(inputs, needs)
     impl = backends.resolve(backend, hidden.device, hidden.dtype)
     grads = backends.kl_backward(
         impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
