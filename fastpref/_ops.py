@@ -25,8 +25,13 @@ from .options import LogitOptions
 _NONE = 0  # placeholder length of an absent output
 
 
-def _f32(n: int, like: Tensor) -> Tensor:
-    return like.new_empty(n, dtype=torch.float32)
+def _f32(shape: int | tuple[int, ...], like: Tensor) -> Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """``t``, or a fresh empty float32 tensor standing for an absent output."""
+    return _f32(_NONE, like) if t is None else t
 
 
 def _opt(t: Tensor | None) -> Tensor | None:
@@ -53,6 +58,12 @@ def _eager_function(name: str, impl, setup_context, backward) -> type[torch.auto
         "backward": staticmethod(backward)})
 
 
+def _zero_grads(inputs: tuple, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of zero rows: zero gradients for the needed (hidden, weight, bias), empty elsewhere."""
+    return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
+                      inputs)
+
+
 def _zero_grads_fake(hidden, weight, bias, needs):
     return tuple(torch.empty_like(x) if (n and x is not None) else (hidden.new_empty(0))
                  for n, x in zip(needs, (hidden, weight, bias)))
@@ -67,7 +78,7 @@ def _stats_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: 
         return _f32(0, hidden), _f32(0, hidden), _f32(0, hidden), _f32(0, hidden)
     logp, lse, ent, p2 = backends.resolve(backend, hidden.device, hidden.dtype).stats_forward(
         hidden, weight, bias, labels, LogitOptions(temperature, softcap), entropy, log_sum_p2)
-    return logp, lse, _f32(_NONE, hidden) if ent is None else ent, _f32(_NONE, hidden) if p2 is None else p2
+    return logp, lse, _or_empty(ent, hidden), _or_empty(p2, hidden)
 
 
 token_stats_op = torch.library.custom_op("fastpref::token_stats", mutates_args=())(_stats_impl)
@@ -85,8 +96,7 @@ def _stats_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = (hidden, weight, bias)
     if hidden.shape[0] == 0:
-        return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
-                          inputs)
+        return _zero_grads(inputs, needs)
     ent = _opt(entropy)
     impl = backends.resolve(backend, hidden.device, hidden.dtype)
     grads = backends.stats_backward(
@@ -145,8 +155,7 @@ def _frozen_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
         return tuple(_f32(0, hidden) for _ in range(6))
     logp, lse, ent, p2, ea, ec = backends.resolve(backend, hidden.device, hidden.dtype).stats_forward_frozen(
         hidden, weight, bias, labels, LogitOptions(temperature, softcap), entropy, log_sum_p2)
-    none = lambda t: _f32(_NONE, hidden) if t is None else t  # noqa: E731
-    return logp, lse, none(ent), none(p2), ea, none(ec)
+    return logp, lse, _or_empty(ent, hidden), _or_empty(p2, hidden), ea, _or_empty(ec, hidden)
 
 
 token_stats_frozen_op = torch.library.custom_op("fastpref::token_stats_frozen", mutates_args=())(_frozen_impl)
@@ -155,8 +164,8 @@ token_stats_frozen_op = torch.library.custom_op("fastpref::token_stats_frozen", 
 @token_stats_frozen_op.register_fake
 def _(hidden, weight, bias, labels, backend, temperature, softcap, entropy, log_sum_p2):
     M, D = hidden.shape
-    f = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return f(M), f(M), f(M if entropy else 0), f(M if log_sum_p2 else 0), f(M, D), f(M, D) if entropy else f(0)
+    return (_f32(M, hidden), _f32(M, hidden), _f32(M if entropy else 0, hidden), _f32(M if log_sum_p2 else 0, hidden),
+            _f32((M, D), hidden), _f32((M, D) if entropy else 0, hidden))
 
 
 def _frozen_setup(ctx, inputs, output):
@@ -201,8 +210,7 @@ def _kl_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden:
     kl, lse, ref_lse, logp, ref_logp = backends.resolve(backend, hidden.device, hidden.dtype).kl_forward(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, LogitOptions(temperature, softcap),
         LogitOptions(temperature, ref_softcap), direction)
-    none = _f32(_NONE, hidden)
-    return kl, none if logp is None else logp, none.clone() if ref_logp is None else ref_logp, lse, ref_lse
+    return kl, _or_empty(logp, hidden), _or_empty(ref_logp, hidden), lse, ref_lse
 
 
 token_kl_op = torch.library.custom_op("fastpref::token_kl", mutates_args=())(_kl_impl)
@@ -223,8 +231,7 @@ def _kl_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], re
                       needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = (hidden, weight, bias)
     if hidden.shape[0] == 0:
-        return _grads_out([torch.zeros_like(x) if (n and x is not None) else None for n, x in zip(needs, inputs)],
-                          inputs)
+        return _zero_grads(inputs, needs)
     impl = backends.resolve(backend, hidden.device, hidden.dtype)
     grads = backends.kl_backward(
         impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
@@ -290,8 +297,7 @@ def _kl_frozen_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_
         backend, hidden.device, hidden.dtype).kl_forward_frozen(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, LogitOptions(temperature, softcap),
         LogitOptions(temperature, ref_softcap), direction)
-    none = lambda t: _f32(_NONE, hidden) if t is None else t  # noqa: E731
-    return kl, none(logp), none(ref_logp), lse, ref_lse, dkl, none(ea)
+    return kl, _or_empty(logp, hidden), _or_empty(ref_logp, hidden), lse, ref_lse, dkl, _or_empty(ea, hidden)
 
 
 token_kl_frozen_op = torch.library.custom_op("fastpref::token_kl_frozen", mutates_args=())(_kl_frozen_impl)
@@ -302,8 +308,8 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, backend, t
       direction):
     M, D = hidden.shape
     L = M if labels is not None else 0
-    f = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return f(M), f(L), f(L), f(M), f(M), f(M, D), f(L, D)
+    return (_f32(M, hidden), _f32(L, hidden), _f32(L, hidden), _f32(M, hidden), _f32(M, hidden),
+            _f32((M, D), hidden), _f32((L, D), hidden))
 
 
 def _kl_frozen_setup(ctx, inputs, output):

@@ -43,6 +43,14 @@ def check_hparams(hparams: Mapping, accepted: set[str], losses: list[str]) -> No
         raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {losses}")
 
 
+@torch.no_grad()
+def reference_logprobs(ref_hidden: Tensor, ref_weight: Tensor, labels: Tensor, ref_bias: Tensor | None,
+                       ref_softcap: float | None, opts: Mapping) -> Tensor:
+    """The reference model's per-token log-probs of ``labels`` (float32, shaped like labels, no gradient): the
+    policy's options ``opts`` (temperature, ignore_index, backend, ...) with the reference's own softcap."""
+    return token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, **{**opts, "softcap": ref_softcap})
+
+
 def unpack(values: Tensor, cu_seqlens: Tensor, fill: float | int = 0, *, static: bool = False) -> Tensor:
     """Packed [N] (sequences concatenated, boundaries ``cu_seqlens`` [S+1]) → padded [S, T_max] (differentiable).
 
@@ -209,9 +217,7 @@ class PreferenceLoss(torch.nn.Module):
         tok, p2_tok = st.logp, st.log_sum_p2
         ref_tok = ref_token_logps
         if ref_tok is None and have_model:
-            with torch.no_grad():
-                ref_tok = token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias,
-                                         **{**self.opts, "softcap": ref_softcap})
+            ref_tok = reference_logprobs(ref_hidden, ref_weight, labels, ref_bias, ref_softcap, self.opts)
         if ref_tok is not None and ref_tok.shape != labels.shape:
             raise ValueError(f"ref_token_logps must be shaped like labels {tuple(labels.shape)}, "
                              f"got {tuple(ref_tok.shape)}")
@@ -456,8 +462,6 @@ class PolicyLoss(torch.nn.Module):
         if need_ref:
             ref_tok = ref_token_logps
             if ref_tok is None:
-                with torch.no_grad():
-                    ref_tok = token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias,
-                                             **{**self.opts, "softcap": ref_softcap})
+                ref_tok = reference_logprobs(ref_hidden, ref_weight, labels, ref_bias, ref_softcap, self.opts)
             ref_tok = ref_tok.detach()
         return st.logp, st.entropy, None, ref_tok

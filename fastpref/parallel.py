@@ -18,6 +18,7 @@ from torch import Tensor
 from . import backends
 from ._checks import check_head, check_labels
 from ._rows import Rows
+from .backends.torch_backend import weighted
 from .kl import DIRECTIONS, TokenKL
 from .options import LogitOptions
 from .stats import TokenStats
@@ -33,12 +34,6 @@ def _global_lse(lse_parts: Tensor, group) -> Tensor:
     m = _all_reduce(lse_parts.clone(), group, dist.ReduceOp.MAX)
     s = _all_reduce(torch.exp(lse_parts - m), group)
     return m + torch.log(s)
-
-
-def _massed(mass: Tensor, x: Tensor) -> Tensor:
-    """mass·x, 0 where a slice has no probability mass (every token of it banned by a −inf bias): its own
-    entropy, log Σp² and KL are NaN there, and 0·NaN would poison the all-reduced sum."""
-    return torch.where(mass > 0, mass * x, torch.zeros_like(x))
 
 
 def _local_labels(labels: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
@@ -71,10 +66,12 @@ class _VocabParallelStats(torch.autograd.Function):
         log_w = lse_r - lse
         w = torch.exp(log_w)
         parts = [torch.where(owned, logp_r + log_w, torch.zeros_like(lse))]
+        # weighted: 0 for a slice without mass (every token banned by a −inf bias), whose own entropy, log Σp²
+        # and KL are NaN there and would poison the all-reduced sum
         if want_entropy:
-            parts.append(_massed(w, ent_r - log_w))
+            parts.append(weighted(w, ent_r - log_w))
         if want_p2:
-            parts.append(_massed(w, torch.exp(log_w + p2_r)))  # w²·Σp²_r
+            parts.append(weighted(w, torch.exp(log_w + p2_r)))  # w²·Σp²_r
         summed = _all_reduce(torch.stack(parts), group)
         logp = summed[0]
         ent = summed[1] if want_entropy else None
@@ -120,9 +117,9 @@ class _VocabParallelKL(torch.autograd.Function):
         lse, ref_lse = _global_lse(torch.stack([lse_r, rlse_r]), group)
         log_wp, log_wq = lse_r - lse, rlse_r - ref_lse
         if direction == "forward":
-            parts = [_massed(torch.exp(log_wq), kl_r + log_wq - log_wp)]
+            parts = [weighted(torch.exp(log_wq), kl_r + log_wq - log_wp)]
         else:
-            parts = [_massed(torch.exp(log_wp), kl_r + log_wp - log_wq)]
+            parts = [weighted(torch.exp(log_wp), kl_r + log_wp - log_wq)]
         if lab is not None:
             zero = torch.zeros_like(lse)
             parts += [torch.where(owned, logp_r + log_wp, zero), torch.where(owned, rlogp_r + log_wq, zero)]

@@ -153,6 +153,15 @@ def entropy_bonus(entropies: Tensor, mask: Tensor | None = None) -> Tensor:
     return normalise(entropies, mask, "bnpo")
 
 
+def _masked_kl(token_logps: Tensor, ref_token_logps: Tensor | None, token_kl: Tensor | None, mask: Tensor,
+               estimator: str, ratio: Tensor, use_bias_correction_kl: bool) -> Tensor:
+    """:func:`kl_penalty` [B, T] on inputs with masked positions zeroed (``mask`` bool [B, T]), times the ratio r
+    ([B, T] or [B, 1]) for a sampled estimator with ``use_bias_correction_kl``."""
+    ref, exact = (None if x is None else _zeroed(x, mask) for x in (ref_token_logps, token_kl))
+    kl = kl_penalty(_zeroed(token_logps, mask), ref, exact, estimator)
+    return kl * ratio if use_bias_correction_kl and token_kl is None else kl
+
+
 def _objective(surrogate: Tensor, ratio: Tensor, token_logps: Tensor, mask: Tensor | None,
                importance_sampling_ratio: Tensor | None, ref_token_logps: Tensor | None, token_kl: Tensor | None,
                entropies: Tensor | None, beta: float, kl_estimator: str, use_bias_correction_kl: bool,
@@ -164,11 +173,8 @@ def _objective(surrogate: Tensor, ratio: Tensor, token_logps: Tensor, mask: Tens
     if importance_sampling_ratio is not None:
         per_token = per_token * f32(importance_sampling_ratio).detach()
     if beta != 0.0:
-        ref, exact = (None if x is None else _zeroed(x, mask) for x in (ref_token_logps, token_kl))
-        kl = kl_penalty(_zeroed(token_logps, mask), ref, exact, kl_estimator)
-        if use_bias_correction_kl and token_kl is None:
-            kl = kl * ratio
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * _masked_kl(token_logps, ref_token_logps, token_kl, mask, kl_estimator,
+                                                  ratio, use_bias_correction_kl)
     per_seq = normalise(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
     if entropy_coef != 0.0:
         require(entropies=entropies)
@@ -185,6 +191,17 @@ def _advantages(advantages: Tensor, like: Tensor) -> Tensor:
         raise ValueError(f"advantages must be [B]=[{like.shape[0]}] or [B, T]={list(like.shape)}, "
                          f"got {list(advantages.shape)}")
     return a
+
+
+def _ppo_clip(level: str, *, token_logps: Tensor, advantages: Tensor, old_token_logps: Tensor | None,
+              mask: Tensor | None, epsilon: float, epsilon_high: float | None, delta: float | None,
+              **terms) -> Tensor:
+    """:func:`clipped_surrogate` on the token (PPO / GRPO) or sequence (GSPO) ratio, then :func:`_objective` with
+    ``terms``, the loss's remaining arguments by name."""
+    require(token_logps=token_logps)
+    ratio = clamped_exp(log_ratio(token_logps, old_token_logps, mask, level))
+    surrogate = clipped_surrogate(ratio, _advantages(advantages, token_logps), epsilon, epsilon_high, delta)
+    return _objective(surrogate, ratio, token_logps, mask, **terms)
 
 
 _COMMON = """
@@ -210,15 +227,7 @@ def grpo(
     Defaults are TRL's ``GRPOConfig``: ε = 0.2, ε_high = ε, β = 0 (DeepSeekMath used β = 0.04 with k3),
     ``loss_type="dapo"``. PPO-RLHF normalises like ``bnpo``.
     """
-    require(token_logps=token_logps)
-    lr = log_ratio(token_logps, old_token_logps, mask)
-    ratio = clamped_exp(lr)
-    surrogate = clipped_surrogate(ratio, _advantages(advantages, lr), epsilon, epsilon_high, delta)
-    return _objective(surrogate, ratio, token_logps, mask, importance_sampling_ratio, ref_token_logps, token_kl,
-                      entropies, beta, kl_estimator, use_bias_correction_kl, entropy_coef, loss_type,
-                      max_completion_length, num_items_in_batch)
-
-
+    return _ppo_clip("token", **locals())  # every argument, by name
 
 
 @register("gspo")
@@ -238,13 +247,7 @@ def gspo(
     ε_high = 4e-4, β = 0, ``loss_type="grpo"`` (a per-sequence mean, i.e. the paper's (1/G)·Σ_i ψ_i); ``delta``
     caps s_i as in :func:`grpo`.
     """
-    require(token_logps=token_logps)
-    lr = log_ratio(token_logps, old_token_logps, mask, level="sequence")
-    ratio = clamped_exp(lr)
-    surrogate = clipped_surrogate(ratio, _advantages(advantages, token_logps), epsilon, epsilon_high, delta)
-    return _objective(surrogate, ratio, token_logps, mask, importance_sampling_ratio, ref_token_logps, token_kl,
-                      entropies, beta, kl_estimator, use_bias_correction_kl, entropy_coef, loss_type,
-                      max_completion_length, num_items_in_batch)
+    return _ppo_clip("sequence", **locals())  # every argument, by name
 
 
 @register("cispo")
@@ -309,10 +312,8 @@ def policy_metrics(token_logps: Tensor, advantages: Tensor, old_token_logps: Ten
 
     out: dict[str, float] = {}
     if ref_token_logps is not None or token_kl is not None:
-        lp = _zeroed(token_logps, m)
-        kl = kl_penalty(lp, None if ref_token_logps is None else _zeroed(ref_token_logps, m),
-                        None if token_kl is None else _zeroed(token_kl, m), kl_estimator)
-        out["kl"] = token_mean(kl * ratio if use_bias_correction_kl and token_kl is None else kl)
+        out["kl"] = token_mean(_masked_kl(token_logps, ref_token_logps, token_kl, m, kl_estimator, ratio,
+                                          use_bias_correction_kl))
     if entropies is not None:
         out["entropy"] = token_mean(_zeroed(entropies, m))
     eps_high = epsilon if epsilon_high is None else epsilon_high

@@ -101,3 +101,26 @@ def batch(vocab: int = 256, B: int = 3, T: int = 13, seed: int = 1):
     labels = ids.masked_fill(am == 0, -100)
     labels[:, :4] = -100  # a prompt
     return ids, labels, am
+
+
+def is_fastpref_forward(model) -> bool:
+    """Whether ``model.forward`` is fastpref's (possibly wrapped by accelerate: autocast / fp32 conversion)."""
+    fn = model.forward
+    while fn is not None:
+        if getattr(fn, "_fastpref", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def assert_same_step(before: dict, before_fp: dict, after_ref: dict, after_fp: dict, min_move: float = 1e-4,
+                     before_tol: dict | None = None, **step_tol) -> None:
+    """Both trainers started from the same parameters (``before_tol``: assert_close's default when None), fastpref's
+    step landed where the reference's did (``step_tol``), and that step moved some parameter by more than
+    ``min_move``."""
+    moved = 0.0
+    for n in before:
+        torch.testing.assert_close(before_fp[n], before[n], **(before_tol or {}))
+        torch.testing.assert_close(after_fp[n], after_ref[n], **step_tol, msg=lambda m: f"{n}: {m}")
+        moved = max(moved, float((after_ref[n] - before[n]).abs().max()))
+    assert moved > min_move, "the step did not change the parameters"

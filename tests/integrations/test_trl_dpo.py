@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hf_tiny import preference_dataset, tiny_model, tiny_tokenizer
+from hf_tiny import assert_same_step, is_fastpref_forward, preference_dataset, tiny_model, tiny_tokenizer
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -60,22 +60,13 @@ def _run(trainer_cls, tmp_path, config, peft_config=None, family="llama"):
     return trainer, out, logs, before, after
 
 
-def _is_fastpref_forward(model) -> bool:
-    fn = model.forward
-    while fn is not None:  # accelerate may wrap the forward (autocast / fp32 conversion)
-        if getattr(fn, "_fastpref", False):
-            return True
-        fn = getattr(fn, "__wrapped__", None)
-    return False
-
-
 def _compare(tmp_path, config, **kw):
     t_trl, out_trl, log_trl, before, after_trl = _run(trl.DPOTrainer, tmp_path / "trl", config, **kw)
     t_fp, out_fp, log_fp, before_fp, after_fp = _run(ftrl.DPOTrainer, tmp_path / "fp", config, **kw)
     # the drop-in really went through fastpref, and TRL's formula agrees on the same tensors
     assert t_fp.fastpref_last, "fastpref _compute_loss did not run"
     torch.testing.assert_close(t_fp.fastpref_last["loss"], t_fp.fastpref_last["trl_loss"], rtol=1e-5, atol=1e-6)
-    assert _is_fastpref_forward(t_fp.model.get_base_model() if hasattr(t_fp.model, "get_base_model")
+    assert is_fastpref_forward(t_fp.model.get_base_model() if hasattr(t_fp.model, "get_base_model")
                                 else t_fp.model)
     assert set(log_trl) == set(log_fp), set(log_trl) ^ set(log_fp)
     for k in log_trl:
@@ -85,12 +76,7 @@ def _compare(tmp_path, config, **kw):
         assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), (k, a, b)
     assert math.isclose(out_trl.training_loss, out_fp.training_loss, rel_tol=1e-5, abs_tol=1e-6)
     assert before.keys() == before_fp.keys() == after_fp.keys()
-    moved = 0.0
-    for n in before:
-        torch.testing.assert_close(before_fp[n], before[n])
-        torch.testing.assert_close(after_fp[n], after_trl[n], **STEP_TOL, msg=lambda m: f"{n}: {m}")
-        moved = max(moved, float((after_trl[n] - before[n]).abs().max()))
-    assert moved > 1e-4, "the step did not change the parameters"
+    assert_same_step(before, before_fp, after_trl, after_fp, **STEP_TOL)
     return log_trl, log_fp
 
 

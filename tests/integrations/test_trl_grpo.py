@@ -9,8 +9,7 @@ import math
 
 import pytest
 
-from hf_tiny import tiny_model, tiny_tokenizer
-from test_trl_dpo import _is_fastpref_forward
+from hf_tiny import assert_same_step, is_fastpref_forward, tiny_model, tiny_tokenizer
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -67,7 +66,7 @@ def _compare(tmp_path, config, loss_from="fastpref"):
     t_fp, out_fp, log_fp, before_fp, after_fp = _run(ftrl.GRPOTrainer, tmp_path / "fp", config)
     assert t_fp.fastpref_last.get("loss_from") == loss_from, t_fp.fastpref_last
     torch.testing.assert_close(t_fp.fastpref_last["loss"], t_fp.fastpref_last["trl_loss"], rtol=1e-5, atol=1e-7)
-    assert _is_fastpref_forward(t_fp.model) and not _is_fastpref_forward(t_trl.model)
+    assert is_fastpref_forward(t_fp.model) and not is_fastpref_forward(t_trl.model)
     assert len(log_trl) == len(log_fp) == 2
     assert log_trl[0]["reward_std"] > 0, "the reward has no spread: the step would be trivial"
     for step_trl, step_fp in zip(log_trl, log_fp):
@@ -76,12 +75,7 @@ def _compare(tmp_path, config, loss_from="fastpref"):
             if k not in SKIP_LOGS:
                 assert math.isclose(step_trl[k], step_fp[k], rel_tol=1e-4, abs_tol=1e-5), (k, step_trl[k], step_fp[k])
     assert math.isclose(out_trl.training_loss, out_fp.training_loss, rel_tol=1e-5, abs_tol=1e-6)
-    moved = 0.0
-    for n in before:
-        torch.testing.assert_close(before_fp[n], before[n])
-        torch.testing.assert_close(after_fp[n], after_trl[n], **STEP_TOL, msg=lambda m: f"{n}: {m}")
-        moved = max(moved, float((after_trl[n] - before[n]).abs().max()))
-    assert moved > 1e-4, "the step did not change the parameters"
+    assert_same_step(before, before_fp, after_trl, after_fp, **STEP_TOL)
     return log_fp
 
 

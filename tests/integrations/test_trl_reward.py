@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from hf_tiny import COMMON, preference_dataset, tiny_tokenizer
+from hf_tiny import COMMON, assert_same_step, preference_dataset, tiny_tokenizer
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -83,12 +83,8 @@ def test_reward_step_matches_trl(case, tmp_path):
     _same_logs(eval_trl, eval_fp)
     assert math.isclose(out_trl.training_loss, out_fp.training_loss, **TOL)
     assert before.keys() == before_fp.keys() == after_fp.keys()
-    moved = 0.0
-    for n in before:
-        torch.testing.assert_close(before_fp[n], before[n], rtol=0, atol=0)
-        torch.testing.assert_close(after_fp[n], after_trl[n], rtol=1e-6, atol=1e-7, msg=lambda m: f"{n}: {m}")
-        moved = max(moved, float((after_trl[n] - before[n]).abs().max()))
-    assert moved > 1e-3, "the step did not change the parameters"
+    assert_same_step(before, before_fp, after_trl, after_fp, min_move=1e-3, before_tol=dict(rtol=0, atol=0),
+                     rtol=1e-6, atol=1e-7)
 
 
 def test_reward_loss_options_matter():
