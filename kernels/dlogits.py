@@ -34,10 +34,7 @@ def stats_dx(H, W, B, Labels, Lse, Ent, G_logp, G_lse, G_ent, row0, col0, M, V, 
     logp = tl.where(valid, tl.maximum(z - lse[:, None], -1e30), 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
     dz = p * (g_lse - g_logp)[:, None] - (g_ent[:, None] * p) * (logp + ent[:, None])
-    at_label = cols[None, :] == labels[:, None]
-    dz += tl.where(at_label, g_logp[:, None], 0.0)
-    weight = tl.max(tl.max(tl.where(at_label, 1.0, p), axis=1), axis=0)
-    return tl.where(valid, dz * dzdx, 0.0), weight
+    return _with_label(dz, dzdx, valid, cols, labels, g_logp, p)
 
 
 @triton.jit
@@ -73,9 +70,17 @@ def kl_dx(H, W, B, RH, RW, RB, Labels, Lse, RLse, C_hi, C_lo, G_kl, G_logp, row0
     else:
         dz = g_kl[:, None] * (p - q)
     dz -= g_logp[:, None] * p
+    peak = tl.maximum(p, q)
+    return _with_label(dz, dzdx, valid, cols, labels, g_logp, peak)
+
+
+@triton.jit
+def _with_label(dz, dzdx, valid, cols, labels, g_logp, peak):
+    """(dL/dx = (dz + g_logp·[v = y])·dz/dx [BN, BV], 0 outside ``valid``; the tile's weight: the largest of
+    ``peak`` [BN, BV] in it, or 1 when a label falls inside)."""
     at_label = cols[None, :] == labels[:, None]
     dz += tl.where(at_label, g_logp[:, None], 0.0)
-    weight = tl.max(tl.max(tl.where(at_label, 1.0, tl.maximum(p, q)), axis=1), axis=0)
+    weight = tl.max(tl.max(tl.where(at_label, 1.0, peak), axis=1), axis=0)
     return tl.where(valid, dz * dzdx, 0.0), weight
 
 

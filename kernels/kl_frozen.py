@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .kl_forward import kl_step
-from .tiles import centred_diff, max_shift, transform
+from .tiles import block_rows, centred_diff, max_shift, transform
 
 ARGS = (("X", "f32*"), ("XR", "f32*"), ("B", "in"), ("RB", "in"), ("Labels", "i64*"), ("State", "f32*"),
         ("State64", "f64*"), ("P", "in"), ("P2", "in"), ("r0", "i32"), ("c0", "i32"), ("R", "i32"), ("C", "i32"),
@@ -76,10 +76,7 @@ def kernel(X, XR, B, RB, Labels, State, State64, P, P2, r0, c0, R, C, M, reverse
            inv_temp, inv_cap, cap_scale, ref_inv_cap, ref_cap_scale,
            BN: tl.constexpr, BV: tl.constexpr, SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr,
            INTERP: tl.constexpr):
-    row0 = tl.program_id(0) * BN
-    rmask = row0 + tl.arange(0, BN) < R
-    rows = r0 + row0 + tl.arange(0, BN)
-    labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32) - c0  # chunk-local label column
+    row0, rmask, rows, labels = block_rows(Labels, r0, c0, R, BN)
     m_old = tl.load(State + rows, mask=rmask, other=0.0)
     mr_old = tl.load(State + M + rows, mask=rmask, other=0.0)
     s_old = tl.load(State64 + rows, mask=rmask, other=0.0)

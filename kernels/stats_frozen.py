@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .stats_forward import stats_step
-from .tiles import max_shift, transform
+from .tiles import block_rows, max_shift, transform
 
 ARGS = (("X", "f32*"), ("B", "in"), ("Labels", "i64*"), ("State", "f32*"), ("P", "in"), ("P2", "in"),
         ("r0", "i32"), ("c0", "i32"), ("R", "i32"), ("C", "i32"), ("M", "i32"),
@@ -47,10 +47,7 @@ def _logits(X, B, row0, j, c0, R, C, inv_temp, inv_cap, cap_scale,
 def kernel(X, B, Labels, State, P, P2, r0, c0, R, C, M, inv_temp, inv_cap, cap_scale,
            BN: tl.constexpr, BV: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
            INTERP: tl.constexpr):
-    row0 = tl.program_id(0) * BN
-    rmask = row0 + tl.arange(0, BN) < R
-    rows = r0 + row0 + tl.arange(0, BN)
-    labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32) - c0  # chunk-local label column
+    row0, rmask, rows, labels = block_rows(Labels, r0, c0, R, BN)
     m_old = tl.load(State + rows, mask=rmask, other=0.0)
     s_old = tl.load(State + M + rows, mask=rmask, other=0.0)
     m, s = m_old, s_old

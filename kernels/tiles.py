@@ -134,6 +134,18 @@ def label_pick(z, cols, labels):
 
 
 @triton.jit
+def block_rows(Labels, r0, c0, R, BN: tl.constexpr):
+    """Rows of a frozen-head epilogue program (one per BN rows of the block r0 + [0, R) × chunk c0 + [0, C)):
+    (row0 = its first block row, mask [BN] of block rows < R, global rows r0 + row0 + [0, BN), labels [BN]
+    int32 as chunk-local columns label − c0, −1 − c0 at masked rows)."""
+    row0 = tl.program_id(0) * BN
+    rmask = row0 + tl.arange(0, BN) < R
+    rows = r0 + row0 + tl.arange(0, BN)
+    labels = tl.load(Labels + rows, mask=rmask, other=-1).to(tl.int32) - c0
+    return row0, rmask, rows, labels
+
+
+@triton.jit
 def grouped_tiles(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
     """Swizzle a flat program id into (row block, column block) so GROUP row blocks share column blocks in L2."""
     per_group = GROUP * n_col_blocks
