@@ -2,14 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q
+# Every install is held to the exact versions in constraints.txt (what CI tested); `make lock` rewrites it.
+LOCK ?= constraints.txt
+PIP := $(PY) -m pip install -q -c $(LOCK)
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.8.0
 
-.PHONY: test train install clean
+.PHONY: test train install clean lock
 
 # torch first, alone: later packages must not pull a CUDA build (it is pinned again on every install).
-$(VENV)/.torch:
+$(VENV)/.torch: $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -U pip setuptools wheel $(TORCH)   # a current pip: the old one runs the legacy develop path, which skips the extension
 	touch $@
@@ -40,6 +42,19 @@ $(VENV)/.package: $(VENV)/.train setup.py
 
 train: $(VENV)/.package
 	$(VENV)/bin/fastpref train $(TRAIN_ARGS)
+
+# The lock: a fresh venv from nothing with the newest release of every requirement (torch and triton as pinned
+# above), frozen with exact versions. Run it when you move a dependency on purpose, then run `make test`.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q -U pip setuptools wheel $(TORCH)
+	.venv-lock/bin/python -m pip install -q ninja $(TRITON) -r requirements-dev.txt $(TORCH)
+	{ echo "# Exact versions of every package that make train / make test install, produced by make lock."; \
+	  echo "# Generated on $$(date -u +%Y-%m-%d) with Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())')."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
 
 clean:
 	rm -rf build *.egg-info fastpref/*.so fastpref/_native_build.json
