@@ -146,20 +146,22 @@ def requirements(name: str) -> list[str]:
 
 # pip install "fastpref[train]" (the trainer), [trl] (the TRL drop-ins), [bench] (the benchmarks),
 # [test] (the test suite and its benchmark plugin; includes train and trl), [dev] (everything).
-EXTRAS = {"train": requirements("train"), "trl": ["trl>=1.10", "transformers>=5.0", "peft", "accelerate", "datasets"],
-          "triton": ["triton>=3.0"], "bench": requirements("bench"), "test": requirements("dev")}
+# Lower bounds are the versions CI tests (constraints.txt; the GPU check runs torch 2.11 and triton 3.6).
+EXTRAS = {"train": requirements("train"),
+          "trl": ["trl>=1.16", "transformers>=5.25", "peft>=0.21", "accelerate>=1.16", "datasets>=5.2"],
+          "triton": ["triton>=3.6"], "bench": requirements("bench"), "test": requirements("dev")}
 EXTRAS["dev"] = sorted(set().union(*EXTRAS.values()))
 
 setup(
     name="fastpref",
-    version="0.1.0",
+    version=re.search(r'__version__ = "([^"]+)"', open(os.path.join(HERE, "fastpref", "__init__.py")).read())[1],
     description="Preference-alignment losses from hidden states, without materializing logits",
     python_requires=">=3.10",
     packages=find_packages(include=["fastpref", "fastpref.*"]) + ["fastpref.kernels"],
     package_dir={"fastpref": "fastpref", "fastpref.kernels": "kernels"},
     package_data={"fastpref.train": ["assets/*.json"]},
     entry_points={"console_scripts": ["fastpref=fastpref.cli:main"]},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.11", "numpy"],
     extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
