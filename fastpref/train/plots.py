@@ -19,11 +19,17 @@ PANELS = {  # file → (title, y-axis label, [(metric key, legend label, phase o
                    ("eval/logps_chosen", "chosen (held-out)", "pref"),
                    ("eval/logps_rejected", "rejected (held-out)", "pref")]),
 }
+REWARD_PANELS = {  # the reward task's records carry no phase (its SFT warm-up is not logged)
+    "reward_accuracy.png": ("reward model: pairs ranked right", "share of pairs",
+                            [("accuracy", "train batch", None), ("eval/reward_accuracy", "held-out", None)]),
+    "loss.png": ("training loss", "loss", [("loss", "reward-model loss", None)]),
+}
 
 
-def plot(metrics_file: Path, out_dir: Path) -> list[Path]:
-    """Write the plots of ``metrics.jsonl`` (panels without data are skipped); returns the files written.
-    The SFT warm-up is shaded; held-out evaluations are drawn with markers."""
+def plot(metrics_file: Path, out_dir: Path, panels: dict | None = None) -> list[Path]:
+    """Write the plots of ``metrics.jsonl`` (``PANELS`` unless ``panels`` is given; panels without data are
+    skipped); returns the files written. Held-out evaluations are drawn with markers. A panel with data from the
+    SFT warm-up shades it; a panel of the preference phase alone starts where that phase starts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +39,7 @@ def plot(metrics_file: Path, out_dir: Path) -> list[Path]:
         if Path(metrics_file).is_file() else []
     sft_end = max((r["step"] for r in recs if r.get("phase") == "sft"), default=None)
     written = []
-    for name, (title, ylabel, series) in PANELS.items():
+    for name, (title, ylabel, series) in (PANELS if panels is None else panels).items():
         curves = []
         for key, label, phase in series:
             pts = [(r["step"], r[key]) for r in recs
@@ -43,7 +49,7 @@ def plot(metrics_file: Path, out_dir: Path) -> list[Path]:
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
-        if sft_end:
+        if sft_end and any(pts[0][0] < sft_end for _, _, pts in curves):
             ax.axvspan(0, sft_end, color="grey", alpha=0.12, lw=0, label="SFT warm-up")
             ax.axvline(sft_end, color="grey", ls=":", lw=1)
         for key, label, pts in curves:

@@ -300,6 +300,10 @@ def train_reward(cfg: Config) -> dict:
                "wall_seconds": round(time.time() - t0, 2), "final_model": str(out_dir / "final"),
                "data": cfg.data or "synthetic"}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.plots:
+        from .plots import REWARD_PANELS, plot
+
+        plot(out_dir / "metrics.jsonl", out_dir, REWARD_PANELS)
     print(f"reward model ({loss}): held-out reward accuracy {summary['eval_reward_accuracy']} "
           f"(before {before and before['reward_accuracy']}), {steps} steps, {summary['wall_seconds']} s → "
           f"{summary['final_model']}")
