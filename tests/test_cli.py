@@ -37,3 +37,15 @@ def test_a_normal_run_prints_no_third_party_chatter(tmp_path, task):
     assert "held-out" in text
     noisy = [n for n in NOISE if n in text]
     assert not noisy, f"third-party output {noisy} in:\n{text[-3000:]}"
+
+
+def test_each_demo_has_its_own_default_folder():
+    """make train, fastpref train --online and fastpref train --task reward run in any order on a fresh clone."""
+    pytest.importorskip("yaml")
+    from fastpref.train.config import load_config
+    from fastpref.train.online.config import load_config as load_online
+
+    folders = [load_config([]).output_dir, load_config(["--task", "reward"]).output_dir,
+               load_online(["--online"]).output_dir]
+    assert len(set(folders)) == 3, folders
+    assert load_config(["--task", "reward", "--output-dir", "x"]).output_dir == "x"

@@ -19,6 +19,9 @@ REAL_DEFAULTS = dict(sft_steps=0, steps=None, batch_size=4, lr=5e-7, sft_lr=1e-5
                      eval_every=200, save_every=500, warmup_ratio=0.1, threads=None)
 
 
+REWARD_OUTPUT_DIR = "runs/reward"
+
+
 @dataclass
 class Config:
     """All trainer settings. ``None`` means: the default for the synthetic task or for real data."""
@@ -145,7 +148,8 @@ def _flag(name: str) -> str:
 
 
 HELP = {  # field → what it means (the default is appended by parser())
-    "output_dir": "folder for metrics.jsonl, summary.json, plots, checkpoints and the final model",
+    "output_dir": "folder for metrics.jsonl, summary.json, plots, checkpoints and the final model "
+                  f"(--task reward: {REWARD_OUTPUT_DIR})",
     "task": "'preference' (a policy, DPO and relatives) or 'reward' (a reward model: --loss bt (its default), "
             "scaled_bt, regression, gpm or micro)",
     "prev_model": "previous-iterate model folder (SPPO / INPO / GPO: its log-probs are precomputed)",
@@ -233,7 +237,7 @@ def parser() -> argparse.ArgumentParser:
                  "With no arguments: the bundled synthetic demo on the CPU (SFT on a sloppy demonstrator, then "
                  "DPO), writing to runs/demo.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                  epilog="Online and iterative algorithms (SPPO, Nash-MD, ...): fastpref train --online --help. "
-                        "Reward models: --task reward.")
+                        "Reward models: --task reward (writing to runs/reward).")
     ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
     for f in dataclasses.fields(Config):
         if f.name == "extra":
@@ -329,4 +333,6 @@ def load_config(argv: list[str] | None = None) -> Config:
         values["distributed"] = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
     if values.get("task") == "reward" and "loss" not in values:
         values["loss"] = "bt"  # a reward model's default loss: Bradley–Terry
+    if values.get("task") == "reward" and "output_dir" not in values:
+        values["output_dir"] = REWARD_OUTPUT_DIR  # its own folder: the demos run in any order on a fresh clone
     return Config(**values)

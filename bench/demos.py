@@ -1,0 +1,161 @@
+"""The three embedded demos over several seeds and backends, and the README's demo sentences made from them.
+
+    python -m bench.demos run [--seeds 0 1 2] [--backends torch native] [--demos offline online reward]
+    python -m bench.demos readme [--check]
+
+``run`` trains each demo as its command does with no arguments (only ``--seed``, ``--backend`` and a scratch
+``--output-dir`` added), reads each ``summary.json`` and writes ``bench/results/demos/demos.json``: every run's
+numbers and, per demo, the band (min-max over seeds and backends) of each number and of each gain.
+``readme`` rewrites the text between ``<!-- demo:begin -->`` and ``<!-- demo:end -->`` in README.md from that
+file; ``--check`` exits 1 when the text is out of date. ``tests/train/test_demo_claims.py`` holds a CI run of
+each demo to the recorded bands.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results", "demos", "demos.json")
+README = os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
+COMMANDS = {"offline": [], "online": ["--online"], "reward": ["--task", "reward"]}
+# the make train path: no C++ extension, so the torch backend
+MAKE_TRAIN_BACKEND = "torch"
+
+
+def numbers(demo: str, s: dict) -> dict[str, float]:
+    """The numbers a demo claims, from its summary.json: before/after pairs of held-out scores."""
+    if demo == "offline":
+        b, a = s["eval_greedy_before"], s["eval_greedy_after"]
+        return {"exact_before": b["exact_match"], "exact_after": a["exact_match"],
+                "digit_before": b["digit_accuracy"], "digit_after": a["digit_accuracy"]}
+    if demo == "online":
+        return {"exact_before": s["start_greedy_accuracy"], "exact_after": s["final_greedy_accuracy"],
+                "digit_before": s["start_greedy_digit_accuracy"], "digit_after": s["final_greedy_digit_accuracy"],
+                "exact_peak": max(s["greedy_accuracy_per_round"])}
+    return {"accuracy_before": s["eval_before"]["reward_accuracy"], "accuracy_after": s["eval_reward_accuracy"]}
+
+
+def run_one(demo: str, seed: int, backend: str, scratch: str) -> dict:
+    out = os.path.join(scratch, f"{demo}-{backend}-{seed}")
+    cmd = [sys.executable, "-m", "fastpref.train", *COMMANDS[demo], "--seed", str(seed), "--backend", backend,
+           "--output-dir", out, "--no-progress", "--no-plots"]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"bench.demos: {demo} seed {seed} backend {backend} failed:\n{p.stderr[-2000:]}")
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    return {"demo": demo, "seed": seed, "backend": backend, "wall_s": round(time.time() - t0, 1),
+            **{k: round(v, 4) for k, v in numbers(demo, summary).items()}}
+
+
+def bands(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per demo: [min, max] of every number and of every gain (after - before) over its runs."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for demo in dict.fromkeys(r["demo"] for r in runs):
+        rs = [r for r in runs if r["demo"] == demo]
+        keys = [k for k in rs[0] if k not in ("demo", "seed", "backend", "wall_s")]
+        vals = {k: [r[k] for r in rs] for k in keys}
+        for k in keys:
+            if k.endswith("_after"):
+                stem = k[:-len("_after")]
+                vals[f"{stem}_gain"] = [r[k] - r[f"{stem}_before"] for r in rs]
+        vals["wall_s"] = [r["wall_s"] for r in rs]
+        out[demo] = {k: [round(min(v), 4), round(max(v), 4)] for k, v in vals.items()}
+    return out
+
+
+def run(args) -> None:
+    scratch = tempfile.mkdtemp(prefix="fastpref-demos-")
+    runs = []
+    t0 = time.time()
+    for demo in args.demos:
+        for backend in args.backends:
+            for seed in args.seeds:
+                runs.append(run_one(demo, seed, backend, scratch))
+                print(json.dumps(runs[-1]), flush=True)
+    import torch
+
+    res = {"command": "python -m bench.demos run " + " ".join(sys.argv[2:]), "wall_s": round(time.time() - t0),
+           "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "torch": torch.__version__, "seeds": args.seeds, "backends": args.backends,
+           "runs": runs, "bands": bands(runs)}
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {os.path.relpath(RESULTS, ROOT)}")
+
+
+def _band(b: list[float], pct: bool = False) -> str:
+    f = (lambda v: f"{100 * v:.0f}") if pct else (lambda v: f"{v:.2f}")
+    return f(b[0]) if f(b[0]) == f(b[1]) else f"{f(b[0])}–{f(b[1])}"
+
+
+def sentences(res: dict) -> str:
+    """The README's demo text from demos.json."""
+    bd, n = res["bands"], f"{len(res['seeds'])} seeds × the {' and '.join(res['backends'])} backends"
+    lines = []
+    if "offline" in bd:
+        o = bd["offline"]
+        lines.append(f"On 256 held-out prompts a verifier scores the greedy answers before and after preference "
+                     f"training: per-digit accuracy {_band(o['digit_before'])} → {_band(o['digit_after'])}, "
+                     f"exact answers {_band(o['exact_before'])} → {_band(o['exact_after'])} (ranges over {n}; "
+                     f"`make train` uses the {MAKE_TRAIN_BACKEND} backend).")
+    if "online" in bd:
+        o = bd["online"]
+        lines.append(f"`fastpref train --online` (SPPO, from its own SFT start): greedy exact answers "
+                     f"{_band(o['exact_before'])} → {_band(o['exact_after'])}, per-digit "
+                     f"{_band(o['digit_before'])} → {_band(o['digit_after'])}.")
+    if "reward" in bd:
+        o = bd["reward"]
+        lines.append(f"`fastpref train --task reward`: held-out pairs ranked right {_band(o['accuracy_before'])} → "
+                     f"{_band(o['accuracy_after'])}.")
+    src = os.path.relpath(RESULTS, ROOT)
+    lines.append(f"Source: [`{src}`]({src}), made by `{res['command']}` on {res['date']} ({res['machine']}).")
+    return "\n".join(lines)
+
+
+def readme(args) -> int:
+    with open(RESULTS) as f:
+        res = json.load(f)
+    with open(README) as f:
+        text = f.read()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{sentences(res)}\n{END}{tail}"
+    if args.check:
+        if new != text:
+            print(f"README.md's demo text is out of date: run python -m bench.demos readme", file=sys.stderr)
+            return 1
+        return 0
+    with open(README, "w") as f:
+        f.write(new)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.demos", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--backends", nargs="+", default=["torch", "native"])
+    r.add_argument("--demos", nargs="+", default=list(COMMANDS), choices=list(COMMANDS))
+    w = sub.add_parser("readme")
+    w.add_argument("--check", action="store_true")
+    args = ap.parse_args(argv)
+    if args.what == "run":
+        run(args)
+        return 0
+    return readme(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
