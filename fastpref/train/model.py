@@ -23,12 +23,21 @@ def tiny_model(vocab_size: int, seed: int, hidden: int = 96, layers: int = 2, he
     return LlamaForCausalLM(cfg) if num_labels is None else LlamaForSequenceClassification(cfg)
 
 
+def hub_kernel_args() -> dict:
+    """``from_pretrained`` keywords for Hugging Face hub kernels: transformers' own default (on) where its
+    kernel-hub package is usable, off where it is not (transformers would then refuse to load any model)."""
+    from transformers.utils import is_kernels_available
+
+    return {} if is_kernels_available() else {"use_kernels": False}
+
+
 def load_model(path: str, dtype: torch.dtype | None = None) -> nn.Module:
     """A local Hugging Face causal LM folder (safetensors weights; no remote code, no download)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True,
-                                                use_safetensors=True, attn_implementation="sdpa")
+                                                use_safetensors=True, attn_implementation="sdpa",
+                                                **hub_kernel_args())
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -147,9 +147,11 @@ def make_model(cfg: Config, tok, num_labels: int, lm: nn.Module | None = None) -
     elif lm is not None:
         model = AutoModelForSequenceClassification.from_config(lm.config, num_labels=num_labels)
     else:
+        from .model import hub_kernel_args
+
         model = AutoModelForSequenceClassification.from_pretrained(
             cfg.model, num_labels=num_labels, local_files_only=True, use_safetensors=True,
-            ignore_mismatched_sizes=True, dtype=torch.float32)
+            ignore_mismatched_sizes=True, dtype=torch.float32, **hub_kernel_args())
     if lm is not None:
         model.base_model.load_state_dict(lm.base_model.state_dict())
     if model.config.pad_token_id is None:

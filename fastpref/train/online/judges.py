@@ -161,7 +161,10 @@ class RewardModel(Judge):
 
         try:
             self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+            from ..model import hub_kernel_args
+
+            self.model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True,
+                                                                            **hub_kernel_args())
         except (OSError, ValueError) as e:
             raise JudgeError(f"--judge {folder}: not a sequence-classification reward model folder ({e})") from None
         self.model.to(device).eval()
