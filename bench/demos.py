@@ -6,8 +6,9 @@
 ``run`` trains each demo as its command does with no arguments (only ``--seed``, ``--backend`` and a scratch
 ``--output-dir`` added), reads each ``summary.json`` and writes ``bench/results/demos/demos.json``: every run's
 numbers and, per demo, the band (min-max over seeds and backends) of each number and of each gain.
-``readme`` rewrites the text between ``<!-- demo:begin -->`` and ``<!-- demo:end -->`` in README.md from that
-file; ``--check`` exits 1 when the text is out of date. ``tests/train/test_demo_claims.py`` holds a CI run of
+``readme`` rewrites the text between ``<!-- demo:begin -->`` and ``<!-- demo:end -->`` in README.md (the
+sentences) and docs/training.md (a table per backend) from that file; ``--check`` exits 1 when either is out of
+date. ``tests/train/test_demo_claims.py`` holds a CI run of
 each demo to the recorded bands.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "demos", "demos.json")
 README = os.path.join(ROOT, "README.md")
+TRAINING_DOC = os.path.join(ROOT, "docs", "training.md")
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
 COMMANDS = {"offline": [], "online": ["--online"], "reward": ["--task", "reward"]}
 # the make train path: no C++ extension, so the torch backend
@@ -123,21 +125,49 @@ def sentences(res: dict) -> str:
     return "\n".join(lines)
 
 
-def readme(args) -> int:
-    with open(RESULTS) as f:
-        res = json.load(f)
-    with open(README) as f:
+def table(res: dict) -> str:
+    """docs/training.md's table: each demo's numbers per backend, the range over the seeds."""
+    out = [f"| demo, held-out score | {' | '.join(f'`{b}`: before → after' for b in res['backends'])} |",
+           "|---|" + "---|" * len(res["backends"])]
+    labels = {"exact": "greedy answers, exact match", "digit": "greedy answers, per-digit accuracy",
+              "accuracy": "pairs ranked right"}
+    for demo in dict.fromkeys(r["demo"] for r in res["runs"]):
+        rs = [r for r in res["runs"] if r["demo"] == demo]
+        for stem, label in labels.items():
+            if f"{stem}_after" not in rs[0]:
+                continue
+            cells = []
+            for b in res["backends"]:
+                sub = bands([r for r in rs if r["backend"] == b])[demo]
+                cells.append(f"{_band(sub[f'{stem}_before'])} → {_band(sub[f'{stem}_after'])}")
+            out.append(f"| {demo}: {label} | {' | '.join(cells)} |")
+    return "\n".join(out)
+
+
+def _replace(path: str, body: str, check: bool) -> bool:
+    """Puts ``body`` between the markers of ``path``; True when the file was (check: would be) unchanged."""
+    with open(path) as f:
         text = f.read()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{sentences(res)}\n{END}{tail}"
-    if args.check:
-        if new != text:
-            print(f"README.md's demo text is out of date: run python -m bench.demos readme", file=sys.stderr)
-            return 1
-        return 0
-    with open(README, "w") as f:
-        f.write(new)
+    new = f"{head}{BEGIN}\n{body}\n{END}{tail}"
+    if not check and new != text:
+        with open(path, "w") as f:
+            f.write(new)
+    return new == text
+
+
+def readme(args) -> int:
+    with open(RESULTS) as f:
+        res = json.load(f)
+    src = os.path.relpath(RESULTS, ROOT)
+    note = (f"Ranges over seeds {', '.join(map(str, res['seeds']))}; source: [`{src}`](../{src}), made by "
+            f"`{res['command']}` on {res['date']} ({res['machine']}, torch {res['torch']}).")
+    same = [_replace(README, sentences(res), args.check), _replace(TRAINING_DOC, table(res) + "\n\n" + note, args.check)]
+    if args.check and not all(same):
+        print("the demo text in README.md / docs/training.md is out of date: python -m bench.demos readme",
+              file=sys.stderr)
+        return 1
     return 0
 
 
