@@ -27,9 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = check(load_config(argv))  # before anything heavy is imported
 
             def run() -> dict:
-                from .loop import train
-
-                return train(cfg)
+                return train_task(cfg)
         from .checkpoint import CheckpointError
         from .data import DataError
 
@@ -46,4 +44,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(EXIT_CODE) from None
 
 
-__all__ = ["main"]
+def train_task(cfg) -> dict:
+    """Run the task ``cfg.task`` names (preference or reward) with a checked configuration; returns its summary."""
+    if cfg.task == "reward":
+        from .reward import train_reward
+
+        return train_reward(cfg)
+    from .preference import train
+
+    return train(cfg)
+
+
+__all__ = ["main", "train_task"]
