@@ -6,6 +6,7 @@ that writes is called on all ranks and ends with a barrier where other ranks mus
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -80,6 +81,16 @@ class Outputs:
         return folder, model_state, trainer_state
 
     # ------------------------------------------------------------------------------------------- other files
+    def write_json(self, path: Path, obj: Any, wait: bool = True) -> None:
+        """Write ``obj`` as JSON to ``path`` (inside the folder) atomically: a temporary file renamed into place.
+        ``wait``: the other ranks wait for it (False: called on the main process only)."""
+        if self.d.main:
+            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+            tmp.write_text(json.dumps(obj))
+            os.replace(tmp, path)
+        if wait:
+            self.d.barrier()
+
     def save_weights(self, name: str, state: dict[str, Tensor], info: dict) -> None:
         """A verified weights folder ``<name>/`` (the checkpoint format, no trainer state), e.g. the reference."""
         if self.d.main:
