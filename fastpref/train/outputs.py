@@ -39,6 +39,13 @@ class Outputs:
             return []
         return [json.loads(x) for x in self.metrics.read_text().splitlines() if x.strip()]
 
+    def find_record(self, match: Callable[[dict], bool]) -> dict | None:
+        """The first record of metrics.jsonl that ``match`` accepts (main process; None elsewhere or when none
+        does)."""
+        if not self.d.main:
+            return None
+        return next((r for r in self.records() if match(r)), None)
+
     def keep_records(self, keep: Callable[[dict], bool]) -> list[dict]:
         """Rewrite metrics.jsonl with only the records ``keep`` accepts (those written before the checkpoint a
         run resumes from); returns them (main process; [] elsewhere)."""

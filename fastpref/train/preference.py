@@ -14,11 +14,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..nn import PreferenceLoss
 from . import data as D
 from .config import Config
 from .dist import Dist, load_model_state, wrap
-from .model import decoder, final_softcap, load_model, packing_supported, tiny_model
-from .objective import (Objective, call, dataset_logps, dry_run, loss_inputs, make_loss, metrics, needs_kto_kl)
+from .model import decoder, enable_gradient_checkpointing, final_softcap, load_model, tiny_model, use_packing
+from .objective import Objective, call, dataset_logps, dry_run, loss_inputs, make_loss, metrics, needs_kto_kl
 from .phases import PhasedRun
 from .references import References
 from .run import Phase, environment, launch, sft_micro_step
@@ -66,6 +67,18 @@ def load_data(cfg: Config, tok, log: Callable[[str], None]) -> PreferenceData:
     return data
 
 
+def check_loss(cfg: Config, loss: PreferenceLoss, train: D.Dataset, ref_mode: str) -> None:
+    """Refuse (SystemExit, one line) a loss that cannot train on this data: a dry run of the loss with the
+    inputs the data and the other models provide, and KTO's batch-size need."""
+    ex0 = train.examples[0]
+    provided = set(ex0.numbers) | set(ex0.texts) | \
+        {name for name in ("prev_model", "token_reward_model") if getattr(cfg, name)}
+    dry_run(loss, train.layout, train.num_responses, ref_mode, provided)
+    if needs_kto_kl(loss) and cfg.batch_size < 2:
+        raise SystemExit("KTO's reference point pairs each prompt with another completion of its micro-batch: "
+                         "use --batch-size >= 2 (or --loss-args kl=0)")
+
+
 class PreferenceRun(References, PhasedRun):
     """One preference training run: the phases "sft" and "pref" of one policy."""
 
@@ -80,21 +93,11 @@ class PreferenceRun(References, PhasedRun):
         self.loss = make_loss(cfg.loss_weights(), cfg.loss_hparams(), self.train.layout,
                               self.train.num_responses, self.softcap, cfg.backend)
         self.ref_mode = self._ref_mode()
-        ex0 = self.train.examples[0]
-        provided = set(ex0.numbers) | set(ex0.texts) | \
-            {name for name in ("prev_model", "token_reward_model") if getattr(cfg, name)}
-        dry_run(self.loss, self.train.layout, self.train.num_responses, self.ref_mode, provided)
-        if needs_kto_kl(self.loss) and cfg.batch_size < 2:
-            raise SystemExit("KTO's reference point pairs each prompt with another completion of its micro-batch: "
-                             "use --batch-size >= 2 (or --loss-args kl=0)")
-        self.packed = self._packing()
+        check_loss(cfg, self.loss, self.train, self.ref_mode)
+        self.packed = use_packing(self.policy, cfg.packing, self.log)
         self.pack_length = cfg.pack_length if cfg.pack_length is not None else cfg.max_length
         if cfg.gradient_checkpointing:
-            self.policy.config.use_cache = False
-            if hasattr(self.policy, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-                self.policy.activation_checkpointing_enable()
-            else:
-                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(self.policy)
         self.objective = Objective(self.policy, self.loss, self.softcap, cfg.backend)
         self.module = wrap(self.objective, list(getattr(decoder(self.policy), "layers", [])), d)
         self.sft_steps = cfg.sft_steps
@@ -110,19 +113,6 @@ class PreferenceRun(References, PhasedRun):
         with torch.random.fork_rng(devices=[]):
             model = tiny_model(len(self.tok), self.cfg.seed) if self.cfg.model is None else load_model(self.cfg.model)
         return model.train()
-
-    def _packing(self) -> bool:
-        if self.cfg.packing == "off":
-            return False
-        ok = packing_supported(self.policy)
-        if not ok:
-            msg = (f"packed sequences (position_ids restarting per sequence) are not supported by "
-                   f"{type(self.policy).__name__} with attn_implementation="
-                   f"{getattr(self.policy.config, '_attn_implementation', '?')} here")
-            if self.cfg.packing == "on":
-                raise SystemExit(msg)
-            self.log(f"note: {msg}; falling back to padded batches")
-        return ok
 
     # ------------------------------------------------------------------------------------------- phase hooks
     def begin(self, phase: Phase, resumed: bool) -> nn.Module:
@@ -229,11 +219,8 @@ class PreferenceRun(References, PhasedRun):
         from .plots import plot, table
 
         state = self.model_state()
-        before = self.before
-        if before is None and self.d.main:  # the evaluation as preference training began, after a resume
-            found = [r for r in self.out.records() if r.get("eval") and r.get("phase") == "pref"
-                     and r["step"] == self.sft_steps]
-            before = found[0] if found else None
+        before = self.before or self.out.find_record(  # after a resume: the evaluation as preference training began
+            lambda r: r.get("eval") and r.get("phase") == "pref" and r["step"] == self.sft_steps)
         summary = summarize(self, before, final)
         self.out.save_final(self.make_model() if self.d.mode == "fsdp" else self.policy, self.tok, state)
         self.out.save_summary(summary, plot if self.cfg.plots else None)

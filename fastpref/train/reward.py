@@ -321,8 +321,8 @@ class RewardRun(PhasedRun):
             self.save(*last)
         before = self.before
         if before is None:  # after a resume: read back from the metrics
-            found = [r for r in self.out.records() if r.get("eval") and r["step"] == 0]
-            before = {k[len("eval/"):]: v for k, v in found[0].items() if k.startswith("eval/")} if found else None
+            found = self.out.find_record(lambda r: r.get("eval") and r["step"] == 0) or {}
+            before = {k[len("eval/"):]: v for k, v in found.items() if k.startswith("eval/")} or None
         steps = self.phases[1].steps
         summary = {"task": "reward", "loss": self.loss, "hparams": {**self.hp, "heads": self.heads},
                    "num_labels": self.model.config.num_labels, "attributes": self.attrs, "train_steps": steps,

@@ -168,33 +168,39 @@ class OnlineRun(Rounds, Core):
         return self.finish()
 
     def finish(self) -> dict:
-        cfg, d = self.cfg, self.d
-        hist = {x["round"]: x for x in self.history}
-        rounds = sorted(hist)
-        per = lambda k: [hist[r].get(k) for r in rounds]  # noqa: E731
-        acc, digit = per("eval/greedy_accuracy"), per("eval/greedy_digit_accuracy")
-        points = lambda v: round(100 * (v[-1] - v[0]), 2) if v and v[0] is not None else None  # noqa: E731
-        summary = {
-            "algorithm": self.alg.name, "description": self.alg.describe(cfg.rounds, cfg.hparams()), "rounds": cfg.rounds,
-            "evaluated_rounds": rounds,
-            "greedy_accuracy_per_round": acc, "greedy_digit_accuracy_per_round": digit,
-            "start_greedy_accuracy": acc[0] if acc else None, "final_greedy_accuracy": acc[-1] if acc else None,
-            "improvement_points": points(acc),
-            "start_greedy_digit_accuracy": digit[0] if digit else None,
-            "final_greedy_digit_accuracy": digit[-1] if digit else None, "digit_improvement_points": points(digit),
-            "winrate_vs_start_per_round": per("eval/winrate_vs_start"), "kl_to_ref_per_round": per("eval/kl_to_ref"),
-            "judge_score_per_round": per("eval/judge_score"), "length_per_round": per("eval/length"),
-            "train_steps": self.step, "sft_steps": cfg.sft_steps if cfg.model is None and cfg.synthetic else 0,
-            "hparams": cfg.hparams(), "judge": self.judge.name, "world_size": d.world,
-            "wall_seconds": round(time.time() - self.t0, 2), "final_model": str(self.out.folder / "final"),
-        }
+        """Save the final model, the summary and the plots; returns the summary."""
         from .plots import plot
 
+        summary = summarize(self)
         self.out.save_final(self.policy, self.tok)
-        self.out.save_summary(summary, plot if cfg.plots else None)
+        self.out.save_summary(summary, plot if self.cfg.plots else None)
         self.log(table(summary))
-        d.barrier()
+        self.d.barrier()
         return summary
+
+
+def summarize(run: OnlineRun) -> dict:
+    """summary.json of an online run: the held-out evaluations per round, the set-up."""
+    cfg = run.cfg
+    hist = {x["round"]: x for x in run.history}
+    rounds = sorted(hist)
+    per = lambda k: [hist[r].get(k) for r in rounds]  # noqa: E731
+    acc, digit = per("eval/greedy_accuracy"), per("eval/greedy_digit_accuracy")
+    points = lambda v: round(100 * (v[-1] - v[0]), 2) if v and v[0] is not None else None  # noqa: E731
+    return {
+        "algorithm": run.alg.name, "description": run.alg.describe(cfg.rounds, cfg.hparams()), "rounds": cfg.rounds,
+        "evaluated_rounds": rounds,
+        "greedy_accuracy_per_round": acc, "greedy_digit_accuracy_per_round": digit,
+        "start_greedy_accuracy": acc[0] if acc else None, "final_greedy_accuracy": acc[-1] if acc else None,
+        "improvement_points": points(acc),
+        "start_greedy_digit_accuracy": digit[0] if digit else None,
+        "final_greedy_digit_accuracy": digit[-1] if digit else None, "digit_improvement_points": points(digit),
+        "winrate_vs_start_per_round": per("eval/winrate_vs_start"), "kl_to_ref_per_round": per("eval/kl_to_ref"),
+        "judge_score_per_round": per("eval/judge_score"), "length_per_round": per("eval/length"),
+        "train_steps": run.step, "sft_steps": cfg.sft_steps if cfg.model is None and cfg.synthetic else 0,
+        "hparams": cfg.hparams(), "judge": run.judge.name, "world_size": run.d.world,
+        "wall_seconds": round(time.time() - run.t0, 2), "final_model": str(run.out.folder / "final"),
+    }
 
 
 def table(s: dict) -> str:
