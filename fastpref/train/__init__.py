@@ -1,7 +1,12 @@
 """The fastpref trainer: ``fastpref train`` / ``python -m fastpref.train`` (see ``--help``).
 
 With no arguments it trains the bundled tiny model on the bundled synthetic preference task on the CPU.
-``--online`` (or ``online: true`` in the YAML) runs the online / iterative mode instead (``fastpref.train.online``).
+``--online`` (or ``online: true`` in the YAML) runs the online / iterative mode instead (``fastpref.train.online``),
+``--task reward`` trains a reward model (``fastpref.train.reward``).
+
+This module is the command dispatch above the tasks: the tasks (``preference``, ``reward``, ``online``) stand on
+the run core (``run``, ``phases``, ``outputs``), which imports no task (docs/training.md, "How
+the trainer is built").
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ on the last non-padding token) fitted with a reward loss of the registry:
 
 Held-out reward accuracy: the fraction of held-out pairs the model orders right (score rows: pairs of
 responses to one prompt with different mean scores). The final model loads with
-``AutoModelForSequenceClassification.from_pretrained``. Single process; no checkpoints or resume.
+``AutoModelForSequenceClassification.from_pretrained``. Single process. The run (:class:`RewardRun`) is a
+:class:`~fastpref.train.phases.PhasedRun`: the SFT phase (pairwise data; a causal LM on the chosen answers, a
+constant learning rate), then the reward phase; checkpoints and exact resume in either.
 """
 from __future__ import annotations
 

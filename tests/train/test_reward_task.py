@@ -9,7 +9,7 @@ import torch
 from fastpref.train import main
 from fastpref.train.synthetic import make_task
 
-from conftest import kill_when_saved
+from conftest import assert_same_final_weights, kill_when_saved
 
 SHORT = ["--no-progress", "--no-plots", "--threads", "1", "--batch-size", "8", "--eval-batch-size", "64"]
 
@@ -85,17 +85,12 @@ def _records(folder):
 def test_sigkill_in_each_phase_then_resume_is_exact(tmp_path):
     """Killed once in the SFT phase and once in the reward phase, resumed each time: the same final weights,
     metrics and summary as an uninterrupted run."""
-    from safetensors.torch import load_file
-
     a, b = tmp_path / "killed", tmp_path / "straight"
     kill_when_saved(a, RESUME, "step-00000004", timeout=240, poll=0.02)  # SFT phase (the causal LM)
     kill_when_saved(a, [*RESUME, "--resume", "auto"], "step-00000012", timeout=240, poll=0.02)  # reward phase
     resumed = main(["--output-dir", str(a), *RESUME, "--resume", "auto"])
     straight = main(["--output-dir", str(b), *RESUME])
-    pa, pb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        assert torch.equal(pa[k], pb[k]), k
+    assert_same_final_weights(a, b)
     assert _records(a) == _records(b)
     same = ("eval_reward_accuracy", "eval_before", "train_steps")
     assert {k: resumed[k] for k in same} == {k: straight[k] for k in same}
