@@ -20,17 +20,23 @@ def strip_objective(state: dict, prefix: str = "model.") -> dict:
 
 
 class PhasedRun(Core):
-    """A run of :class:`Phase` s. Subclasses set ``self.phases`` and implement :meth:`begin`, :meth:`micro_step`,
-    :meth:`trained`, :meth:`load_model_state`, and may override :meth:`record`, :meth:`evaluate_now`,
-    :meth:`describe`, :meth:`extra_state` / :meth:`load_extra_state`, :meth:`keep_record`."""
+    """A run of :class:`Phase` s. Subclasses set ``self.phases`` and implement :meth:`module_for`,
+    :meth:`micro_step`, :meth:`trained` and :meth:`load_model_state`; they may override :meth:`begin`,
+    :meth:`record`, :meth:`evaluate_now`, :meth:`describe`, :meth:`extra_state` / :meth:`load_extra_state` and
+    :meth:`keep_record`."""
 
     phases: list[Phase]
 
     # ------------------------------------------------------------------------------------------- hooks
-    def begin(self, phase: Phase, resumed: bool) -> nn.Module:
-        """Set up ``phase`` (``resumed``: inside it, from a checkpoint); returns the module to train (wrapped
-        for DDP / FSDP where the task does so)."""
+    def module_for(self, phase: Phase) -> nn.Module:
+        """The module that ``phase`` trains (wrapped for DDP / FSDP where the task does so), built if needed;
+        its optimizer is made right after."""
         raise NotImplementedError
+
+    def begin(self, phase: Phase) -> None:
+        """Set up the rest of ``phase`` once its optimizer exists (a reference, the evaluation before it). Under
+        FSDP a forward pass may leave parameters unsharded, so nothing runs the model before the optimizer is
+        made."""
 
     def micro_step(self, phase: Phase, step: int, micro: int) -> dict:
         """Forward and backward of micro-batch ``micro`` of step ``step``; returns its metrics."""
@@ -91,9 +97,10 @@ class PhasedRun(Core):
     def save(self, opt: torch.optim.Optimizer, phase: Phase) -> None:
         from .dist import optim_state
 
+        state = self.model_state()  # first: under FSDP it also reshards what a forward pass left unsharded
         trainer = {"step": self.step, "phase": phase.name, "optimizer": optim_state(self.trained(), opt, self.d),
                    "world": self.d.world, **self.rng_state(), **self.extra_state()}
-        self.out.save_checkpoint(self.step, self.model_state(), trainer,
+        self.out.save_checkpoint(self.step, state, trainer,
                                  {"step": self.step, "phase": phase.name,
                                   "total_steps": self.phases[-1].end})
 
@@ -127,11 +134,11 @@ class PhasedRun(Core):
             if phase.steps <= 0 or self.step >= phase.end:
                 continue
             bar.set_description(self.describe(phase))
-            inside = trainer is not None and trainer["phase"] == phase.name and self.step > phase.start
-            module = self.begin(phase, inside)
+            module = self.module_for(phase)
             opt = self.optimizer(module, phase.lr)
-            if inside:
+            if trainer is not None and trainer["phase"] == phase.name and self.step > phase.start:
                 load_optim_state(self.trained(), opt, trainer["optimizer"], self.d)
+            self.begin(phase)
             for rec in self.steps(phase, module, opt, lambda step, m, ph=phase: self.micro_step(ph, step, m)):
                 out = self.record(phase, rec)
                 if out is not None:

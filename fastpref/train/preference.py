@@ -115,7 +115,10 @@ class PreferenceRun(References, PhasedRun):
         return model.train()
 
     # ------------------------------------------------------------------------------------------- phase hooks
-    def begin(self, phase: Phase, resumed: bool) -> nn.Module:
+    def module_for(self, phase: Phase) -> nn.Module:
+        return self.module
+
+    def begin(self, phase: Phase) -> None:
         if phase.name == "sft" and self.step == 0:
             self.evaluate("sft")  # the untrained model's greedy answers
         if phase.name == "pref":
@@ -123,7 +126,6 @@ class PreferenceRun(References, PhasedRun):
             self.setup_other_models()
             if self.step == phase.start:
                 self.before = self.evaluate()
-        return self.module
 
     def describe(self, phase: Phase) -> str:
         return phase.name if phase.name == "sft" else ",".join(self.loss.fns)

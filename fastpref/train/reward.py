@@ -250,15 +250,17 @@ class RewardRun(PhasedRun):
         return model.to(self.d.device).train()
 
     # ------------------------------------------------------------------------------------------- phase hooks
-    def begin(self, phase: Phase, resumed: bool) -> nn.Module:
+    def module_for(self, phase: Phase) -> nn.Module:
         if phase.name == "sft":
             self.lm = self.lm or self.make_lm()
             return self.lm
         if self.model is None:
             self.model = self.make_reward_model()
-        if self.step == phase.start:
-            self.before = self.evaluate()
         return self.model
+
+    def begin(self, phase: Phase) -> None:
+        if phase.name == "reward" and self.step == phase.start:
+            self.before = self.evaluate()
 
     def trained(self) -> nn.Module:
         return self.model if self.model is not None else self.lm

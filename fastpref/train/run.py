@@ -134,7 +134,6 @@ class Core:
         one micro-batch, its loss already divided by the accumulation count), with step (after the update),
         phase, lr, grad_norm (before clipping) and time."""
         accum = getattr(self.cfg, "grad_accum", 1)
-        params = [p for p in module.parameters() if p.requires_grad]
         while self.step < phase.end:
             lr = phase.lr_at(self.step)
             for g in opt.param_groups:
@@ -144,7 +143,9 @@ class Core:
                 ctx = module.no_sync() if (self.d.mode == "ddp" and m < accum - 1) else contextlib.nullcontext()
                 with ctx:
                     recs.append(micro_step(self.step, m))
-            gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            # the parameters are listed after the backward pass: FSDP swaps them between sharded and unsharded
+            gn = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
+                                                self.cfg.max_grad_norm)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             opt.step()
             opt.zero_grad(set_to_none=True)
