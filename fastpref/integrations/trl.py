@@ -5,7 +5,8 @@ TRL ≥ 1.x computes every log-prob of its DPO / KTO / GRPO / SFT trainers throu
 ``model(..., labels=labels, fused_lm_head=True)`` returns a ``FusedCausalLMOutput`` (log_probs, entropy,
 log_sum_sq_probs, mean_logits, is_top1, aux_loss). The trainers here replace only that seam and the loss:
 
-* :func:`add_fused_lm_head` is a same-signature, same-output replacement computed by fastpref's primitive (the
+* :func:`add_fused_lm_head` (defined in :mod:`fastpref.integrations.trl_head`, which the GRPO trainer imports
+  too) is a same-signature, same-output replacement computed by fastpref's primitive (the
   hidden states and the resolved output layer of :mod:`fastpref.integrations.transformers`: softcapping, logit
   scale, lm_head bias, PEFT LoRA / modules_to_save on lm_head, MoE aux loss).
 * ``DPOTrainer`` / ``KTOTrainer`` construct themselves exactly like TRL's, except that the module-level
