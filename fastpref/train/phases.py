@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dist import model_state
+from .dist import load_optim_state, model_state, optim_state
 from .objective import Objective
 from .run import Core, Phase
 
@@ -59,7 +59,12 @@ class PhasedRun(Core):
     def evaluate_now(self, phase: Phase) -> None:
         """The evaluation every ``eval_every`` steps."""
 
+    def count_from(self, phase: Phase) -> int:
+        """The step that ``eval_every`` counts from in ``phase`` (0: the run's step counter)."""
+        return 0
+
     def describe(self, phase: Phase) -> str:
+        """The progress bar's label during ``phase``."""
         return phase.name
 
     def extra_state(self) -> dict:
@@ -67,7 +72,7 @@ class PhasedRun(Core):
         return {}
 
     def load_extra_state(self, trainer: dict) -> None:
-        pass
+        """Restore what :meth:`extra_state` saved, from a checkpoint's trainer state."""
 
     def keep_record(self, rec: dict) -> bool:
         """Whether a metrics record came before the checkpoint the run resumed from (step ``self.step``)."""
@@ -95,8 +100,7 @@ class PhasedRun(Core):
         return strip_objective(state) if isinstance(module, Objective) else state
 
     def save(self, opt: torch.optim.Optimizer, phase: Phase) -> None:
-        from .dist import optim_state
-
+        """A checkpoint of this step: model, optimizer, RNG, counters and :meth:`extra_state`."""
         state = self.model_state()  # first: under FSDP it also reshards what a forward pass left unsharded
         trainer = {"step": self.step, "phase": phase.name, "optimizer": optim_state(self.trained(), opt, self.d),
                    "world": self.d.world, **self.rng_state(), **self.extra_state()}
@@ -124,8 +128,6 @@ class PhasedRun(Core):
         """Train every phase from the current step (``trainer``: the resumed checkpoint's trainer state);
         returns the last (optimizer, phase) that made a step (None when none did)."""
         from tqdm.auto import tqdm
-
-        from .dist import load_optim_state
 
         bar = tqdm(total=self.phases[-1].end, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.d.main and getattr(self.cfg, "progress", False)))
@@ -157,7 +159,3 @@ class PhasedRun(Core):
             trainer = None
         bar.close()
         return last
-
-    def count_from(self, phase: Phase) -> int:
-        """The step that ``eval_every`` counts from in ``phase`` (0: the run's step counter)."""
-        return 0

@@ -239,11 +239,13 @@ class RewardRun(PhasedRun):
 
     # ------------------------------------------------------------------------------------------- models
     def make_lm(self) -> Objective:
+        """The SFT phase's causal LM (the demo model or --model) inside an SFT-only objective."""
         cfg = self.cfg
-        lm = (tiny_model(len(self.tok), cfg.seed) if cfg.model is None else load_model(cfg.model))
+        lm = tiny_model(len(self.tok), cfg.seed) if cfg.model is None else load_model(cfg.model)
         return Objective(lm.to(self.d.device).train(), PreferenceLoss("sft"), backend=cfg.backend)
 
     def make_reward_model(self) -> nn.Module:
+        """The reward model, its body from the SFT phase's LM when there was one (which is then let go)."""
         lm = self.lm.model if self.lm is not None else None
         model = make_model(self.cfg, self.tok, outputs_for(self.loss, self.heads, self.attrs), lm)
         self.lm = None
@@ -252,7 +254,8 @@ class RewardRun(PhasedRun):
     # ------------------------------------------------------------------------------------------- phase hooks
     def module_for(self, phase: Phase) -> nn.Module:
         if phase.name == "sft":
-            self.lm = self.lm or self.make_lm()
+            if self.lm is None:
+                self.lm = self.make_lm()
             return self.lm
         if self.model is None:
             self.model = self.make_reward_model()
