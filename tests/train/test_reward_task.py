@@ -94,3 +94,15 @@ def test_sigkill_in_each_phase_then_resume_is_exact(tmp_path):
     assert _records(a) == _records(b)
     same = ("eval_reward_accuracy", "eval_before", "train_steps")
     assert {k: resumed[k] for k in same} == {k: straight[k] for k in same}
+
+
+def test_resume_from_the_end_of_the_sft_phase(tmp_path):
+    """A checkpoint written as the SFT phase ends (before the reward model exists) resumes into the reward phase:
+    same weights, evaluation before reward training and metrics as the run that wrote it."""
+    args = [*RESUME, "--save-every", "6", "--keep-checkpoints", "5"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    straight = main(["--output-dir", str(a), *args])
+    resumed = main(["--output-dir", str(b), *args, "--resume", str(a / "checkpoints" / "step-00000006")])
+    assert_same_final_weights(a, b)
+    assert _records(a) == _records(b)
+    assert resumed["eval_before"] == straight["eval_before"] and resumed["eval_before"] is not None
