@@ -24,7 +24,7 @@ import trl
 from trl.trainer import grpo_trainer as _grpo_module
 
 from .. import losses as L
-from .trl import _fastpref_head, _record
+from .trl_head import _fastpref_head, _record
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "grpo_loss"]
 

@@ -1,7 +1,12 @@
 """The fastpref trainer: ``fastpref train`` / ``python -m fastpref.train`` (see ``--help``).
 
 With no arguments it trains the bundled tiny model on the bundled synthetic preference task on the CPU.
-``--online`` (or ``online: true`` in the YAML) runs the online / iterative mode instead (``fastpref.train.online``).
+``--online`` (or ``online: true`` in the YAML) runs the online / iterative mode instead (``fastpref.train.online``),
+``--task reward`` trains a reward model (``fastpref.train.reward``).
+
+This module is the command dispatch above the tasks: the tasks (``preference``, ``reward``, ``online``) stand on
+the run core (``run``, ``phases``, ``outputs``), which imports no task (docs/training.md, "How
+the trainer is built").
 """
 from __future__ import annotations
 
@@ -27,9 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = check(load_config(argv))  # before anything heavy is imported
 
             def run() -> dict:
-                from .loop import train
-
-                return train(cfg)
+                return train_task(cfg)
         from .checkpoint import CheckpointError
         from .data import DataError
 
@@ -46,4 +49,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(EXIT_CODE) from None
 
 
-__all__ = ["main"]
+def train_task(cfg) -> dict:
+    """Run the task ``cfg.task`` names (preference or reward) with a checked configuration; returns its summary."""
+    if cfg.task == "reward":
+        from .reward import train_reward
+
+        return train_reward(cfg)
+    from .preference import train
+
+    return train(cfg)
+
+
+__all__ = ["main", "train_task"]

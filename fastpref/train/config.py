@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .specs import parse_kv, parse_loss
+
 # Settings of the embedded default (the synthetic task), used where neither flags nor YAML set them.
 SYNTHETIC_DEFAULTS = dict(sft_steps=800, steps=300, batch_size=32, lr=1e-3, sft_lr=3e-3, max_length=32,
                           eval_every=50, save_every=200, warmup_ratio=0.1, threads=1,
@@ -94,53 +96,6 @@ class Config:
         if self.beta is not None:
             h["beta"] = self.beta
         return h
-
-
-def _scalar(v: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(v)
-
-
-def parse_loss(spec: Any) -> dict[str, float]:
-    """``"sigmoid"``, ``"sigmoid=1,sft=0.5"``, a list of names or a {name: weight} mapping → {name: weight}."""
-    if isinstance(spec, dict):
-        return {str(k): float(v) for k, v in spec.items()}
-    if isinstance(spec, (list, tuple)):
-        out: dict[str, float] = {}
-        for s in spec:
-            out.update(parse_loss(s))
-        return out
-    out = {}
-    for part in str(spec).split(","):
-        if not part.strip():
-            continue
-        name, _, w = part.partition("=")
-        out[name.strip()] = float(w) if w.strip() else 1.0
-    if not out:
-        raise ValueError("--loss names no loss")
-    return out
-
-
-def parse_kv(spec: Any) -> dict[str, Any]:
-    """``"label_smoothing=0.1,f_divergence_type=js"`` or a mapping → {key: value} (YAML scalars)."""
-    if not spec:
-        return {}
-    if isinstance(spec, dict):
-        return dict(spec)
-    if isinstance(spec, (list, tuple)):
-        out: dict[str, Any] = {}
-        for s in spec:
-            out.update(parse_kv(s))
-        return out
-    out = {}
-    for part in str(spec).split(","):
-        if part.strip():
-            k, eq, v = part.partition("=")
-            if not eq:
-                raise ValueError(f"--loss-args: expected key=value, got {part!r}")
-            out[k.strip()] = _scalar(v.strip())
-    return out
 
 
 def _flag(name: str) -> str:

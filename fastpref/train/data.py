@@ -2,6 +2,7 @@
 tokenization with an explicit truncation policy, and packed or padded micro-batches."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -320,6 +321,17 @@ def sequences(ds: Dataset, index: list[int], which: str = "all") -> list[tuple[l
 def pad_id_of(tokenizer) -> int:
     """The id that pads batches: the tokenizer's pad token, else its EOS token, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def split_by_prompt(full: Dataset, fraction: float) -> tuple[Dataset, Dataset | None]:
+    """(training set, held-out set or None): a deterministic split by a hash of the prompt, so that no prompt is
+    in both; about ``fraction`` of the prompts are held out (all rows train when none would be left)."""
+    pick = lambda e: int(hashlib.sha256(e.prompt_key.encode()).hexdigest()[:8], 16) % 10_000 \
+        < fraction * 10_000  # noqa: E731
+    ev = [e for e in full.examples if pick(e)]
+    tr = [e for e in full.examples if not pick(e)] or ev
+    held = Dataset(full.layout, ev, full.source + " (held-out split)") if ev else None
+    return Dataset(full.layout, tr, full.source, full.skipped, full.truncated), held
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: int = 0, pack_length: int = 0,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import nn
+
+from .generate import generate
 
 Verifier = Callable[[Any, str], dict]
 
@@ -28,40 +29,26 @@ def prompt_ids(tokenizer, prompt: str | list) -> list[int]:
     return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))["input_ids"]
 
 
-@torch.no_grad()
-def _greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None,
-            pad_id: int | None) -> list[list[int]]:
-    """Greedy continuations of equal-length prompts ``ids`` [B, T] (int64); each is cut before its first EOS."""
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                         pad_token_id=pad_id if pad_id is not None else eos_id)
-    rows = out[:, ids.shape[1]:].tolist()
-    return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
-
-
 def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[str | list], *, max_new_tokens: int = 32,
                    batch_size: int = 64) -> list[str]:
     """The model's greedy answer (decoded text, special tokens dropped) to each prompt, in order. Prompts are
     batched by token length, so no padding is involved (``generate``, cached); the model is put in eval mode
-    and restored."""
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    and restored. The decoding is :func:`~fastpref.train.generate.generate` with ``greedy=True``, as everywhere
+    in the trainer."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
     answers: list[str] = [""] * len(prompts)
-    was = model.training
-    model.eval()
-    try:
-        for idx in by_length.values():
-            for s in range(0, len(idx), batch_size):
-                part = idx[s:s + batch_size]
-                ids = torch.tensor([encoded[i] for i in part], dtype=torch.long, device=device)
-                for i, new in zip(part, _greedy(model, ids, max_new_tokens, eos, pad)):
-                    answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-    finally:
-        model.train(was)
+    for idx in by_length.values():
+        for s in range(0, len(idx), batch_size):
+            part = idx[s:s + batch_size]
+            new = generate(model, [encoded[i] for i in part], greedy=True, max_new_tokens=max_new_tokens,
+                           eos_id=eos, pad_id=pad)
+            for i, ids in zip(part, new):
+                answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
 
 

@@ -100,3 +100,28 @@ def packing_supported(model: nn.Module) -> bool:
     finally:
         model.train(was)
     return ok
+
+
+def use_packing(model: nn.Module, mode: str, log) -> bool:
+    """Whether to pack sequences: ``mode`` off / on / auto, where on and auto need :func:`packing_supported`
+    (on: the run is refused without it; auto: a note, then padded batches)."""
+    if mode == "off":
+        return False
+    ok = packing_supported(model)
+    if not ok:
+        msg = (f"packed sequences (position_ids restarting per sequence) are not supported by "
+               f"{type(model).__name__} with attn_implementation="
+               f"{getattr(model.config, '_attn_implementation', '?')} here")
+        if mode == "on":
+            raise SystemExit(msg)
+        log(f"note: {msg}; falling back to padded batches")
+    return ok
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass (non-reentrant), without the KV cache."""
+    model.config.use_cache = False
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

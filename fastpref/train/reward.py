@@ -11,12 +11,13 @@ on the last non-padding token) fitted with a reward loss of the registry:
 
 Held-out reward accuracy: the fraction of held-out pairs the model orders right (score rows: pairs of
 responses to one prompt with different mean scores). The final model loads with
-``AutoModelForSequenceClassification.from_pretrained``. Single process; no checkpoints or resume.
+``AutoModelForSequenceClassification.from_pretrained``. Single process. The run (:class:`RewardRun`) is a
+:class:`~fastpref.train.phases.PhasedRun`: the SFT phase (pairwise data; a causal LM on the chosen answers, a
+constant learning rate), then the reward phase; checkpoints and exact resume in either.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -27,11 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as L
-from ..nn import loss_params
+from ..nn import PreferenceLoss, loss_params
 from . import data as D
 from .config import REAL_DEFAULTS, SYNTHETIC_DEFAULTS, Config
-from .dist import setup
+from .dist import Dist
 from .fields import source
+from .model import load_model, tiny_model
+from .objective import Objective
+from .phases import PhasedRun
+from .run import Phase, launch, sft_micro_step
 
 LOSSES = ("bt", "scaled_bt", "regression", "gpm", "micro")
 HELPSTEER = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -100,11 +105,7 @@ def load(cfg: Config, tok) -> tuple[D.Dataset, D.Dataset | None, list[str] | Non
         held = D.Dataset("unpaired", _score_rows(D.read_rows(cfg.eval_data), tk, cfg.eval_data)[0]) \
             if cfg.eval_data else None
     if held is None:  # held-out prompts: a deterministic split by prompt
-        pick = lambda e: int(hashlib.sha256(e.prompt_key.encode()).hexdigest()[:8], 16) % 10_000 \
-            < cfg.eval_fraction * 10_000  # noqa: E731
-        ev = [e for e in full.examples if pick(e)]
-        held = D.Dataset(full.layout, ev, full.source + " (held-out split)") if ev else None
-        full = D.Dataset(full.layout, [e for e in full.examples if not pick(e)] or ev, full.source)
+        full, held = D.split_by_prompt(full, cfg.eval_fraction)
     return full, held, attrs
 
 
@@ -112,27 +113,6 @@ def load(cfg: Config, tok) -> tuple[D.Dataset, D.Dataset | None, list[str] | Non
 def outputs_for(loss: str, heads: int, attrs: list[str] | None) -> int:
     """Number of model outputs the loss reads."""
     return {"regression": len(attrs or [1]), "gpm": 2 * heads, "micro": 2 * heads}.get(loss, 1)
-
-
-def sft_warmup(cfg: Config, tok, train: D.Dataset, pad_id: int, device) -> nn.Module:
-    """A causal LM (the demo model or --model) after --sft-steps on the preferred answers: the reward model's
-    body starts from it (as InstructGPT's reward models start from the SFT policy)."""
-    from ..nn import PreferenceLoss
-    from .model import load_model, tiny_model
-    from .objective import Objective, call
-
-    lm = (tiny_model(len(tok), cfg.seed) if cfg.model is None else load_model(cfg.model)).to(device).train()
-    obj = Objective(lm, PreferenceLoss("sft"), backend=cfg.backend)
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
-    for step in range(cfg.sft_steps):
-        idx = D.order(len(train), cfg.seed + 1, step * cfg.batch_size, cfg.batch_size)
-        seqs = D.sequences(train, idx, "target")
-        b = D.collate(seqs, packed=False, pad_id=pad_id).to(device)
-        call(obj, b, mode="sft", norm=max(1, sum(len(c) for _, c in seqs)))["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return lm
 
 
 def make_model(cfg: Config, tok, num_labels: int, lm: nn.Module | None = None) -> nn.Module:
@@ -220,13 +200,8 @@ def evaluate(model: nn.Module, ds: D.Dataset, loss: str, heads: int, pad_id: int
 
 
 # ----------------------------------------------------------------------------------------------------- train
-def train_reward(cfg: Config) -> dict:
-    """Train a reward model; returns the summary (also written to summary.json)."""
-    cfg = _resolved(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.distributed not in ("none", "auto"):
-        raise SystemExit("--task reward runs in a single process (no --distributed ddp/fsdp yet)")
+def reward_loss(cfg: Config) -> tuple[str, dict, int]:
+    """(the loss name, its keyword arguments, ``heads``) of ``--loss`` / ``--loss-args``, checked."""
     weights = cfg.loss_weights()
     if len(weights) != 1 or next(iter(weights)) not in LOSSES:
         raise SystemExit(f"--task reward takes one of --loss {', '.join(LOSSES)}, got {','.join(weights)}")
@@ -234,79 +209,156 @@ def train_reward(cfg: Config) -> dict:
     hp = cfg.loss_hparams()
     hp.pop("beta", None)
     heads = int(hp.pop("heads", 2))
-    fn = L.get(loss)
-    bad = sorted(set(hp) - loss_params(fn))
+    bad = sorted(set(hp) - loss_params(L.get(loss)))
     if bad:
         raise SystemExit(f"--loss-args {bad} are not taken by {loss} (reward-model keys: heads)")
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    device = setup("none", cfg.device).device  # single process: only the --device choice
-    from .loop import _tokenizer
+    return loss, hp, heads
 
-    tok = _tokenizer(cfg)
-    pad_id = D.pad_id_of(tok)
-    train, held, attrs = load(cfg, tok)
-    if (loss == "regression") != (attrs is not None):
-        want = "score rows {prompt, response, scores}" if loss == "regression" else \
-            "pairwise rows {prompt, chosen, rejected}"
-        raise SystemExit(f"--loss {loss} needs {want} (got {'score' if attrs else 'pairwise'} rows)")
-    if loss == "scaled_bt" and "strength" not in train.examples[0].numbers:
-        raise SystemExit(f"--loss scaled_bt needs the preference strength: {source('strength')}")
-    lm = sft_warmup(cfg, tok, train, pad_id, device) if cfg.sft_steps and attrs is None else None
-    model = make_model(cfg, tok, outputs_for(loss, heads, attrs), lm).to(device).train()
-    del lm
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    from .loop import lr_at
 
-    def log(rec: dict) -> None:
-        with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+class RewardRun(PhasedRun):
+    """One reward-model run: the phase "sft" (a causal LM on the preferred answers; pairwise data only), then
+    "reward" (the classifier, its body from that LM). Its metrics count steps from the reward phase's start."""
 
-    def ev(step: int) -> dict | None:
-        if held is None:
+    def __init__(self, cfg: Config, d: Dist):
+        self.loss, self.hp, self.heads = reward_loss(cfg)
+        self.fn = L.get(self.loss)
+        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, d)
+        self.train, self.held, self.attrs = load(cfg, self.tok)
+        if (self.loss == "regression") != (self.attrs is not None):
+            want = "score rows {prompt, response, scores}" if self.loss == "regression" else \
+                "pairwise rows {prompt, chosen, rejected}"
+            raise SystemExit(f"--loss {self.loss} needs {want} (got {'score' if self.attrs else 'pairwise'} rows)")
+        if self.loss == "scaled_bt" and "strength" not in self.train.examples[0].numbers:
+            raise SystemExit(f"--loss scaled_bt needs the preference strength: {source('strength')}")
+        sft = cfg.sft_steps if self.attrs is None else 0
+        steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(self.train) / cfg.batch_size))
+        self.phases = [Phase("sft", 0, sft, cfg.sft_lr, 0.0, 1.0),  # a constant SFT learning rate
+                       Phase("reward", sft, steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)]
+        self.lm: Objective | None = None  # the SFT phase's causal LM (inside the SFT objective)
+        self.model: nn.Module | None = None  # the reward model
+        self.resumed_phase: str | None = None
+        self.before: dict | None = None
+
+    # ------------------------------------------------------------------------------------------- models
+    def make_lm(self) -> Objective:
+        """The SFT phase's causal LM (the demo model or --model) inside an SFT-only objective."""
+        cfg = self.cfg
+        lm = tiny_model(len(self.tok), cfg.seed) if cfg.model is None else load_model(cfg.model)
+        return Objective(lm.to(self.d.device).train(), PreferenceLoss("sft"), backend=cfg.backend)
+
+    def make_reward_model(self) -> nn.Module:
+        """The reward model, its body from the SFT phase's LM when there was one (which is then let go)."""
+        lm = self.lm.model if self.lm is not None else None
+        model = make_model(self.cfg, self.tok, outputs_for(self.loss, self.heads, self.attrs), lm)
+        self.lm = None
+        return model.to(self.d.device).train()
+
+    # ------------------------------------------------------------------------------------------- phase hooks
+    def module_for(self, phase: Phase) -> nn.Module:
+        if phase.name == "sft":
+            if self.lm is None:
+                self.lm = self.make_lm()
+            return self.lm
+        if self.model is None:
+            self.model = self.make_reward_model()
+        return self.model
+
+    def begin(self, phase: Phase) -> None:
+        if phase.name == "reward" and self.step == phase.start:
+            self.before = self.evaluate()
+
+    def trained(self) -> nn.Module:
+        return self.model if self.model is not None else self.lm
+
+    def load_model_state(self, state: dict, phase: str) -> None:
+        self.resumed_phase = phase
+        if phase == "sft":
+            self.lm = self.make_lm()
+            self.lm.model.load_state_dict(state)
+        else:
+            self.model = self.make_reward_model()
+            self.model.load_state_dict(state)
+
+    def keep_record(self, rec: dict) -> bool:
+        return self.resumed_phase == "reward" and rec["step"] <= self.step - self.phases[1].start
+
+    def micro_step(self, phase: Phase, step: int, micro: int) -> dict:
+        cfg, bs = self.cfg, self.cfg.batch_size
+        pos = ((step - phase.start) * cfg.grad_accum + micro) * bs
+        if phase.name == "sft":
+            idx = D.order(len(self.train), cfg.seed + 1, pos, bs)
+            return sft_micro_step(self.lm, self.train, idx, idx, d=self.d, packed=False, pad_id=self.pad_id,
+                                  pack_length=0, grad_accum=cfg.grad_accum, autocast=self.autocast)
+        idx = D.order(len(self.train), cfg.seed, pos, bs)
+        out = forward(self.model, self.train, idx, self.pad_id, self.d.device)
+        kw, score = loss_terms(self.loss, out, len(idx), self.heads, _numbers(self.train, idx, self.d.device))
+        value = self.fn(**kw, **self.hp).mean()
+        (value / cfg.grad_accum).backward()
+        return {"loss": float(value.detach()), "accuracy": float((score > 0).float().mean())}
+
+    def count_from(self, phase: Phase) -> int:
+        return phase.start
+
+    def record(self, phase: Phase, rec: dict) -> dict | None:
+        k = self.step - phase.start
+        if phase.name == "sft" or not (k % max(self.cfg.log_every, 1) == 0 or k == 1 or self.step == phase.end):
             return None
-        m = evaluate(model, held, loss, heads, pad_id, device, cfg.eval_batch_size)
-        log({"step": step, "eval": True, **{f"eval/{k}": v for k, v in m.items()}})
+        return {"step": k, **{key: rec[key] for key in ("loss", "accuracy", "grad_norm", "time")}}
+
+    def evaluate_now(self, phase: Phase) -> None:
+        if phase.name == "reward":
+            self.evaluate()
+
+    def evaluate(self) -> dict | None:
+        """Held-out reward accuracy (and mse), recorded at the reward phase's step count; None without rows."""
+        if self.held is None:
+            return None
+        m = evaluate(self.model, self.held, self.loss, self.heads, self.pad_id, self.d.device,
+                     self.cfg.eval_batch_size)
+        self.out.record({"step": self.step - self.phases[1].start, "eval": True,
+                         **{f"eval/{k}": v for k, v in m.items()}})
         return m
 
-    before = ev(0)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
-        idx = D.order(len(train), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-        out = forward(model, train, idx, pad_id, device)
-        kw, score = loss_terms(loss, out, len(idx), heads, _numbers(train, idx, device))
-        value = fn(**kw, **hp).mean()
-        value.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % max(cfg.log_every, 1) == 0 or step == 0 or step + 1 == steps:
-            log({"step": step + 1, "loss": float(value.detach()), "accuracy": float((score > 0).float().mean()),
-                 "grad_norm": float(gn), "time": time.time() - t0})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
-            ev(step + 1)
-    final = ev(steps)
-    model.save_pretrained(str(out_dir / "final"), safe_serialization=True)
-    tok.save_pretrained(str(out_dir / "final"))
-    summary = {"task": "reward", "loss": loss, "hparams": {**hp, "heads": heads}, "num_labels": model.config.num_labels,
-               "attributes": attrs, "train_steps": steps, "train_examples": len(train),
-               "eval_examples": len(held) if held else 0,
-               "eval_reward_accuracy": final and final["reward_accuracy"],
-               "eval_mse": final and final.get("mse"), "eval_before": before,
-               "wall_seconds": round(time.time() - t0, 2), "final_model": str(out_dir / "final"),
-               "data": cfg.data or "synthetic"}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if cfg.plots:
+    # ------------------------------------------------------------------------------------------- the run
+    def run(self) -> dict:
+        self.prepare_output()
+        last = self.train_phases(self.resume())
+        if self.model is None:  # resumed from the SFT phase's final checkpoint with no reward step to run
+            self.model = self.make_reward_model()
+        final = self.evaluate()
+        if last is not None:
+            self.save(*last)
+        before = self.before
+        if before is None:  # after a resume: read back from the metrics
+            found = self.out.find_record(lambda r: r.get("eval") and r["step"] == 0) or {}
+            before = {k[len("eval/"):]: v for k, v in found.items() if k.startswith("eval/")} or None
+        steps = self.phases[1].steps
+        summary = {"task": "reward", "loss": self.loss, "hparams": {**self.hp, "heads": self.heads},
+                   "num_labels": self.model.config.num_labels, "attributes": self.attrs, "train_steps": steps,
+                   "train_examples": len(self.train), "eval_examples": len(self.held) if self.held else 0,
+                   "eval_reward_accuracy": final and final["reward_accuracy"], "eval_mse": final and final.get("mse"),
+                   "eval_before": before, "wall_seconds": round(time.time() - self.t0, 2),
+                   "final_model": str(self.out.folder / "final"), "data": self.cfg.data or "synthetic"}
+        self.out.save_final(self.model, self.tok)
+        self.out.save_summary(summary, self._plot if self.cfg.plots else None)
+        self.log(f"reward model ({self.loss}): held-out reward accuracy {summary['eval_reward_accuracy']} "
+                 f"(before {before and before['reward_accuracy']}), {steps} steps, {summary['wall_seconds']} s → "
+                 f"{summary['final_model']}")
+        return summary
+
+
+    @staticmethod
+    def _plot(metrics: Path, folder: Path) -> None:
         from .plots import REWARD_PANELS, plot
 
-        plot(out_dir / "metrics.jsonl", out_dir, REWARD_PANELS)
-    print(f"reward model ({loss}): held-out reward accuracy {summary['eval_reward_accuracy']} "
-          f"(before {before and before['reward_accuracy']}), {steps} steps, {summary['wall_seconds']} s → "
-          f"{summary['final_model']}")
-    return summary
+        plot(metrics, folder, REWARD_PANELS)
+
+
+def train_reward(cfg: Config) -> dict:
+    """Train a reward model; returns the summary (also written to summary.json)."""
+    cfg = _resolved(cfg)
+    if cfg.distributed not in ("none", "auto"):
+        raise SystemExit("--task reward runs in a single process (no --distributed ddp/fsdp yet)")
+    reward_loss(cfg)  # refuse a wrong --loss before anything is loaded
+    return launch(lambda d: RewardRun(cfg, d).run(), threads=cfg.threads, distributed="none", device=cfg.device)

@@ -211,7 +211,7 @@ def check(cfg, log: Callable[[str], None] = print):
     returns it with the loss names resolved to the registry's. Raises UserError."""
     import dataclasses
 
-    from .config import parse_kv, parse_loss
+    from .specs import parse_kv, parse_loss
 
     for flag, value, kind in (("--model", cfg.model, "model"), ("--ref-model", cfg.ref_model, "model"),
                               ("--prev-model", cfg.prev_model, "model"),

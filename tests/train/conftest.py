@@ -60,3 +60,14 @@ def kill_when_saved(out: pathlib.Path, args: list[str], checkpoint: str, timeout
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (out / "final").exists()
+
+
+def assert_same_final_weights(a: pathlib.Path, b: pathlib.Path) -> None:
+    """The final models of the runs in ``a`` and ``b`` hold bitwise equal tensors under the same names."""
+    import torch
+    from safetensors.torch import load_file
+
+    pa, pb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k

@@ -8,7 +8,7 @@ import torch
 
 from fastpref.train.online import algorithms as A
 from fastpref.train.online.extragradient import ExtraGradient
-from fastpref.train.online.generate import generate
+from fastpref.train.generate import generate
 from fastpref.train.online.judges import JudgeError, Verifier, make_judge, synthetic_score
 
 PROMPT = [2, 14, 6, 15, 5, 6, 7]  # "add 2 : 1 2 3"

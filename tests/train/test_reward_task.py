@@ -1,5 +1,5 @@
 """``fastpref train --task reward``: pairwise and score data, the saved model, clear errors, and (with
-FASTPREF_TEST_DEMO=1) the embedded demo's held-out reward accuracy."""
+FASTPREF_TEST_DEMO=1) the embedded demo's held-out reward accuracy; SIGKILL + --resume is exact."""
 import json
 import os
 
@@ -8,6 +8,8 @@ import torch
 
 from fastpref.train import main
 from fastpref.train.synthetic import make_task
+
+from conftest import assert_same_final_weights, kill_when_saved
 
 SHORT = ["--no-progress", "--no-plots", "--threads", "1", "--batch-size", "8", "--eval-batch-size", "64"]
 
@@ -69,3 +71,38 @@ def test_reward_demo_reaches_090(tmp_path):
     s = main(["--task", "reward", "--output-dir", str(tmp_path), "--no-progress", "--no-plots"])
     print(json.dumps({k: s[k] for k in ("eval_reward_accuracy", "wall_seconds")}))
     assert s["eval_reward_accuracy"] >= 0.9 and s["wall_seconds"] <= 180, s
+
+
+RESUME = ["--task", "reward", "--sft-steps", "6", "--steps", "14", "--synthetic-train", "64", "--synthetic-eval", "16",
+          "--save-every", "4", "--eval-every", "5", "--log-every", "3", *SHORT]
+
+
+def _records(folder):
+    return [{k: v for k, v in json.loads(x).items() if k != "time"}
+            for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_in_each_phase_then_resume_is_exact(tmp_path):
+    """Killed once in the SFT phase and once in the reward phase, resumed each time: the same final weights,
+    metrics and summary as an uninterrupted run."""
+    a, b = tmp_path / "killed", tmp_path / "straight"
+    kill_when_saved(a, RESUME, "step-00000004", timeout=240, poll=0.02)  # SFT phase (the causal LM)
+    kill_when_saved(a, [*RESUME, "--resume", "auto"], "step-00000012", timeout=240, poll=0.02)  # reward phase
+    resumed = main(["--output-dir", str(a), *RESUME, "--resume", "auto"])
+    straight = main(["--output-dir", str(b), *RESUME])
+    assert_same_final_weights(a, b)
+    assert _records(a) == _records(b)
+    same = ("eval_reward_accuracy", "eval_before", "train_steps")
+    assert {k: resumed[k] for k in same} == {k: straight[k] for k in same}
+
+
+def test_resume_from_the_end_of_the_sft_phase(tmp_path):
+    """A checkpoint written as the SFT phase ends (before the reward model exists) resumes into the reward phase:
+    same weights, evaluation before reward training and metrics as the run that wrote it."""
+    args = [*RESUME, "--save-every", "6", "--keep-checkpoints", "5"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    straight = main(["--output-dir", str(a), *args])
+    resumed = main(["--output-dir", str(b), *args, "--resume", str(a / "checkpoints" / "step-00000006")])
+    assert_same_final_weights(a, b)
+    assert _records(a) == _records(b)
+    assert resumed["eval_before"] == straight["eval_before"] and resumed["eval_before"] is not None

@@ -14,7 +14,7 @@ def warm_up(folder: Path, *, steps: int, lr: float, correct_fraction: float, n_t
             device: str, backend: str, threads: int | None, resume: bool) -> Path:
     """Run the offline trainer's SFT warm-up on the demonstrations; returns the final model folder."""
     from ..config import Config
-    from ..loop import train
+    from ..preference import train
     from ..synthetic import demonstrations, make_task
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,69 +10,45 @@ process's. Gradients are summed over ranks (each rank's loss is its share of the
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
 import time
-from pathlib import Path
 
 import torch
-import torch.distributed as tdist
-from torch import nn
 
-from .. import checkpoint as C
-from .. import data as D
-from ..dist import Dist, setup
-from ..model import frozen_copy, load_model, tiny_model
-from ..evaluate import mean_scores, prompt_ids, prompt_text
+from ..dist import Dist
+from ..evaluate import mean_scores
+from ..generate import generate
+from ..model import frozen_copy, load_model
+from ..run import Core, launch
 from ..synthetic import verify
 from . import algorithms as A
 from .config import OnlineConfig
 from .extragradient import ExtraGradient
-from .generate import generate
 from .judges import JudgeError, Judge, make_judge
 from .logps import mean_token_kl
+from .rounds import Rounds
+from .setup import load_prompts, starting_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+class OnlineRun(Rounds, Core):
+    """One online run: rounds of generate → judge → train (:class:`Rounds`), evaluation, checkpoints, summary."""
 
-
-def _gather(obj, d: Dist) -> list:
-    """Every rank's object, in rank order (a one-element list in a single process)."""
-    if not d.active:
-        return [obj]
-    out = [None] * d.world
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-class OnlineRun:
     def __init__(self, cfg: OnlineConfig, d: Dist):
-        self.cfg, self.d = cfg, d
-        self.t0 = time.time()
+        super().__init__(cfg, d)
         self.alg = A.get(cfg.algorithm)
-        self.out = Path(cfg.output_dir)
-        self.ckdir = self.out / "checkpoints"
-        self.rdir = self.out / "rounds"
+        self.rdir = self.out.folder / "rounds"
         if d.main:
             self.rdir.mkdir(parents=True, exist_ok=True)
         d.barrier()
-        self.log = print if d.main else (lambda *a, **k: None)
-        self.tok = self._tokenizer()
-        self.pad_id = D.pad_id_of(self.tok)
         self.eos_id = self.tok.eos_token_id
         try:
             self.judge: Judge = make_judge(cfg.judge, synthetic=cfg.synthetic, temperature=cfg.judge_temperature,
                                            device=d.device)
         except JudgeError as e:
             raise SystemExit(str(e)) from None
-        self.train_prompts, self.eval_prompts = self._prompts()
-        self.policy = self._starting_policy().to(d.device).train()
+        self.train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
+        self.policy = starting_policy(cfg, self.tok, self.out.folder, d).to(d.device).train()
         ref = load_model(cfg.ref_model) if cfg.ref_model else frozen_copy(self.policy)
         dtype = DTYPES.get(cfg.ref_dtype or "", next(self.policy.parameters()).dtype)
         self.ref = frozen_copy(ref).to(d.device, dtype)
@@ -84,193 +60,8 @@ class OnlineRun:
         self.step = self.round = self.round_step = 0
         self.history: list[dict] = []
 
-    # ------------------------------------------------------------------------------------------- set-up
-    def _tokenizer(self):
-        src = self.cfg.tokenizer or self.cfg.model
-        if src is None:
-            from ..synthetic import load_tokenizer
-
-            return load_tokenizer()
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(src, local_files_only=True)
-
-    def _encode(self, prompt) -> tuple[list[int], str]:
-        """(token ids as training sees them, the prompt text the judge reads)."""
-        return prompt_ids(self.tok, prompt), prompt_text(self.tok, prompt)
-
-    def _read_prompts(self, path: str) -> list:
-        out = []
-        for where, row in D.read_rows(path):
-            if isinstance(row, D.DataError):
-                raise SystemExit(str(row))
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise SystemExit(f"{where}: expected a row with a 'prompt' field")
-            out.append(row["prompt"])
-        if not out:
-            raise SystemExit(f"{path}: no prompts")
-        return out
-
-    def _prompts(self) -> tuple[list[tuple[list[int], str]], list[tuple[list[int], str]]]:
-        cfg = self.cfg
-        if cfg.synthetic:
-            from ..synthetic import make_task
-
-            rows, held = make_task(cfg.synthetic_train, cfg.synthetic_eval)
-            train, ev = [r["prompt"] for r in rows], [r["prompt"] for r in held]
-        else:
-            train = self._read_prompts(cfg.prompts)
-            ev = self._read_prompts(cfg.eval_prompts) if cfg.eval_prompts else train[:64]
-        return [self._encode(p) for p in train], [self._encode(p) for p in ev]
-
-    def _starting_policy(self) -> nn.Module:
-        """--model, or the tiny demo model after a short SFT warm-up on mixed-quality demonstrations (the offline
-        trainer, run once into ``sft/``; synthetic task only; see ``demo.py``)."""
-        cfg = self.cfg
-        if cfg.model is not None:
-            return load_model(cfg.model)
-        with torch.random.fork_rng(devices=[]):
-            model = tiny_model(len(self.tok), cfg.seed)
-        if cfg.sft_steps and cfg.synthetic:
-            from .demo import warm_up
-
-            sft = self.out / "sft"
-            if self.d.main and not cfg.resume:
-                shutil.rmtree(sft, ignore_errors=True)
-            if self.d.main and not (sft / "final" / "model.safetensors").is_file():
-                warm_up(sft, steps=cfg.sft_steps, lr=cfg.sft_lr, correct_fraction=cfg.demo_correct_fraction,
-                        n_train=cfg.synthetic_train, n_eval=cfg.synthetic_eval, seed=cfg.seed, device=cfg.device,
-                        backend=cfg.backend, threads=cfg.threads, resume=bool(cfg.resume))
-            self.d.barrier()
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(sft / "final" / "model.safetensors")))
-        return model
-
-    # ------------------------------------------------------------------------------------------- round data
-    def round_prompts(self, r: int) -> list[tuple[list[int], str]]:
-        n = self.cfg.prompts_per_round
-        idx = D.order(len(self.train_prompts), self.cfg.seed + 104_729, r * n, n)
-        return [self.train_prompts[i] for i in idx]
-
-    def _chunk_seed(self, r: int, c: int, what: int) -> int:
-        return (self.cfg.seed * 1_000_003 + r * 10_007 + c) * 3 + what
-
-    def _make_chunk(self, r: int, c: int, prompts: list[tuple[list[int], str]]) -> dict:
-        """Sample, judge and build the items of one chunk of prompts (with reference log-probs)."""
-        cfg, alg = self.cfg, self.alg
-        ids = [p for p, _ in prompts]
-        gen = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                   eos_id=self.eos_id, pad_id=self.pad_id)
-        samples = generate(self.policy, ids, n=cfg.samples, seed=self._chunk_seed(r, c, 0), **gen)
-        extra = None
-        if alg.extra == "mixture":
-            extra = generate(self.policy, ids, seed=self._chunk_seed(r, c, 1),
-                             mixture=(self.ref, cfg.mixture_coef), **gen)
-        elif alg.extra == "reference":
-            extra = generate(self.ref, ids, seed=self._chunk_seed(r, c, 1), **gen)
-        dec = lambda t: self.tok.decode(t, skip_special_tokens=True)  # noqa: E731
-        K = cfg.samples
-        opt = {"margin": cfg.margin}
-        items, stats, groups = [], [], []
-        for i, (p, text) in enumerate(prompts):
-            s = samples[i * K:(i + 1) * K]
-            g = A.Group(p, text, s, [dec(t) for t in s], extra[i] if extra else None,
-                        dec(extra[i]) if extra else None)
-            try:
-                item, st = alg.build(g, self.judge, opt)
-            except JudgeError as e:
-                raise SystemExit(f"judge failed: {e}") from None
-            rewards = self.judge.rewards([text] * K, g.texts)
-            st = {**st, "length": sum(map(len, s)) / K,
-                  "eos": sum(bool(t) and t[-1] == self.eos_id for t in s) / K}
-            if rewards is not None:
-                st["judge_score"] = sum(rewards) / K
-                for role in ("chosen", "rejected"):
-                    if item is not None and item.seqs.get(role) in s:
-                        st[f"{role}_score"] = rewards[s.index(item.seqs[role])]
-            stats.append(st)
-            groups.append({"prompt": text, "samples": g.texts, "extra": g.extra_text, "rewards": rewards,
-                           "item": None if item is None else len(items)})
-            if item is not None:
-                items.append(item)
-        A.reference_logps(items, policy=self.policy, ref=self.ref, loss=self.loss, reference=cfg.reference,
-                          pad_id=self.pad_id, backend=cfg.backend)
-        return {"chunk": c, "items": [vars(it) for it in items], "stats": stats, "groups": groups}
-
-    def round_data(self, r: int) -> dict:
-        """The data of round r: read from disk, or generated (each rank its chunks), gathered and saved."""
-        path = self.rdir / f"round-{r:05d}.json"
-        if not path.is_file():
-            prompts = self.round_prompts(r)
-            gb = self.cfg.gen_batch
-            chunks = [prompts[i:i + gb] for i in range(0, len(prompts), gb)]
-            mine = [self._make_chunk(r, c, chunks[c]) for c in range(self.d.rank, len(chunks), self.d.world)]
-            done = sorted((ch for part in _gather(mine, self.d) for ch in part), key=lambda ch: ch["chunk"])
-            data = {"round": r, "algorithm": self.alg.name, "step": self.step,
-                    "items": [it for ch in done for it in ch["items"]],
-                    "stats": [s for ch in done for s in ch["stats"]],
-                    "groups": [g for ch in done for g in ch["groups"]]}
-            if self.d.main:
-                _atomic_json(path, data)
-            self.d.barrier()
-        data = json.loads(path.read_text())
-        data["items"] = [A.Item(**it) for it in data["items"]]
-        return data
-
-    def round_record(self, r: int, data: dict) -> dict:
-        st = data["stats"]
-        rec = {"step": self.step, "round": r, "kind": "generate", "items": len(data["items"]), "prompts": len(st)}
-        for k in sorted({k for s in st for k in s}):
-            v = [s[k] for s in st if s.get(k) is not None]
-            if v:
-                rec[f"gen/{k}"] = sum(v) / len(v)
-        return rec
-
-    # ------------------------------------------------------------------------------------------- training
-    def steps_in_round(self, n_items: int) -> int:
-        return math.ceil(self.cfg.epochs * n_items / self.cfg.batch_size) if n_items else 0
-
-    def _closure(self, items: list[A.Item], n_global: int):
-        def closure() -> tuple[float, float]:
-            loss_sum = self.loss(self.policy, items).sum() if items else None
-            if loss_sum is not None:
-                (loss_sum / n_global).backward()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            flat = torch.cat([g.reshape(-1) for g in grads]) if self.d.active else None
-            if flat is not None:
-                self.d.sum_(flat)
-                off = 0
-                for p, g in zip(self.params, grads):
-                    p.grad = flat[off:off + g.numel()].view_as(g).clone()
-                    off += g.numel()
-            gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            total = torch.tensor([float(loss_sum.detach()) if loss_sum is not None else 0.0], dtype=torch.float64)
-            self.d.sum_(total)
-            return float(total) / n_global, float(gn)
-        return closure
-
-    def train_step(self, r: int, items: list[A.Item]) -> dict:
-        cfg, d = self.cfg, self.d
-        bs = cfg.batch_size
-        idx = D.order(len(items), cfg.seed + 7919 * (r + 1), self.round_step * bs, bs)
-        per = math.ceil(len(idx) / d.world)
-        mine = [items[i] for i in idx[d.rank * per:(d.rank + 1) * per]]
-        closure = self._closure(mine, len(idx))
-        if isinstance(self.opt, ExtraGradient):
-            loss, gn = self.opt.step(closure)
-        else:
-            self.opt.zero_grad(set_to_none=True)
-            loss, gn = closure()
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
-        self.round_step += 1
-        return {"step": self.step, "round": r, "kind": "train", "loss": loss, "grad_norm": gn,
-                "time": time.time() - self.t0}
-
     # ------------------------------------------------------------------------------------------- evaluation
-    def _answers(self, model: nn.Module) -> list[list[int]]:
+    def _answers(self, model: torch.nn.Module) -> list[list[int]]:
         return generate(model, [p for p, _ in self.eval_prompts], greedy=True, max_new_tokens=self.cfg.max_new_tokens,
                         eos_id=self.eos_id, pad_id=self.pad_id)
 
@@ -284,7 +75,7 @@ class OnlineRun:
             prompts = [t for _, t in self.eval_prompts]
             start_file = self.rdir / "start_answers.json"
             if not start_file.is_file():
-                _atomic_json(start_file, texts)
+                self.out.write_json(start_file, texts, wait=False)
             start = json.loads(start_file.read_text())
             rec["eval/winrate_vs_start"] = sum(self.judge.prefer(prompts, texts, start)) / len(texts)
             rewards = self.judge.rewards(prompts, texts)
@@ -299,51 +90,32 @@ class OnlineRun:
                                                   pad_id=self.pad_id, backend=self.cfg.backend)
             rec["eval/length"] = sum(map(len, answers)) / len(answers)
             self.history.append(rec)
-            self.write(rec)
+            self.out.record(rec)
         self.d.barrier()
         return rec
 
-    def write(self, rec: dict) -> None:
-        if self.d.main:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-
     # ------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> None:
-        d = self.d
         state = {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()}
         trainer = {"step": self.step, "round": self.round, "round_step": self.round_step,
-                   "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state(), "world": d.world}
-        if d.main:
-            folder = C.write(self.ckdir / f"step-{self.step:08d}", state, trainer,
-                             {"step": self.step, "round": self.round, "round_step": self.round_step,
-                              "algorithm": self.alg.name, "time": time.time()})
-            C.prune(self.ckdir, self.cfg.keep_checkpoints, protect=folder)
-        d.barrier()
+                   "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state(), "world": self.d.world}
+        self.out.save_checkpoint(self.step, state, trainer, {"step": self.step, "round": self.round,
+                                                              "round_step": self.round_step,
+                                                              "algorithm": self.alg.name})
 
     def resume(self) -> bool:
-        cfg = self.cfg
-        if cfg.resume in (None, "", "no"):
+        found = self.out.open_checkpoint(self.cfg.resume)
+        if found is None:
             self.fresh_start()
             return False
-        folder = C.latest_valid(self.ckdir, warn=self.log) if cfg.resume == "auto" else Path(cfg.resume)
-        if folder is None:
-            self.log(f"--resume auto: no valid checkpoint in {self.ckdir}; starting from scratch")
-            self.fresh_start()
-            return False
-        try:
-            mstate, trainer, _ = C.read(folder)
-        except C.CheckpointError as e:
-            raise SystemExit(f"cannot resume: {e}") from None
+        folder, mstate, trainer = found
         self.policy.load_state_dict(mstate)
         self.opt.load_state_dict(trainer["optimizer"])
         torch.set_rng_state(trainer["rng"])
         self.step, self.round, self.round_step = int(trainer["step"]), int(trainer["round"]), int(trainer["round_step"])
-        mf = self.out / "metrics.jsonl"
-        if self.d.main and mf.is_file():  # keep what happened up to the checkpoint (its round's data record included)
-            recs = [json.loads(x) for x in mf.read_text().splitlines() if x.strip()]
-            keep = [x for x in recs if x["step"] < self.step or (x["step"] == self.step and self._before(x))]
-            mf.write_text("".join(json.dumps(x) + "\n" for x in keep))
+        # keep what happened up to the checkpoint (its round's data record included)
+        keep = self.out.keep_records(lambda x: x["step"] < self.step or (x["step"] == self.step and self._before(x)))
+        if self.d.main:
             self.history = [x for x in keep if x["kind"] == "eval"]
         self.log(f"resumed from {folder}: step {self.step}, round {self.round}, step {self.round_step} of the round")
         self.d.barrier()
@@ -359,8 +131,9 @@ class OnlineRun:
     def fresh_start(self) -> None:
         """Without --resume: forget an earlier run's round data and metrics in this output folder."""
         if self.d.main:
-            for p in list(self.rdir.glob("*.json")) + [self.out / "metrics.jsonl"]:
+            for p in self.rdir.glob("*.json"):
                 p.unlink(missing_ok=True)
+        self.out.forget_records()
         self.d.barrier()
 
     # ------------------------------------------------------------------------------------------- the run
@@ -376,11 +149,11 @@ class OnlineRun:
             r = self.round
             data = self.round_data(r)
             if self.round_step == 0:
-                self.write(self.round_record(r, data))
+                self.out.record(self.round_record(r, data))
             items = data["items"]
             n_steps = self.steps_in_round(len(items))
             while self.round_step < n_steps:
-                self.write(self.train_step(r, items))
+                self.out.record(self.train_step(r, items))
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.round_step < n_steps:
                     self.save()
             self.round, self.round_step = r + 1, 0
@@ -395,38 +168,39 @@ class OnlineRun:
         return self.finish()
 
     def finish(self) -> dict:
-        cfg, d = self.cfg, self.d
-        hist = {x["round"]: x for x in self.history}
-        rounds = sorted(hist)
-        per = lambda k: [hist[r].get(k) for r in rounds]  # noqa: E731
-        acc, digit = per("eval/greedy_accuracy"), per("eval/greedy_digit_accuracy")
-        points = lambda v: round(100 * (v[-1] - v[0]), 2) if v and v[0] is not None else None  # noqa: E731
-        summary = {
-            "algorithm": self.alg.name, "description": self.alg.describe(cfg.rounds, cfg.hparams()), "rounds": cfg.rounds,
-            "evaluated_rounds": rounds,
-            "greedy_accuracy_per_round": acc, "greedy_digit_accuracy_per_round": digit,
-            "start_greedy_accuracy": acc[0] if acc else None, "final_greedy_accuracy": acc[-1] if acc else None,
-            "improvement_points": points(acc),
-            "start_greedy_digit_accuracy": digit[0] if digit else None,
-            "final_greedy_digit_accuracy": digit[-1] if digit else None, "digit_improvement_points": points(digit),
-            "winrate_vs_start_per_round": per("eval/winrate_vs_start"), "kl_to_ref_per_round": per("eval/kl_to_ref"),
-            "judge_score_per_round": per("eval/judge_score"), "length_per_round": per("eval/length"),
-            "train_steps": self.step, "sft_steps": cfg.sft_steps if cfg.model is None and cfg.synthetic else 0,
-            "hparams": cfg.hparams(), "judge": self.judge.name, "world_size": d.world,
-            "wall_seconds": round(time.time() - self.t0, 2), "final_model": str(self.out / "final"),
-        }
-        if d.main:
-            final = self.out / "final"
-            self.policy.save_pretrained(str(final), safe_serialization=True)
-            self.tok.save_pretrained(str(final))
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-            if cfg.plots:
-                from .plots import plot
+        """Save the final model, the summary and the plots; returns the summary."""
+        from .plots import plot
 
-                plot(self.out / "metrics.jsonl", self.out)
-            self.log(table(summary))
-        d.barrier()
+        summary = summarize(self)
+        self.out.save_final(self.policy, self.tok)
+        self.out.save_summary(summary, plot if self.cfg.plots else None)
+        self.log(table(summary))
+        self.d.barrier()
         return summary
+
+
+def summarize(run: OnlineRun) -> dict:
+    """summary.json of an online run: the held-out evaluations per round, the set-up."""
+    cfg = run.cfg
+    hist = {x["round"]: x for x in run.history}
+    rounds = sorted(hist)
+    per = lambda k: [hist[r].get(k) for r in rounds]  # noqa: E731
+    acc, digit = per("eval/greedy_accuracy"), per("eval/greedy_digit_accuracy")
+    points = lambda v: round(100 * (v[-1] - v[0]), 2) if v and v[0] is not None else None  # noqa: E731
+    return {
+        "algorithm": run.alg.name, "description": run.alg.describe(cfg.rounds, cfg.hparams()), "rounds": cfg.rounds,
+        "evaluated_rounds": rounds,
+        "greedy_accuracy_per_round": acc, "greedy_digit_accuracy_per_round": digit,
+        "start_greedy_accuracy": acc[0] if acc else None, "final_greedy_accuracy": acc[-1] if acc else None,
+        "improvement_points": points(acc),
+        "start_greedy_digit_accuracy": digit[0] if digit else None,
+        "final_greedy_digit_accuracy": digit[-1] if digit else None, "digit_improvement_points": points(digit),
+        "winrate_vs_start_per_round": per("eval/winrate_vs_start"), "kl_to_ref_per_round": per("eval/kl_to_ref"),
+        "judge_score_per_round": per("eval/judge_score"), "length_per_round": per("eval/length"),
+        "train_steps": run.step, "sft_steps": cfg.sft_steps if cfg.model is None and cfg.synthetic else 0,
+        "hparams": cfg.hparams(), "judge": run.judge.name, "world_size": run.d.world,
+        "wall_seconds": round(time.time() - run.t0, 2), "final_model": str(run.out.folder / "final"),
+    }
 
 
 def table(s: dict) -> str:
@@ -445,11 +219,10 @@ def table(s: dict) -> str:
 def train(cfg: OnlineConfig) -> dict:
     """Run the online mode with this configuration; returns the summary (also in summary.json)."""
     cfg = cfg.resolved()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    d = setup("ddp" if cfg.distributed == "ddp" else "none", cfg.device)
-    try:
+
+    def body(d: Dist) -> dict:
         torch.manual_seed(cfg.seed)
         return OnlineRun(cfg, d).run()
-    finally:
-        d.close()
+
+    return launch(body, threads=cfg.threads, distributed="ddp" if cfg.distributed == "ddp" else "none",
+                  device=cfg.device)

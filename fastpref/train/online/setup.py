@@ -1,0 +1,74 @@
+"""What an online run starts from: its prompts (training and held-out, as token ids and as the text the judge
+reads) and its starting policy (``--model``, or the demo's warmed-up tiny model)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data as D
+from ..dist import Dist
+from ..evaluate import prompt_ids, prompt_text
+from ..model import load_model, tiny_model
+from .config import OnlineConfig
+
+Prompt = tuple[list[int], str]  # (token ids as training sees them, the prompt text the judge reads)
+
+
+def encode(tok, prompt) -> Prompt:
+    """(token ids as training sees them, the prompt text the judge reads)."""
+    return prompt_ids(tok, prompt), prompt_text(tok, prompt)
+
+
+def read_prompts(path: str) -> list:
+    """The ``prompt`` field of every row of a JSONL / JSON / Parquet file (text or chat messages)."""
+    out = []
+    for where, row in D.read_rows(path):
+        if isinstance(row, D.DataError):
+            raise SystemExit(str(row))
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise SystemExit(f"{where}: expected a row with a 'prompt' field")
+        out.append(row["prompt"])
+    if not out:
+        raise SystemExit(f"{path}: no prompts")
+    return out
+
+
+def load_prompts(cfg: OnlineConfig, tok) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts): the synthetic task's, or --prompts and --eval-prompts (default: the
+    first 64 training prompts)."""
+    if cfg.synthetic:
+        from ..synthetic import make_task
+
+        rows, held = make_task(cfg.synthetic_train, cfg.synthetic_eval)
+        train, ev = [r["prompt"] for r in rows], [r["prompt"] for r in held]
+    else:
+        train = read_prompts(cfg.prompts)
+        ev = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else train[:64]
+    return [encode(tok, p) for p in train], [encode(tok, p) for p in ev]
+
+
+def starting_policy(cfg: OnlineConfig, tok, folder: Path, d: Dist) -> nn.Module:
+    """--model, or the tiny demo model after a short SFT warm-up on mixed-quality demonstrations (the preference
+    task's SFT phase, run once into ``<folder>/sft``; synthetic task only; see ``demo.py``)."""
+    if cfg.model is not None:
+        return load_model(cfg.model)
+    with torch.random.fork_rng(devices=[]):
+        model = tiny_model(len(tok), cfg.seed)
+    if cfg.sft_steps and cfg.synthetic:
+        from .demo import warm_up
+
+        sft = folder / "sft"
+        if d.main and not cfg.resume:
+            shutil.rmtree(sft, ignore_errors=True)
+        if d.main and not (sft / "final" / "model.safetensors").is_file():
+            warm_up(sft, steps=cfg.sft_steps, lr=cfg.sft_lr, correct_fraction=cfg.demo_correct_fraction,
+                    n_train=cfg.synthetic_train, n_eval=cfg.synthetic_eval, seed=cfg.seed, device=cfg.device,
+                    backend=cfg.backend, threads=cfg.threads, resume=bool(cfg.resume))
+        d.barrier()
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(sft / "final" / "model.safetensors")))
+    return model
