@@ -5,7 +5,8 @@
 
 ``run`` trains each demo as its command does with no arguments (only ``--seed``, ``--backend`` and a scratch
 ``--output-dir`` added), reads each ``summary.json`` and writes ``bench/results/demos/demos.json``: every run's
-numbers and, per demo, the band (min-max over seeds and backends) of each number and of each gain.
+numbers and, per demo, the band (min-max over seeds and backends) of each number and of each gain. Runs of the
+demos not named by ``--demos`` are kept from the existing file (each keeps its own date and commit).
 ``readme`` rewrites the text between ``<!-- demo:begin -->`` and ``<!-- demo:end -->`` in README.md (the
 sentences) and docs/training.md (a table per backend) from that file; ``--check`` exits 1 when either is out of
 date. ``tests/train/test_demo_claims.py`` holds a CI run of
@@ -64,7 +65,7 @@ def bands(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     for demo in dict.fromkeys(r["demo"] for r in runs):
         rs = [r for r in runs if r["demo"] == demo]
-        keys = [k for k in rs[0] if k not in ("demo", "seed", "backend", "wall_s")]
+        keys = [k for k in rs[0] if k not in ("demo", "seed", "backend", "wall_s", "date", "commit")]
         vals = {k: [r[k] for r in rs] for k in keys}
         for k in keys:
             if k.endswith("_after"):
@@ -77,19 +78,26 @@ def bands(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
 
 def run(args) -> None:
     scratch = tempfile.mkdtemp(prefix="fastpref-demos-")
+    kept = []
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            kept = [r for r in json.load(f)["runs"] if r["demo"] not in args.demos]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     runs = []
     t0 = time.time()
     for demo in args.demos:
         for backend in args.backends:
             for seed in args.seeds:
-                runs.append(run_one(demo, seed, backend, scratch))
+                runs.append({**run_one(demo, seed, backend, scratch), "date": time.strftime("%Y-%m-%d"),
+                             "commit": commit})
                 print(json.dumps(runs[-1]), flush=True)
     import torch
 
-    res = {"command": "python -m bench.demos run " + " ".join(sys.argv[2:]), "wall_s": round(time.time() - t0),
-           "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "torch": torch.__version__, "seeds": args.seeds, "backends": args.backends,
-           "runs": runs, "bands": bands(runs)}
+    runs = sorted(kept + runs, key=lambda r: (list(COMMANDS).index(r["demo"]), r["backend"], r["seed"]))
+    res = {"command": "python -m bench.demos run", "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+           "seeds": args.seeds, "backends": args.backends, "runs": runs, "bands": bands(runs)}
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         json.dump(res, f, indent=1)
