@@ -229,7 +229,11 @@ class OnlineRun:
 
     # ------------------------------------------------------------------------------------------- training
     def steps_in_round(self, n_items: int) -> int:
-        return math.ceil(self.cfg.epochs * n_items / self.cfg.batch_size) if n_items else 0
+        """One optimiser step on a freshly sampled batch (online algorithms); else ``epochs`` passes over the
+        round's items in batches that never cross an epoch (the last batch of an epoch may be shorter)."""
+        if not n_items:
+            return 0
+        return 1 if self.alg.online else math.ceil(self.cfg.epochs * math.ceil(n_items / self.cfg.batch_size))
 
     def _closure(self, items: list[A.Item], n_global: int):
         def closure() -> tuple[float, float]:
@@ -253,7 +257,7 @@ class OnlineRun:
     def train_step(self, r: int, items: list[A.Item]) -> dict:
         cfg, d = self.cfg, self.d
         bs = cfg.batch_size
-        idx = D.order(len(items), cfg.seed + 7919 * (r + 1), self.round_step * bs, bs)
+        idx = D.epoch_batch(len(items), cfg.seed + 7919 * (r + 1), self.round_step, bs)
         per = math.ceil(len(idx) / d.world)
         mine = [items[i] for i in idx[d.rank * per:(d.rank + 1) * per]]
         closure = self._closure(mine, len(idx))
