@@ -3,8 +3,10 @@ sampled batch for online algorithms, no item twice in a step, every item once pe
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from fastpref.train.online import algorithms as A
+from fastpref.train.online.extragradient import ExtraGradient
 from fastpref.train.online.loop import OnlineRun
 
 
@@ -16,23 +18,34 @@ class _Opt:
         pass
 
 
-def _run(algorithm: str, batch_size: int, epochs: float):
-    """A stand-in OnlineRun whose closure records the items of each step."""
+class _Run(SimpleNamespace):
+    """OnlineRun's step accounting over a closure that records the items of each gradient."""
+
+    _batch_closure = OnlineRun._batch_closure
+    train_step = OnlineRun.train_step
+    steps_in_round = OnlineRun.steps_in_round
+
+
+def _items(keys) -> list[A.Item]:
+    return [A.Item([0], {"": [1]}, {"k": k}) for k in keys]
+
+
+def _run(algorithm: str, batch_size: int, epochs: float, opt=None):
     seen: list[list[int]] = []
 
     def closure(mine, n_global):
         return lambda: (seen.append([it.inputs["k"] for it in mine]), (0.0, 0.0))[1]
 
     cfg = SimpleNamespace(batch_size=batch_size, epochs=epochs, seed=0)
-    run = SimpleNamespace(cfg=cfg, d=SimpleNamespace(world=1, rank=0), alg=A.get(algorithm), opt=_Opt(),
-                          step=0, round_step=0, t0=0.0, _closure=closure)
+    run = _Run(cfg=cfg, d=SimpleNamespace(world=1, rank=0), alg=A.get(algorithm), opt=opt or _Opt(),
+               step=0, round_step=0, t0=0.0, _closure=closure)
     return run, seen
 
 
 def _train_round(run, n_items: int) -> None:
-    items = [A.Item([0], {"": [1]}, {"k": k}) for k in range(n_items)]
-    for _ in range(OnlineRun.steps_in_round(run, n_items)):
-        OnlineRun.train_step(run, 0, items)
+    items = _items(range(n_items))
+    for _ in range(run.steps_in_round(n_items)):
+        run.train_step(0, items)
 
 
 @pytest.mark.parametrize("algorithm", [a.name for a in A.ALGORITHMS.values() if a.online])
@@ -48,3 +61,13 @@ def test_iterative_round_trains_every_item_once_per_epoch_without_wrapping():
     assert [len(s) for s in seen] == [8, 8, 4, 8, 8, 4]
     assert all(len(set(s)) == len(s) for s in seen)
     assert sorted(sum(seen[:3], [])) == sorted(sum(seen[3:], [])) == list(range(20))
+
+
+def test_egpo_second_gradient_is_on_fresh_samples_from_the_half_step():
+    """EGPO: ∇L(θ_½) on new samples drawn after the half step, not on π_θ's batch again."""
+    opt = ExtraGradient(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    run, seen = _run("online_ipo", batch_size=4, epochs=1.0, opt=opt)
+    asked = []
+    run.round_data = lambda r, half=False: (asked.append(half), {"items": _items(range(10, 14))})[1]
+    run.train_step(0, _items(range(4)))
+    assert asked == [True] and [sorted(s) for s in seen] == [[0, 1, 2, 3], [10, 11, 12, 13]]

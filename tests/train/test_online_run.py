@@ -112,6 +112,9 @@ def test_mixture_extragradient_and_reference_sampling_algorithms_run(tmp_path, a
     assert len(data["groups"]) == 4 and s["evaluated_rounds"] == [0, 1]
     if algorithm != "online_ipo":
         assert all(g["extra"] is not None for g in data["groups"])
+    else:  # EGPO's second gradient: fresh samples from θ_½, saved for an exact resume
+        half = json.loads((tmp_path / "rounds" / "round-00000-half.json").read_text())
+        assert len(half["groups"]) == 4 and half["groups"] != data["groups"]
 
 
 @pytest.mark.skipif(os.environ.get("FASTPREF_ONLINE_DEMO") != "1",
