@@ -140,12 +140,14 @@ def inpo(
     *, chosen_logps: Tensor = None, rejected_logps: Tensor = None,
     ref_chosen_logps: Tensor = None, ref_rejected_logps: Tensor = None,
     prev_chosen_logps: Tensor = None, prev_rejected_logps: Tensor = None,
-    tau: float | None = None, eta: float | None = None,
+    pref_probs: Tensor | None = None, tau: float | None = None, eta: float | None = None,
 ) -> Tensor:
     """INPO (Zhang+24): L = (g - 1/(2η))² with
     g = [ℓ_θ(y_w) - ℓ_θ(y_l)] - (τ/η)·[ℓ_ref(y_w) - ℓ_ref(y_l)] - ((η-τ)/η)·[ℓ_t(y_w) - ℓ_t(y_l)].
 
-    τ: KL-to-reference strength, η: mirror-descent step; both required (paper values unverified).
+    ``pref_probs`` P = P(y_w ≻ y_l) [B] (optional): the paper's expectation over the label drawn from
+    Bernoulli(P), L = P·(g - 1/(2η))² + (1-P)·(g + 1/(2η))², minimised at g* = (2P - 1)/(2η); without it the
+    label is given (P = 1). τ: KL-to-reference strength, η: mirror-descent step; both required.
     """
     require(tau=tau, eta=eta, prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps)
     logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)  # validates inputs
@@ -153,7 +155,10 @@ def inpo(
     ref = f32(ref_chosen_logps) - f32(ref_rejected_logps)
     prev = f32(prev_chosen_logps) - f32(prev_rejected_logps)
     g = pol - (tau / eta) * ref - ((eta - tau) / eta) * prev
-    return (g - 0.5 / eta) ** 2
+    if pref_probs is None:
+        return (g - 0.5 / eta) ** 2
+    p = f32(pref_probs)
+    return p * (g - 0.5 / eta) ** 2 + (1 - p) * (g + 0.5 / eta) ** 2
 
 
 @register("online_ipo", "egpo")

@@ -100,9 +100,22 @@ def _judged_pair(g: Group, a: list[int], a_text: str, b: list[int], b_text: str,
 
 
 def build_pair(g: Group, judge: Judge, opt: dict) -> Built:
-    """Online DPO / INPO: two samples, the judge picks chosen and rejected; a tie (P = ½) is dropped."""
+    """Online DPO: two samples, the judge picks chosen and rejected (TRL); a tie (P = ½) is dropped."""
     seqs, p = _judged_pair(g, g.samples[0], g.texts[0], g.samples[1], g.texts[1], judge)
     return (Item(g.prompt, seqs) if seqs else None), {"tied": float(seqs is None), "pref_prob": p}
+
+
+def _soft_pair(g: Group, judge: Judge, first: str, second: str) -> Built:
+    """Samples 0 and 1 as roles (first, second) with P(first ≻ second) as ``pref_probs``; a tie is kept."""
+    p = judge.prefer([g.prompt_text], [g.texts[0]], [g.texts[1]])[0]
+    return Item(g.prompt, {first: g.samples[0], second: g.samples[1]}, {"pref_probs": p}), \
+        {"tied": float(p == 0.5), "pref_prob": p}
+
+
+def build_inpo(g: Group, judge: Judge, opt: dict) -> Built:
+    """INPO: two samples (y, y′) with P(y ≻ y′) as ``pref_probs``; the loss is the expectation over the label
+    drawn from Bernoulli(P) (a tie, P = ½, is an item with target 0, not dropped)."""
+    return _soft_pair(g, judge, "chosen", "rejected")
 
 
 def build_nash_md(g: Group, judge: Judge, opt: dict) -> Built:
@@ -129,9 +142,7 @@ def build_vpo(g: Group, judge: Judge, opt: dict) -> Built:
 
 def build_online_ipo(g: Group, judge: Judge, opt: dict) -> Built:
     """Two samples y, y′ with P(y ≻ y′) as ``pref_probs`` (the loss's IPO-2 form, other_pref_probs = ½)."""
-    p = judge.prefer([g.prompt_text], [g.texts[0]], [g.texts[1]])[0]
-    return Item(g.prompt, {"": g.samples[0], "other": g.samples[1]}, {"pref_probs": p}), \
-        {"tied": float(p == 0.5), "pref_prob": p}
+    return _soft_pair(g, judge, "", "other")
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -176,7 +187,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     Algorithm("iterative_dpo", "Xiong+24", {"sigmoid": 1.0}, {"beta": 0.1}, 4, build_best_worst, rounds=3),
     Algorithm("dno", "Rosset+24, practical DNO", {"sigmoid": 1.0}, {"beta": 0.1}, 5, build_best_worst,
               reference="previous", rounds=3),
-    Algorithm("inpo", "Zhang+24 INPO", {"inpo": 1.0}, {"tau": 0.1, "eta": 0.2}, 2, build_pair, rounds=3),
+    Algorithm("inpo", "Zhang+24 INPO", {"inpo": 1.0}, {"tau": 0.1, "eta": 0.2}, 2, build_inpo, rounds=3),
     Algorithm("online_dpo", "Guo+24 OAIF; TRL OnlineDPOTrainer", {"sigmoid": 1.0}, {"beta": 0.1}, 2, build_pair,
               online=True, rounds=100),
     Algorithm("nash_md", "Munos+23; TRL NashMDTrainer", {"nash_md": 1.0}, {"beta": 0.1}, 1, build_nash_md,
