@@ -126,9 +126,10 @@ def gpo(
     prev_chosen_logps: Tensor = None, prev_rejected_logps: Tensor = None,
     chosen_scores: Tensor = None, rejected_scores: Tensor = None, beta: float = 0.001,
 ) -> Tensor:
-    """GPO with GPM scores (Zhang+24): SPPO with P̂ - ½ replaced by the mean skew-symmetric preference score
-    ŝ(y) = mean_j s(y ≻ y_j) [B] (tie = 0): L = ½·[(h_w - ŝ_w/β)² + (h_l - ŝ_l/β)²]. Loss body inferred from
-    the official data pipeline (its trainer is unpublished)."""
+    """GPO with GPM scores (Zhang+24): SPPO with P̂ - ½ replaced by the skew-symmetric preference score
+    ŝ(y) = mean_j [s(y ≻ y_j) - s(y_j ≻ y)] = 2·mean_j s(y ≻ y_j) [B] (tie = 0; the official data pipeline's
+    t_ij - t_ji): L = ½·[(h_w - ŝ_w/β)² + (h_l - ŝ_l/β)²]. Loss body inferred from that pipeline (its trainer
+    is unpublished)."""
     require(chosen_scores=chosen_scores, rejected_scores=rejected_scores,
             prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps)
     h_w, h_l = logratios(chosen_logps, rejected_logps, prev_chosen_logps, prev_rejected_logps)

@@ -63,13 +63,16 @@ def test_sppo_pairwise_judge_and_all_tied_group_dropped():
     assert item is None and stats["tied"] == 1.0
 
 
-def test_gpo_scores_are_mean_skew_symmetric_differences():
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_gpo_scores_are_mean_skew_symmetric_differences(tau):
+    """ŝ(y_i) = mean_j [s_ij − s_ji] with s_ij = logit P(y_i ≻ y_j) = (r_i − r_j)/τ (r_i − r_j at τ = 0)."""
     r = [0.5, -1.0, 2.0]
     texts = ["p", "q", "s"]
-    judge = make_judge(_reward_module(dict(zip(texts, r))) + ":reward", synthetic=False)
+    judge = make_judge(_reward_module(dict(zip(texts, r))) + ":reward", synthetic=False, temperature=tau)
     item, _ = A.build_gpo(_group(texts), judge, {})
-    assert item.inputs["chosen_scores"] == pytest.approx(sum(2.0 - x for x in r) / 3)
-    assert item.inputs["rejected_scores"] == pytest.approx(sum(-1.0 - x for x in r) / 3)
+    scale = 1.0 / tau if tau > 0 else 1.0
+    assert item.inputs["chosen_scores"] == pytest.approx(sum(2 * scale * (2.0 - x) for x in r) / 3)
+    assert item.inputs["rejected_scores"] == pytest.approx(sum(2 * scale * (-1.0 - x) for x in r) / 3)
 
 
 def test_dno_margin_filter():

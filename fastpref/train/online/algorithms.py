@@ -71,8 +71,10 @@ def build_sppo(g: Group, judge: Judge, opt: dict) -> Built:
 
 
 def build_gpo(g: Group, judge: Judge, opt: dict) -> Built:
-    """As SPPO with ŝ(y_i) = (1/K)·Σ_j s(y_i ≻ y_j) (skew-symmetric GPM scores, s(y ≻ y) = 0) for P̂ − ½."""
-    s = judge.skew(g.prompt_text, g.texts, clip=opt.get("gpm_clip", 10.0)).mean(1)
+    """As SPPO with ŝ(y_i) = (1/K)·Σ_j [s(y_i ≻ y_j) − s(y_j ≻ y_i)] = (2/K)·Σ_j s(y_i ≻ y_j) for P̂ − ½
+    (skew-symmetric GPM scores, s(y ≻ y) = 0; the official pipeline's t_ij − t_ji)."""
+    t = judge.skew(g.prompt_text, g.texts, clip=opt.get("gpm_clip", 10.0))
+    s = (t - t.T).mean(1)
     i, j = _best_worst(s)
     if s[i] == s[j]:
         return None, {"tied": 1.0}
