@@ -211,18 +211,19 @@ def get(name: str) -> Algorithm:
 
 # ------------------------------------------------------------------------------------------------ references
 def reference_logps(items: list[Item], *, policy, ref, loss: "ItemLoss", reference: str, pad_id: int,
-                    backend: str = "auto") -> None:
+                    backend: str = "auto", logps: Callable = completion_logps) -> None:
     """Fill ``item.ref`` (π_ref, or π_t when ``reference="previous"``) and ``item.prev`` (π_t = ``policy`` as
-    the round starts) with per-token log-probs of every role's completion, where the loss needs them; no grad."""
+    the round starts) with per-token log-probs of every role's completion, where the loss needs them; no grad.
+    ``logps``: how a model scores completions (:func:`completion_logps`; the small games pass a table's)."""
     if not items or not (loss.needs_ref or loss.needs_prev):
         return
     roles = list(items[0].seqs)
     seqs = [(it.prompt, it.seqs[r]) for it in items for r in roles]
-    prev = completion_logps(policy, seqs, pad_id=pad_id, backend=backend) \
+    prev = logps(policy, seqs, pad_id=pad_id, backend=backend) \
         if (loss.needs_prev or reference == "previous") else None
     per_item = lambda v, k: {r: v[k * len(roles) + j] for j, r in enumerate(roles)}  # noqa: E731
     if loss.needs_ref:
-        lp = prev if reference == "previous" else completion_logps(ref, seqs, pad_id=pad_id, backend=backend)
+        lp = prev if reference == "previous" else logps(ref, seqs, pad_id=pad_id, backend=backend)
         for k, it in enumerate(items):
             it.ref = per_item(lp, k)
     if loss.needs_prev:
@@ -232,16 +233,18 @@ def reference_logps(items: list[Item], *, policy, ref, loss: "ItemLoss", referen
 
 # ------------------------------------------------------------------------------------------------ the loss
 class ItemLoss:
-    """Registry losses {name: weight} on items: per-item loss [B] from the policy through the fused primitive."""
+    """Registry losses {name: weight} on items: per-item loss [B] from the policy through the fused primitive
+    (``logps``: :func:`token_logps`, or a table's in the small games)."""
 
-    def __init__(self, weights: dict[str, float], hparams: dict, *, pad_id: int, backend: str = "auto"):
+    def __init__(self, weights: dict[str, float], hparams: dict, *, pad_id: int, backend: str = "auto",
+                 logps: Callable = token_logps):
         self.fns = {n: L.get(n) for n in weights}
         self.weights, self.params = dict(weights), {n: loss_params(f) for n, f in self.fns.items()}
         accepted = set().union(*self.params.values())
         unknown = sorted(set(hparams) - accepted)
         if unknown:
             raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
-        self.hparams, self.pad_id, self.backend = dict(hparams), pad_id, backend
+        self.hparams, self.pad_id, self.backend, self.logps = dict(hparams), pad_id, backend, logps
         self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in accepted)
         self.needs_prev = any(p.startswith("prev_") for p in accepted)
 
@@ -249,8 +252,8 @@ class ItemLoss:
         """Every quantity a loss may name (see the module docstring); policy terms carry gradients."""
         roles = list(items[0].seqs)
         B = len(items)
-        tok, mask = token_logps(policy, [(it.prompt, it.seqs[r]) for r in roles for it in items],
-                                pad_id=self.pad_id, backend=self.backend)
+        tok, mask = self.logps(policy, [(it.prompt, it.seqs[r]) for r in roles for it in items],
+                               pad_id=self.pad_id, backend=self.backend)
         kw: dict = {}
         for k, r in enumerate(roles):
             pre = f"{r}_" if r else ""
@@ -258,10 +261,10 @@ class ItemLoss:
             kw.update({f"{pre}logps": t.sum(-1), f"{pre}token_logps": t, f"{pre}mask": m})
             for src in ("ref", "prev"):
                 if getattr(items[0], src):
-                    rt = scatter([getattr(it, src)[r] for it in items], m)
+                    rt = scatter([getattr(it, src)[r] for it in items], m, tok.dtype)
                     kw.update({f"{src}_{pre}logps": rt.sum(-1), f"{src}_{pre}token_logps": rt})
         for name in items[0].inputs:
-            kw[name] = torch.tensor([it.inputs[name] for it in items], dtype=torch.float32, device=tok.device)
+            kw[name] = torch.tensor([it.inputs[name] for it in items], dtype=tok.dtype, device=tok.device)
         return kw
 
     def __call__(self, policy, items: list[Item]) -> Tensor:
