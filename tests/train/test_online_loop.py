@@ -71,3 +71,17 @@ def test_egpo_second_gradient_is_on_fresh_samples_from_the_half_step():
     run.round_data = lambda r, half=False: (asked.append(half), {"items": _items(range(10, 14))})[1]
     run.train_step(0, _items(range(4)))
     assert asked == [True] and [sorted(s) for s in seen] == [[0, 1, 2, 3], [10, 11, 12, 13]]
+
+
+@pytest.mark.parametrize("algorithm, sampling", [("sppo", (0.7, 0.9)), ("online_dpo", (0.9, 1.0)),
+                                                 ("online_ipo", (2.0, 1.0))])
+def test_real_runs_sample_as_the_papers_and_the_demo_at_one(tmp_path, algorithm, sampling):
+    from fastpref.train.online.config import OnlineConfig
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    real = OnlineConfig(algorithm=algorithm, prompts=str(prompts), judge="m:f").resolved()
+    assert (real.temperature, real.top_p) == sampling
+    demo = OnlineConfig(algorithm=algorithm).resolved()
+    assert (demo.temperature, demo.top_p) == (1.0, 1.0)
+    assert OnlineConfig(algorithm=algorithm, prompts=str(prompts), judge="m:f", temperature=0.5).resolved().temperature == 0.5

@@ -153,7 +153,8 @@ class Algorithm:
     """name; loss {registry name: weight}; hparams (paper defaults, overridable with --beta / --loss-args);
     samples K per prompt from π_t; extra: one more sample per prompt from "reference" (π_ref) or "mixture";
     online: fresh samples every step; reference: "initial" (π_ref) or "previous" (π_t) for the ref_* inputs;
-    rounds: default number of rounds."""
+    rounds: default number of rounds; sampling: the paper's / reference implementation's (temperature, top_p)
+    for real models (the synthetic demo samples at (1, 1))."""
 
     name: str
     paper: str
@@ -166,6 +167,7 @@ class Algorithm:
     reference: str = "initial"
     rounds: int = 3
     extragradient: bool = False
+    sampling: tuple[float, float] = (1.0, 1.0)
 
     def describe(self, rounds: int | None = None, hparams: dict | None = None) -> str:
         """One line: rounds, samples, reference rule, loss (the preset's defaults unless given)."""
@@ -184,20 +186,21 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
-    Algorithm("sppo", "Wu+24", {"sppo": 1.0}, {"beta": 0.001}, 5, build_sppo, rounds=3),
-    Algorithm("gpo", "Zhang+24 GPM", {"gpo": 1.0}, {"beta": 0.001}, 5, build_gpo, rounds=3),
-    Algorithm("iterative_dpo", "Xiong+24", {"sigmoid": 1.0}, {"beta": 0.1}, 4, build_best_worst, rounds=3),
+    Algorithm("sppo", "Wu+24", {"sppo": 1.0}, {"beta": 0.001}, 5, build_sppo, rounds=3, sampling=(0.7, 0.9)),
+    Algorithm("gpo", "Zhang+24 GPM", {"gpo": 1.0}, {"beta": 0.001}, 5, build_gpo, rounds=3, sampling=(0.7, 0.9)),
+    Algorithm("iterative_dpo", "Xiong+24; RLHFlow", {"sigmoid": 1.0}, {"beta": 0.1}, 8, build_best_worst,
+              rounds=3),
     Algorithm("dno", "Rosset+24, practical DNO", {"sigmoid": 1.0}, {"beta": 0.1}, 5, build_best_worst,
               reference="previous", rounds=3),
     Algorithm("inpo", "Zhang+24 INPO", {"inpo": 1.0}, {"tau": 0.1, "eta": 0.2}, 2, build_inpo, rounds=3),
     Algorithm("online_dpo", "Guo+24 OAIF; TRL OnlineDPOTrainer", {"sigmoid": 1.0}, {"beta": 0.1}, 2, build_pair,
-              online=True, rounds=100),
+              online=True, rounds=100, sampling=(0.9, 1.0)),
     Algorithm("nash_md", "Munos+23; TRL NashMDTrainer", {"nash_md": 1.0}, {"beta": 0.1}, 1, build_nash_md,
-              online=True, extra="mixture", rounds=100),
+              online=True, extra="mixture", rounds=100, sampling=(0.9, 1.0)),
     Algorithm("online_ipo", "Zhou+25 EGPO", {"online_ipo": 1.0}, {"beta": 0.1}, 2, build_online_ipo,
-              online=True, rounds=100, extragradient=True),
+              online=True, rounds=100, extragradient=True, sampling=(2.0, 1.0)),
     Algorithm("xpo", "Xie+24; TRL XPOTrainer", {"sigmoid": 1.0, "xpo": 1.0}, {"beta": 0.1, "alpha": 1e-5}, 1,
-              build_xpo, online=True, extra="reference", rounds=100),
+              build_xpo, online=True, extra="reference", rounds=100, sampling=(0.9, 1.0)),
     Algorithm("vpo", "Cen+24", {"sigmoid": 1.0, "vpo": 1.0}, {"beta": 0.1, "alpha": 0.01}, 2, build_vpo,
               online=True, extra="reference", rounds=100),
 ]}

@@ -45,8 +45,8 @@ class OnlineConfig:
     reference: str | None = None
     mixture_coef: float = 0.5
     extragradient: bool | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
     max_new_tokens: int | None = None
     gen_batch: int = 64
     sft_steps: int | None = None
@@ -79,7 +79,9 @@ class OnlineConfig:
         alg = ALGORITHMS[self.algorithm]
         base = dict(SYNTHETIC_DEFAULTS if self.synthetic else REAL_DEFAULTS)
         base.update(rounds=alg.rounds, extragradient=alg.extragradient, samples=alg.samples,
-                    reference=alg.reference, eval_every=1 if not alg.online else max(1, alg.rounds // 10))
+                    reference=alg.reference, eval_every=1 if not alg.online else max(1, alg.rounds // 10),
+                    temperature=1.0 if self.synthetic else alg.sampling[0],
+                    top_p=1.0 if self.synthetic else alg.sampling[1])
         if self.synthetic and not alg.online and self.model is None:
             base.update(rounds=SYNTHETIC_ITERATIVE["rounds"], beta=SYNTHETIC_ITERATIVE["beta"].get(alg.name))
         if alg.online:  # one batch of prompts per round: fresh samples every step
@@ -116,9 +118,9 @@ def validate(c: OnlineConfig) -> None:
     for name, v, lo, hi in (("margin", c.margin, 0.0, 1.0), ("mixture_coef", c.mixture_coef, 0.0, 1.0),
                             ("demo_correct_fraction", c.demo_correct_fraction, 0.0, 1.0),
                             ("top_p", c.top_p, 1e-6, 1.0)):
-        if not lo <= v <= hi:
+        if v is not None and not lo <= v <= hi:
             bad(f"--{name.replace('_', '-')} {v}: expected a value in [{lo}, {hi}]")
-    if c.temperature <= 0:
+    if c.temperature is not None and c.temperature <= 0:
         bad(f"--temperature {c.temperature}: must be > 0 (greedy decoding is used for evaluation only)")
     for name in ("rounds", "prompts_per_round", "batch_size", "max_new_tokens", "sft_steps"):
         v = getattr(c, name)
@@ -162,7 +164,9 @@ HELP = {
     "rounds": "rounds (iterative) or steps (online) (default: the algorithm's)",
     "samples": "K completions per prompt from the policy (default: the algorithm's)",
     "prompts_per_round": "prompts sampled per round (iterative algorithms)",
-    "epochs": "passes over each round's items",
+    "epochs": "passes over each round's items (iterative algorithms; an online step is one pass)",
+    "temperature": "sampling temperature (default: the algorithm's paper's on real models, 1 on the synthetic task)",
+    "top_p": "nucleus sampling (default: the algorithm's paper's on real models, 1 on the synthetic task)",
     "margin": "DNO's large-margin filter: keep a (best, worst) pair only when their win-rate gap exceeds it",
     "reference": "'initial' (π_ref) or 'previous' (π_t, DNO) for the loss's reference log-probs",
     "mixture_coef": "Nash-MD's β of the geometric mixture π_θ^(1−β)·π_ref^β",
