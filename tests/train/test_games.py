@@ -34,7 +34,9 @@ def test_egpo_converges_in_the_last_iterate_where_online_ipo_cycles():
     (hard rock-paper-scissors, β = 0.05, SGD lr 0.1, 300 steps)."""
     game, beta = G.intransitive(), 0.05
     star = G.regularised_nash(game, beta)
-    run = lambda **kw: _kls(star, G.play("online_ipo", game, steps=300, lr=0.1, hparams={"beta": beta}, **kw))  # noqa: E731
+
+    def run(**kw):
+        return _kls(star, G.play("online_ipo", game, steps=300, lr=0.1, hparams={"beta": beta}, **kw))
     egpo = run()
     assert egpo[50] < 1e-9 and max(egpo[250:]) < 1e-12
     for kl in (run(extragradient=False), run(fresh=False)):  # online IPO; the old "EGPO" (same samples twice)

@@ -84,4 +84,5 @@ def test_real_runs_sample_as_the_papers_and_the_demo_at_one(tmp_path, algorithm,
     assert (real.temperature, real.top_p) == sampling
     demo = OnlineConfig(algorithm=algorithm).resolved()
     assert (demo.temperature, demo.top_p) == (1.0, 1.0)
-    assert OnlineConfig(algorithm=algorithm, prompts=str(prompts), judge="m:f", temperature=0.5).resolved().temperature == 0.5
+    chosen = OnlineConfig(algorithm=algorithm, prompts=str(prompts), judge="m:f", temperature=0.5).resolved()
+    assert chosen.temperature == 0.5

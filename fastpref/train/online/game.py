@@ -35,8 +35,8 @@ class Game:
 
 
 def intransitive(strength: Sequence[float] = (0.5, 0.5, 0.5), ref: Sequence[float] = (0.5, 0.3, 0.2)) -> Game:
-    """Rock-paper-scissors (hard by default: P ∈ {0, ½, 1}), one context: action 0 beats 1 by ``strength[0]``, 1 beats 2 by
-    ``strength[1]``, 2 beats 0 by ``strength[2]`` (P = ½ ± strength)."""
+    """Rock-paper-scissors (hard by default: P ∈ {0, ½, 1}), one context: action 0 beats 1 by ``strength[0]``,
+    1 beats 2 by ``strength[1]``, 2 beats 0 by ``strength[2]`` (P = ½ ± strength)."""
     P = torch.full((3, 3), 0.5, dtype=D64)
     for k, s in enumerate(strength):
         i, j = k, (k + 1) % 3
@@ -105,7 +105,8 @@ class Player:
         if self.alg.extra == "reference":
             return self.game.ref
         if self.alg.extra == "mixture":
-            return torch.softmax((1 - self.mixture) * policy.log_probs().detach() + self.mixture * self.game.ref.log(), -1)
+            logits = (1 - self.mixture) * policy.log_probs().detach() + self.mixture * self.game.ref.log()
+            return torch.softmax(logits, -1)
         return None
 
     def batch(self, policy: Table) -> tuple[list[A.Item], Tensor]:
