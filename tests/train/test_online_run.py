@@ -83,6 +83,7 @@ def test_two_processes_match_one(tmp_path, straight):
     (["--mixture-coef", "2"], "expected a value in"),
     (["--loss-args", "gamma=1"], "not taken by loss"),
     (["--judge", "no_such_mod_q:f"], "cannot import module"),
+    (["--algorithm", "nash_md", "--epochs", "2"], "exactly one optimiser step"),
 ])
 def test_bad_settings_exit_with_a_message(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:

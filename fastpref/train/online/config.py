@@ -128,6 +128,8 @@ def validate(c: OnlineConfig) -> None:
             bad(f"--{name.replace('_', '-')} {v}: must be positive")
     if (c.epochs is not None and c.epochs <= 0) or c.gen_batch < 1:
         bad("--epochs and --gen-batch must be positive")
+    if alg.online and c.epochs not in (None, 1):
+        bad(f"--epochs {c.epochs}: {alg.name} takes exactly one optimiser step per freshly sampled batch")
     if c.reference not in (None, "initial", "previous"):
         bad(f"--reference {c.reference!r}: expected 'initial' (π_ref) or 'previous' (π_t)")
     if c.distributed == "fsdp":
