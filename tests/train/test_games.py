@@ -89,6 +89,6 @@ def test_dpo_and_ipo_reach_their_closed_form_optimum_on_a_transitive_matrix(loss
 def test_every_other_preset_improves_on_a_transitive_matrix(algorithm):
     """The remaining presets, run as the trainer runs them, beat the starting policy on Bradley-Terry."""
     game, alg = G.bradley_terry(), A.get(algorithm)
-    kw = dict(steps=60, lr=0.5) if alg.online else dict(steps=3, lr=0.5, inner=20)
+    kw = dict(steps=60, lr=0.5) if alg.online else dict(steps=3, lr=0.5, inner=20, samples=min(alg.samples, 5))
     pis = G.play(algorithm, game, hparams={"beta": 0.5}, **kw)
     assert G.win_rate(game, pis[-1], pis[0]) > 0.6

@@ -145,14 +145,16 @@ def expected_backward(loss: A.ItemLoss, policy: Table, batch: tuple[list[A.Item]
 
 
 def play(algorithm: str, game: Game, *, steps: int, lr: float, hparams: dict | None = None, inner: int = 1,
-         extragradient: bool | None = None, fresh: bool = True, mixture: float = 0.5) -> list[Tensor]:
+         extragradient: bool | None = None, fresh: bool = True, mixture: float = 0.5,
+         samples: int | None = None) -> list[Tensor]:
     """Run ``algorithm``'s preset on ``game`` from π_θ = π_ref with SGD(``lr``): ``steps`` online steps, or
     ``steps`` rounds of ``inner`` steps each on the round's data (iterative algorithms). ``extragradient``
     (default: the preset's) wraps SGD in :class:`ExtraGradient`, its second gradient on data drawn from π_θ½
-    (``fresh``, EGPO) or on the step's data again. Returns π_θ [C, A] at the start and after each step/round."""
+    (``fresh``, EGPO) or on the step's data again; ``samples``: K (default the preset's; A^K groups a step).
+    Returns π_θ [C, A] at the start and after each step/round."""
     alg = A.get(algorithm)
     loss = A.ItemLoss(alg.loss, {**alg.hparams, **(hparams or {})}, pad_id=0, logps=table_token_logps)
-    player = Player(alg, game, loss, Table(game.ref), alg.samples, alg.reference, mixture)
+    player = Player(alg, game, loss, Table(game.ref), samples or alg.samples, alg.reference, mixture)
     policy = Table(game.ref)
     base = torch.optim.SGD(policy.parameters(), lr=lr)
     eg = alg.extragradient if extragradient is None else extragradient
