@@ -54,8 +54,8 @@ def test_inpo_converges_linearly_to_the_regularised_nash_policy():
 
 
 def test_nash_md_converges_to_a_neighbourhood_of_the_nash_policy_that_shrinks_with_the_mixture():
-    """Nash-MD (Munos+23): the last iterate converges (no cycling) to within O(mixture) of the β-regularised
-    Nash policy; mixture 0 is regularised self-play, which converges to it."""
+    """Nash-MD (Munos+23): the last iterate converges (no cycling) to a point near the β-regularised Nash policy,
+    nearer as the mixture coefficient shrinks (the paper's bound grows with the mixture's step)."""
     game, beta = G.intransitive(), 0.1
     star = G.regularised_nash(game, beta)
     final = {}
