@@ -3,7 +3,7 @@ become training items, which reference the loss sees, and which registry loss tr
 
 A round samples K completions per prompt from π_t (the policy at the round's start), judges them, builds
 items, then trains ``epochs`` passes over the items. An *online* algorithm is the same loop with one batch of
-prompts per round (fresh samples every step). Reference log-probs (π_ref: the starting policy; π_t) are
+prompts per round and exactly one optimiser step on it (fresh samples every step). Reference log-probs (π_ref: the starting policy; π_t) are
 computed when the round's data is built, without gradients, and saved with it.
 
 An item holds completions by *role*; the loss receives, for role r (prefix ``r_``, none for r = ""),
