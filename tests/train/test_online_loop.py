@@ -11,11 +11,16 @@ from fastpref.train.online.loop import OnlineRun
 
 
 class _Opt:
+    """Records the learning rate of each step."""
+
+    def __init__(self):
+        self.param_groups, self.lrs = [{"lr": 0.0}], []
+
     def zero_grad(self, set_to_none=True):
         pass
 
     def step(self):
-        pass
+        self.lrs.append(self.param_groups[0]["lr"])
 
 
 class _Run(SimpleNamespace):
@@ -30,13 +35,13 @@ def _items(keys) -> list[A.Item]:
     return [A.Item([0], {"": [1]}, {"k": k}) for k in keys]
 
 
-def _run(algorithm: str, batch_size: int, epochs: float, opt=None):
+def _run(algorithm: str, batch_size: int, epochs: float, opt=None, schedule: str = "constant"):
     seen: list[list[int]] = []
 
     def closure(mine, n_global):
         return lambda: (seen.append([it.inputs["k"] for it in mine]), (0.0, 0.0))[1]
 
-    cfg = SimpleNamespace(batch_size=batch_size, epochs=epochs, seed=0)
+    cfg = SimpleNamespace(batch_size=batch_size, epochs=epochs, seed=0, lr=0.5, lr_schedule=schedule, rounds=4)
     run = _Run(cfg=cfg, d=SimpleNamespace(world=1, rank=0), alg=A.get(algorithm), opt=opt or _Opt(),
                step=0, round_step=0, t0=0.0, _closure=closure)
     return run, seen
@@ -86,3 +91,14 @@ def test_real_runs_sample_as_the_papers_and_the_demo_at_one(tmp_path, algorithm,
     assert (demo.temperature, demo.top_p) == (1.0, 1.0)
     chosen = OnlineConfig(algorithm=algorithm, prompts=str(prompts), judge="m:f", temperature=0.5).resolved()
     assert chosen.temperature == 0.5
+
+
+def test_linear_schedule_warms_up_then_decays_within_an_iterative_round_and_over_an_online_run():
+    run, _ = _run("sppo", batch_size=2, epochs=2.0, schedule="linear")
+    _train_round(run, 10)  # 10 steps: 1 warm-up step (10%), then decay
+    assert run.opt.lrs == pytest.approx([0.5 * f for f in [1.0, 9 / 9, 8 / 9, 7 / 9, 6 / 9, 5 / 9, 4 / 9, 3 / 9,
+                                                               2 / 9, 1 / 9]])
+    run, _ = _run("online_dpo", batch_size=4, epochs=1.0, schedule="linear")
+    for _ in range(4):  # --rounds 4 online steps: no warm-up, decay to 0 over the run
+        _train_round(run, 4)
+    assert run.opt.lrs == pytest.approx([0.5, 0.375, 0.25, 0.125])

@@ -45,6 +45,8 @@ class OnlineConfig:
     reference: str | None = None
     mixture_coef: float = 0.5
     extragradient: bool | None = None
+    lr_schedule: str = "linear"
+    restart_optimizer: bool = True
     temperature: float | None = None
     top_p: float | None = None
     max_new_tokens: int | None = None
@@ -130,6 +132,8 @@ def validate(c: OnlineConfig) -> None:
         bad("--epochs and --gen-batch must be positive")
     if alg.online and c.epochs not in (None, 1):
         bad(f"--epochs {c.epochs}: {alg.name} takes exactly one optimiser step per freshly sampled batch")
+    if c.lr_schedule not in ("constant", "linear"):
+        bad(f"--lr-schedule {c.lr_schedule!r}: expected 'constant' or 'linear'")
     if c.reference not in (None, "initial", "previous"):
         bad(f"--reference {c.reference!r}: expected 'initial' (π_ref) or 'previous' (π_t)")
     if c.distributed == "fsdp":
@@ -167,6 +171,10 @@ HELP = {
     "samples": "K completions per prompt from the policy (default: the algorithm's)",
     "prompts_per_round": "prompts sampled per round (iterative algorithms)",
     "epochs": "passes over each round's items (iterative algorithms; an online step is one pass)",
+    "lr_schedule": "'linear' (default, as the official pipelines): warm-up over 10%% of each round's steps then "
+                   "decay to 0 (iterative), decay to 0 over the run (online); 'constant'",
+    "restart_optimizer": "iterative algorithms: fresh optimiser state each round (default, as the official "
+                         "pipelines); --no-restart-optimizer carries it across rounds",
     "temperature": "sampling temperature (default: the algorithm's paper's on real models, 1 on the synthetic task)",
     "top_p": "nucleus sampling (default: the algorithm's paper's on real models, 1 on the synthetic task)",
     "margin": "DNO's large-margin filter: keep a (best, worst) pair only when their win-rate gap exceeds it",
@@ -194,8 +202,9 @@ def parser() -> argparse.ArgumentParser:
                                  epilog=epilog)
     ap.add_argument("--online", action="store_true", help="online mode (this parser)")
     ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
-    bools = {"extragradient", "plots", "progress"}
+    bools = {"extragradient", "plots", "progress", "restart_optimizer"}
     choices = {"algorithm": list(ALGORITHMS), "reference": ["initial", "previous"], "device": ["auto", "cpu", "cuda"],
+               "lr_schedule": ["constant", "linear"],
                "distributed": ["auto", "none", "ddp"], "ref_dtype": ["float32", "bfloat16", "float16"]}
     for f in dataclasses.fields(OnlineConfig):
         if f.name in bools:

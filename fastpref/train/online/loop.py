@@ -264,6 +264,10 @@ class OnlineRun:
         return self._closure([items[i] for i in idx[d.rank * per:(d.rank + 1) * per]], len(idx))
 
     def train_step(self, r: int, items: list[A.Item]) -> dict:
+        sched = (self.step, self.cfg.rounds, 0.0) if self.alg.online else \
+            (self.round_step, self.steps_in_round(len(items)), 0.1)
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.lr * lr_factor(self.cfg.lr_schedule, *sched)
         closure = self._batch_closure(r, items)
         if isinstance(self.opt, ExtraGradient):  # online: the second gradient on fresh samples from π_θ½ (EGPO)
             fresh = (lambda: self._batch_closure(r, self.round_data(r, half=True)["items"])()) \
@@ -385,6 +389,8 @@ class OnlineRun:
         while self.round < cfg.rounds:
             r = self.round
             data = self.round_data(r)
+            if self.round_step == 0 and cfg.restart_optimizer and not self.alg.online:
+                (self.opt.base if isinstance(self.opt, ExtraGradient) else self.opt).state.clear()
             if self.round_step == 0:
                 self.write(self.round_record(r, data))
             items = data["items"]
@@ -437,6 +443,15 @@ class OnlineRun:
             self.log(table(summary))
         d.barrier()
         return summary
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
+    """The learning-rate multiplier at ``step`` of ``total``: 1 (``constant``), or ``linear``: a linear warm-up
+    over the first ``warmup`` fraction of the steps, then a linear decay to 0 (Hugging Face's linear schedule)."""
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    w = int(warmup * total)
+    return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
 
 
 def table(s: dict) -> str:
