@@ -40,6 +40,19 @@ def test_round_data_and_summary(straight):
     assert summary["train_steps"] == sum(1 for r in recs if r["kind"] == "train")
 
 
+def test_each_iterative_round_starts_a_fresh_optimiser_on_a_linear_schedule(straight):
+    """As the official pipelines: AdamW's state restarts each round (its step count is the last round's), and the
+    rate warms up then decays to 0 within the round."""
+    from fastpref.train import checkpoint as C
+
+    out, _ = straight
+    _, trainer, _ = C.read(C.latest_valid(out / "checkpoints"))
+    last = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train" and r["round"] == 1]
+    assert {int(s["step"]) for s in trainer["optimizer"]["state"].values()} == {len(last)}
+    assert trainer["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / (len(last) - len(last) // 10))
+
+
 def test_sigkill_mid_round_then_resume_is_exact(tmp_path, straight):
     out, summary = straight
     args = [*ARGS, "--save-every", "1", "--keep-checkpoints", "50"]
