@@ -74,6 +74,17 @@ def test_sppo_win_rate_against_the_start_grows_every_round():
     assert all(b > a + 0.01 for a, b in zip(wins, wins[1:]))
 
 
+def test_sppo_averages_towards_the_nash_policy_while_its_last_iterate_cycles_outwards():
+    """SPPO (Wu+24, Theorem 4.1) is multiplicative weights: on rock-paper-scissors (Nash: uniform) the average
+    of its iterates approaches the Nash policy while the last iterate spirals away from it (no regularisation)."""
+    game = G.intransitive()
+    nash = torch.full((1, 3), 1 / 3, dtype=torch.float64)
+    pis = G.play("sppo", game, steps=40, lr=1.0, inner=30, hparams={"beta": 1.0}, samples=3)
+    start = G.kl(nash, pis[0])
+    average = [G.kl(nash, torch.stack(pis[1:t + 1]).mean(0)) for t in range(1, len(pis))]
+    assert min(average[10:]) < 0.15 * start and G.kl(nash, pis[-1]) > 5 * start
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_dpo_and_ipo_reach_their_closed_form_optimum_on_a_transitive_matrix(loss):
     """DPO (Rafailov+23): π* ∝ π_ref·exp(r/β) under Bradley-Terry; IPO (Azar+23): π* ∝ π_ref·exp(P(y ≻ π_ref)/β)."""
