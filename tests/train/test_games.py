@@ -85,6 +85,14 @@ def test_sppo_averages_towards_the_nash_policy_while_its_last_iterate_cycles_out
     assert min(average[10:]) < 0.15 * start and G.kl(nash, pis[-1]) > 5 * start
 
 
+def test_dno_each_iterate_beats_the_previous_one_under_general_preferences():
+    """DNO (Rosset+24): monotone improvement, each iterate preferred to the one before it (soft intransitive
+    preferences, no reward behind them)."""
+    game = G.intransitive((0.3, 0.2, 0.4))
+    pis = G.play("dno", game, steps=6, lr=0.5, inner=20, hparams={"beta": 0.5})
+    assert all(G.win_rate(game, b, a) > 0.5 for a, b in zip(pis, pis[1:]))
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_dpo_and_ipo_reach_their_closed_form_optimum_on_a_transitive_matrix(loss):
     """DPO (Rafailov+23): π* ∝ π_ref·exp(r/β) under Bradley-Terry; IPO (Azar+23): π* ∝ π_ref·exp(P(y ≻ π_ref)/β)."""
