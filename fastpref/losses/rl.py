@@ -36,6 +36,16 @@ from .registry import get, register
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
+# The expected gradient of β·k on tokens sampled from π_old = π_θ, with and without ``use_bias_correction_kl``
+# (the estimate times r = π_θ/π_old): E[r·k] has gradient E[(k + ∂k/∂ρ)·∇log π], E[k] has E[∂k/∂ρ·∇log π].
+KL_GRADIENTS = {
+    ("k1", True): "reverse",   # E[(ρ + 1)∇log π] = ∇KL(π_θ‖π_ref)
+    ("k3", True): "reverse",   # E[(e^{-ρ} + ρ - 1 + 1 - e^{-ρ})∇log π] = ∇KL(π_θ‖π_ref)
+    ("k2", True): "biased",    # E[(ρ + ρ²/2)∇log π]: neither KL's gradient
+    ("k1", False): "zero",     # E[∇log π] = 0
+    ("k2", False): "reverse",  # E[ρ∇log π] = ∇KL(π_θ‖π_ref)
+    ("k3", False): "forward",  # E[(1 - π_ref/π_θ)∇log π] = ∇KL(π_ref‖π_θ)
+}
 
 
 def _bool_mask(mask: Tensor | None, like: Tensor) -> Tensor:
@@ -110,7 +120,10 @@ def kl_penalty(token_logps: Tensor, ref_token_logps: Tensor | None = None, token
     (fastpref's option: no sampling noise, gradient through every logit). Otherwise a Schulman estimator on the
     sampled token, ρ = log π_θ(y_t) - log π_ref(y_t): k3 = e^{-ρ} + ρ - 1 (GRPO, DeepSeekMath; TRL's
     ``per_token_kl``), k1 = ρ (PPO-RLHF papers put k1 in the reward: InstructGPT, Safe-RLHF, MaxMin-RLHF) or
-    k2 = ρ²/2. Both penalise the same direction (reverse KL, samples from π_θ).
+    k2 = ρ²/2. Each *estimates* KL(π_θ ‖ π_ref) on samples from π_θ, but the gradient of the penalty as a loss
+    term depends on the estimator and on the ratio factor (``KL_GRADIENTS``): the reverse-KL gradient for k1 and
+    k3 times r (``use_bias_correction_kl``, the losses' default) and for k2 alone; k2 times r is biased; k3 alone
+    gives the forward KL(π_ref ‖ π_θ) gradient, k1 alone none.
     """
     if token_kl is not None:
         return f32(token_kl)
@@ -199,8 +212,14 @@ def _ppo_clip(level: str, *, token_logps: Tensor, advantages: Tensor, old_token_
     """:func:`clipped_surrogate` on the token (PPO / GRPO) or sequence (GSPO) ratio, then :func:`_objective` with
     ``terms``, the loss's remaining arguments by name."""
     require(token_logps=token_logps)
-    ratio = clamped_exp(log_ratio(token_logps, old_token_logps, mask, level))
-    surrogate = clipped_surrogate(ratio, _advantages(advantages, token_logps), epsilon, epsilon_high, delta)
+    log_r = log_ratio(token_logps, old_token_logps, mask, level)
+    ratio = clamped_exp(log_r)
+    adv = _advantages(advantages, token_logps)
+    pg_ratio = ratio
+    if level == "sequence" and adv.shape[1] > 1:  # GSPO-token: s_{i,t} = sg(s_i)·π_θ(y_t)/sg(π_θ(y_t))
+        lp = _zeroed(token_logps, _bool_mask(mask, token_logps))
+        pg_ratio = clamped_exp(log_r.detach() + lp - lp.detach())
+    surrogate = clipped_surrogate(pg_ratio, adv, epsilon, epsilon_high, delta)
     return _objective(surrogate, ratio, token_logps, mask, **terms)
 
 
@@ -242,6 +261,9 @@ def gspo(
 ) -> Tensor:
     """GSPO (Zheng+25): sequence-level ratio s_i = exp((1/|y_i|)·Σ_t log(π_θ(y_t)/π_old(y_t))) (gradient through
     every token), ψ_i = -min(s_i·A_i, clip(s_i, 1-ε, 1+ε_high)·A_i) for every token of sequence i.
+    Per-token advantages A [B, T] give the paper's GSPO-token (verl's ``gspo``): s_{i,t} = sg(s_i)·π_θ(y_t)/
+    sg(π_θ(y_t)), ψ_{i,t} = -min(s_{i,t}·A_{i,t}, clip(s_{i,t}, 1-ε, 1+ε_high)·A_{i,t}) (the value s_i, the
+    gradient through token t only); with A [B] both forms have the same value and gradient.
 
     Defaults are the paper's (and TRL's GSPO recipe: ``importance_sampling_level="sequence"``): ε = 3e-4,
     ε_high = 4e-4, β = 0, ``loss_type="grpo"`` (a per-sequence mean, i.e. the paper's (1/G)·Σ_i ψ_i); ``delta``

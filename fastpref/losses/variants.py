@@ -126,9 +126,10 @@ def gpo(
     prev_chosen_logps: Tensor = None, prev_rejected_logps: Tensor = None,
     chosen_scores: Tensor = None, rejected_scores: Tensor = None, beta: float = 0.001,
 ) -> Tensor:
-    """GPO with GPM scores (Zhang+24): SPPO with P̂ - ½ replaced by the mean skew-symmetric preference score
-    ŝ(y) = mean_j s(y ≻ y_j) [B] (tie = 0): L = ½·[(h_w - ŝ_w/β)² + (h_l - ŝ_l/β)²]. Loss body inferred from
-    the official data pipeline (its trainer is unpublished)."""
+    """GPO with GPM scores (Zhang+24): SPPO with P̂ - ½ replaced by the skew-symmetric preference score
+    ŝ(y) = mean_j [s(y ≻ y_j) - s(y_j ≻ y)] = 2·mean_j s(y ≻ y_j) [B] (tie = 0; the official data pipeline's
+    t_ij - t_ji): L = ½·[(h_w - ŝ_w/β)² + (h_l - ŝ_l/β)²]. Loss body inferred from that pipeline (its trainer
+    is unpublished)."""
     require(chosen_scores=chosen_scores, rejected_scores=rejected_scores,
             prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps)
     h_w, h_l = logratios(chosen_logps, rejected_logps, prev_chosen_logps, prev_rejected_logps)
@@ -140,12 +141,14 @@ def inpo(
     *, chosen_logps: Tensor = None, rejected_logps: Tensor = None,
     ref_chosen_logps: Tensor = None, ref_rejected_logps: Tensor = None,
     prev_chosen_logps: Tensor = None, prev_rejected_logps: Tensor = None,
-    tau: float | None = None, eta: float | None = None,
+    pref_probs: Tensor | None = None, tau: float | None = None, eta: float | None = None,
 ) -> Tensor:
     """INPO (Zhang+24): L = (g - 1/(2η))² with
     g = [ℓ_θ(y_w) - ℓ_θ(y_l)] - (τ/η)·[ℓ_ref(y_w) - ℓ_ref(y_l)] - ((η-τ)/η)·[ℓ_t(y_w) - ℓ_t(y_l)].
 
-    τ: KL-to-reference strength, η: mirror-descent step; both required (paper values unverified).
+    ``pref_probs`` P = P(y_w ≻ y_l) [B] (optional): the paper's expectation over the label drawn from
+    Bernoulli(P), L = P·(g - 1/(2η))² + (1-P)·(g + 1/(2η))², minimised at g* = (2P - 1)/(2η); without it the
+    label is given (P = 1). τ: KL-to-reference strength, η: mirror-descent step; both required.
     """
     require(tau=tau, eta=eta, prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps)
     logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)  # validates inputs
@@ -153,7 +156,10 @@ def inpo(
     ref = f32(ref_chosen_logps) - f32(ref_rejected_logps)
     prev = f32(prev_chosen_logps) - f32(prev_rejected_logps)
     g = pol - (tau / eta) * ref - ((eta - tau) / eta) * prev
-    return (g - 0.5 / eta) ** 2
+    if pref_probs is None:
+        return (g - 0.5 / eta) ** 2
+    p = f32(pref_probs)
+    return p * (g - 0.5 / eta) ** 2 + (1 - p) * (g + 0.5 / eta) ** 2
 
 
 @register("online_ipo", "egpo")

@@ -421,3 +421,15 @@ def order(n: int, seed: int, start: int, count: int) -> list[int]:
         out += take
         pos += len(take)
     return out
+
+
+def epoch_batch(n: int, seed: int, step: int, batch_size: int) -> list[int]:
+    """Indices of training step ``step`` over n items in batches of ``batch_size`` that never cross an epoch:
+    epoch e is the seeded permutation ``order`` uses, cut into ceil(n / batch_size) batches, the last one
+    shorter when batch_size does not divide n. So no item appears twice in a step and every item once per
+    epoch (``order`` instead wraps into the next epoch's permutation). Empty when n = 0."""
+    if n == 0:
+        return []
+    per_epoch = -(-n // batch_size)
+    epoch, b = divmod(step, per_epoch)
+    return order(n, seed, epoch * n + b * batch_size, min(batch_size, n - b * batch_size))

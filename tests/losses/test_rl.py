@@ -52,12 +52,16 @@ def gold(b: dict, kind: str, *, epsilon=0.2, epsilon_high=None, delta=None, beta
         terms = []
         for t in toks:
             r = seq_ratio if kind == "gspo" else torch.exp(lp[i, t] - o(t))
+            if kind == "gspo" and A.dim() == 2:  # GSPO-token: value s_i, gradient through token t only
+                r_pg = seq_ratio.detach() * torch.exp(lp[i, t] - lp[i, t].detach())
+            else:
+                r_pg = r
             if kind == "cispo":
                 w = min(float(r.detach()), eh)
                 psi = -w * a(t) * lp[i, t]
             else:
-                rr = torch.clamp(r, max=delta) if delta is not None else r
-                psi = -torch.min(rr * a(t), min(max(r, 1 - epsilon), 1 + eh) * a(t))
+                rr = torch.clamp(r_pg, max=delta) if delta is not None else r_pg
+                psi = -torch.min(rr * a(t), min(max(r_pg, 1 - epsilon), 1 + eh) * a(t))
             if is_ratio is not None:
                 psi = psi * float(is_ratio[i, t] if is_ratio.shape[1] > 1 else is_ratio[i, 0])
             if beta:
@@ -228,3 +232,27 @@ def test_no_mask_equals_all_ones_mask(name, loss_type):
               old_token_logps=b["old_token_logps"].nan_to_num(-1.0), loss_type=loss_type, max_completion_length=13,
               num_items_in_batch=57)
     torch.testing.assert_close(L.get(name)(**kw), L.get(name)(**kw, mask=full))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("corrected", [True, False])
+def test_sampled_kl_penalty_gradient_is_what_kl_gradients_says(estimator, corrected):
+    """The exact expected gradient of β·KL on tokens drawn from π_old = π_θ (a 6-token vocabulary: the sum over
+    every token weighted by sg(π_θ)), against autograd of the reverse KL(π_θ‖π_ref), the forward KL(π_ref‖π_θ)
+    and zero; k2 with the ratio factor matches none (its gradient is E[(ρ + ρ²/2)·∇log π])."""
+    g = gen(11)
+    theta = torch.randn(6, generator=g, dtype=D64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=D64), -1)
+    lp = torch.log_softmax(theta, -1)
+    per_token = L.get("grpo")(token_logps=lp[:, None], advantages=torch.zeros(6, dtype=D64),
+                              ref_token_logps=ref[:, None], beta=1.0, kl_estimator=estimator,
+                              use_bias_correction_kl=corrected, loss_type="grpo")  # [6]: each token a sequence
+    (expected,) = torch.autograd.grad((lp.exp().detach() * per_token).sum(), theta)
+    grad = lambda f: torch.autograd.grad(f(torch.log_softmax(theta, -1)), theta)[0]  # noqa: E731
+    golds = {"reverse": grad(lambda l: (l.exp() * (l - ref)).sum()),
+             "forward": grad(lambda l: (ref.exp() * (ref - l)).sum()), "zero": torch.zeros(6, dtype=D64)}
+    rho = (lp - ref).detach()
+    golds["biased"] = grad(lambda l: (lp.exp().detach() * (rho + rho ** 2 / 2) * l).sum())
+    want = L.rl.KL_GRADIENTS[(estimator, corrected)]
+    for name, grad in golds.items():
+        assert torch.allclose(expected, grad, atol=1e-12) == (name == want), (name, want)

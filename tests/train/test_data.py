@@ -144,3 +144,13 @@ def test_data_order_is_a_pure_function():
     a = D.order(10, 3, 0, 25)
     assert a[:10] != a[10:20] and sorted(a[:10]) == list(range(10))
     assert D.order(10, 3, 7, 11) == a[7:18]
+
+
+def test_epoch_batches_never_wrap_and_cover_each_epoch_once():
+    n, bs = 20, 8  # 3 batches per epoch: 8, 8, 4
+    steps = [D.epoch_batch(n, 5, s, bs) for s in range(6)]
+    assert [len(b) for b in steps] == [8, 8, 4, 8, 8, 4]
+    for e in range(2):
+        assert sorted(i for b in steps[3 * e:3 * e + 3] for i in b) == list(range(n))
+    assert D.epoch_batch(n, 5, 0, 32) == D.order(n, 5, 0, n)  # fewer items than a batch: each once
+    assert D.epoch_batch(0, 5, 0, 32) == []

@@ -63,13 +63,16 @@ def test_sppo_pairwise_judge_and_all_tied_group_dropped():
     assert item is None and stats["tied"] == 1.0
 
 
-def test_gpo_scores_are_mean_skew_symmetric_differences():
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_gpo_scores_are_mean_skew_symmetric_differences(tau):
+    """ŝ(y_i) = mean_j [s_ij − s_ji] with s_ij = logit P(y_i ≻ y_j) = (r_i − r_j)/τ (r_i − r_j at τ = 0)."""
     r = [0.5, -1.0, 2.0]
     texts = ["p", "q", "s"]
-    judge = make_judge(_reward_module(dict(zip(texts, r))) + ":reward", synthetic=False)
+    judge = make_judge(_reward_module(dict(zip(texts, r))) + ":reward", synthetic=False, temperature=tau)
     item, _ = A.build_gpo(_group(texts), judge, {})
-    assert item.inputs["chosen_scores"] == pytest.approx(sum(2.0 - x for x in r) / 3)
-    assert item.inputs["rejected_scores"] == pytest.approx(sum(-1.0 - x for x in r) / 3)
+    scale = 1.0 / tau if tau > 0 else 1.0
+    assert item.inputs["chosen_scores"] == pytest.approx(sum(2 * scale * (2.0 - x) for x in r) / 3)
+    assert item.inputs["rejected_scores"] == pytest.approx(sum(2 * scale * (-1.0 - x) for x in r) / 3)
 
 
 def test_dno_margin_filter():
@@ -148,6 +151,34 @@ def test_inpo_uses_pi_ref_and_pi_t_logps():
         g = (s["pol"]["chosen"] - s["pol"]["rejected"]) - hp["tau"] / hp["eta"] * (s["ref"]["chosen"] - s["ref"]["rejected"]) \
             - (hp["eta"] - hp["tau"]) / hp["eta"] * (prev["chosen"] - prev["rejected"])
         assert float(got[k]) == pytest.approx((g - 1 / (2 * hp["eta"])) ** 2, rel=1e-5)
+
+
+def _quadratic_argmin(loss_of_g) -> float:
+    """argmin_g of a loss quadratic in g, from its first and second derivative at g = 0 (float64 autograd)."""
+    g = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    (d1,) = torch.autograd.grad(loss_of_g(g), g, create_graph=True)
+    (d2,) = torch.autograd.grad(d1, g)
+    return float(-d1 / d2)
+
+
+@pytest.mark.parametrize("r", [(0.4, 0.0), (0.0, 0.4), (0.2, 0.2)])
+def test_inpo_target_is_the_expectation_over_bernoulli_labels(r):
+    """INPO's loss is E_{label ~ Bernoulli(P)}[(g_label − 1/(2η))²], minimised at g* = (2P − 1)/(2η) for the
+    item's (chosen, rejected) order; a soft judge's P must not be rounded to a hard label (nor a tie dropped)."""
+    judge = make_judge(f"{_reward_module({'a': r[0], 'b': r[1]})}:reward", synthetic=False, temperature=1.0)
+    item, _ = A.get("inpo").build(_group(["a", "b"]), judge, {})
+    first = {(10, 3): "a", (11, 3): "b"}
+    ra, rb = (r[0] if first[tuple(item.seqs[k])] == "a" else r[1] for k in ("chosen", "rejected"))
+    P = 1 / (1 + math.exp(-(ra - rb)))  # P(chosen ≻ rejected) at τ = 1
+    hp = {"tau": 0.1, "eta": 0.2}
+    zero = torch.zeros(1, dtype=torch.float64)
+    extra = {k: torch.tensor([v], dtype=torch.float64) for k, v in item.inputs.items()}
+
+    def loss(g):
+        return A.L.get("inpo")(chosen_logps=g.reshape(1), rejected_logps=zero, ref_chosen_logps=zero,
+                               ref_rejected_logps=zero, prev_chosen_logps=zero, prev_rejected_logps=zero,
+                               **extra, **hp).sum()
+    assert _quadratic_argmin(loss) == pytest.approx((2 * P - 1) / (2 * hp["eta"]), rel=1e-9, abs=1e-12)
 
 
 def test_dno_reference_is_pi_t():

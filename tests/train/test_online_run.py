@@ -40,6 +40,19 @@ def test_round_data_and_summary(straight):
     assert summary["train_steps"] == sum(1 for r in recs if r["kind"] == "train")
 
 
+def test_each_iterative_round_starts_a_fresh_optimiser_on_a_linear_schedule(straight):
+    """As the official pipelines: AdamW's state restarts each round (its step count is the last round's), and the
+    rate warms up then decays to 0 within the round."""
+    from fastpref.train import checkpoint as C
+
+    out, _ = straight
+    _, trainer, _ = C.read(C.latest_valid(out / "checkpoints"))
+    last = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train" and r["round"] == 1]
+    assert {int(s["step"]) for s in trainer["optimizer"]["state"].values()} == {len(last)}
+    assert trainer["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / (len(last) - len(last) // 10))
+
+
 def test_sigkill_mid_round_then_resume_is_exact(tmp_path, straight):
     out, summary = straight
     args = [*ARGS, "--save-every", "1", "--keep-checkpoints", "50"]
@@ -83,6 +96,7 @@ def test_two_processes_match_one(tmp_path, straight):
     (["--mixture-coef", "2"], "expected a value in"),
     (["--loss-args", "gamma=1"], "not taken by loss"),
     (["--judge", "no_such_mod_q:f"], "cannot import module"),
+    (["--algorithm", "nash_md", "--epochs", "2"], "exactly one optimiser step"),
 ])
 def test_bad_settings_exit_with_a_message(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -112,6 +126,9 @@ def test_mixture_extragradient_and_reference_sampling_algorithms_run(tmp_path, a
     assert len(data["groups"]) == 4 and s["evaluated_rounds"] == [0, 1]
     if algorithm != "online_ipo":
         assert all(g["extra"] is not None for g in data["groups"])
+    else:  # EGPO's second gradient: fresh samples from θ_½, saved for an exact resume
+        half = json.loads((tmp_path / "rounds" / "round-00000-half.json").read_text())
+        assert len(half["groups"]) == 4 and half["groups"] != data["groups"]
 
 
 @pytest.mark.skipif(os.environ.get("FASTPREF_ONLINE_DEMO") != "1",

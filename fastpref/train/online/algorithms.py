@@ -3,7 +3,7 @@ become training items, which reference the loss sees, and which registry loss tr
 
 A round samples K completions per prompt from π_t (the policy at the round's start), judges them, builds
 items, then trains ``epochs`` passes over the items. An *online* algorithm is the same loop with one batch of
-prompts per round (fresh samples every step). Reference log-probs (π_ref: the starting policy; π_t) are
+prompts per round and exactly one optimiser step on it (fresh samples every step). Reference log-probs (π_ref: the starting policy; π_t) are
 computed when the round's data is built, without gradients, and saved with it.
 
 An item holds completions by *role*; the loss receives, for role r (prefix ``r_``, none for r = ""),
@@ -71,8 +71,10 @@ def build_sppo(g: Group, judge: Judge, opt: dict) -> Built:
 
 
 def build_gpo(g: Group, judge: Judge, opt: dict) -> Built:
-    """As SPPO with ŝ(y_i) = (1/K)·Σ_j s(y_i ≻ y_j) (skew-symmetric GPM scores, s(y ≻ y) = 0) for P̂ − ½."""
-    s = judge.skew(g.prompt_text, g.texts, clip=opt.get("gpm_clip", 10.0)).mean(1)
+    """As SPPO with ŝ(y_i) = (1/K)·Σ_j [s(y_i ≻ y_j) − s(y_j ≻ y_i)] = (2/K)·Σ_j s(y_i ≻ y_j) for P̂ − ½
+    (skew-symmetric GPM scores, s(y ≻ y) = 0; the official pipeline's t_ij − t_ji)."""
+    t = judge.skew(g.prompt_text, g.texts, clip=opt.get("gpm_clip", 10.0))
+    s = (t - t.T).mean(1)
     i, j = _best_worst(s)
     if s[i] == s[j]:
         return None, {"tied": 1.0}
@@ -100,9 +102,22 @@ def _judged_pair(g: Group, a: list[int], a_text: str, b: list[int], b_text: str,
 
 
 def build_pair(g: Group, judge: Judge, opt: dict) -> Built:
-    """Online DPO / INPO: two samples, the judge picks chosen and rejected; a tie (P = ½) is dropped."""
+    """Online DPO: two samples, the judge picks chosen and rejected (TRL); a tie (P = ½) is dropped."""
     seqs, p = _judged_pair(g, g.samples[0], g.texts[0], g.samples[1], g.texts[1], judge)
     return (Item(g.prompt, seqs) if seqs else None), {"tied": float(seqs is None), "pref_prob": p}
+
+
+def _soft_pair(g: Group, judge: Judge, first: str, second: str) -> Built:
+    """Samples 0 and 1 as roles (first, second) with P(first ≻ second) as ``pref_probs``; a tie is kept."""
+    p = judge.prefer([g.prompt_text], [g.texts[0]], [g.texts[1]])[0]
+    return Item(g.prompt, {first: g.samples[0], second: g.samples[1]}, {"pref_probs": p}), \
+        {"tied": float(p == 0.5), "pref_prob": p}
+
+
+def build_inpo(g: Group, judge: Judge, opt: dict) -> Built:
+    """INPO: two samples (y, y′) with P(y ≻ y′) as ``pref_probs``; the loss is the expectation over the label
+    drawn from Bernoulli(P) (a tie, P = ½, is an item with target 0, not dropped)."""
+    return _soft_pair(g, judge, "chosen", "rejected")
 
 
 def build_nash_md(g: Group, judge: Judge, opt: dict) -> Built:
@@ -129,9 +144,7 @@ def build_vpo(g: Group, judge: Judge, opt: dict) -> Built:
 
 def build_online_ipo(g: Group, judge: Judge, opt: dict) -> Built:
     """Two samples y, y′ with P(y ≻ y′) as ``pref_probs`` (the loss's IPO-2 form, other_pref_probs = ½)."""
-    p = judge.prefer([g.prompt_text], [g.texts[0]], [g.texts[1]])[0]
-    return Item(g.prompt, {"": g.samples[0], "other": g.samples[1]}, {"pref_probs": p}), \
-        {"tied": float(p == 0.5), "pref_prob": p}
+    return _soft_pair(g, judge, "", "other")
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -140,7 +153,8 @@ class Algorithm:
     """name; loss {registry name: weight}; hparams (paper defaults, overridable with --beta / --loss-args);
     samples K per prompt from π_t; extra: one more sample per prompt from "reference" (π_ref) or "mixture";
     online: fresh samples every step; reference: "initial" (π_ref) or "previous" (π_t) for the ref_* inputs;
-    rounds: default number of rounds."""
+    rounds: default number of rounds; sampling: the paper's / reference implementation's (temperature, top_p)
+    for real models (the synthetic demo samples at (1, 1))."""
 
     name: str
     paper: str
@@ -153,6 +167,7 @@ class Algorithm:
     reference: str = "initial"
     rounds: int = 3
     extragradient: bool = False
+    sampling: tuple[float, float] = (1.0, 1.0)
 
     def describe(self, rounds: int | None = None, hparams: dict | None = None) -> str:
         """One line: rounds, samples, reference rule, loss (the preset's defaults unless given)."""
@@ -171,20 +186,21 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
-    Algorithm("sppo", "Wu+24", {"sppo": 1.0}, {"beta": 0.001}, 5, build_sppo, rounds=3),
-    Algorithm("gpo", "Zhang+24 GPM", {"gpo": 1.0}, {"beta": 0.001}, 5, build_gpo, rounds=3),
-    Algorithm("iterative_dpo", "Xiong+24", {"sigmoid": 1.0}, {"beta": 0.1}, 4, build_best_worst, rounds=3),
+    Algorithm("sppo", "Wu+24", {"sppo": 1.0}, {"beta": 0.001}, 5, build_sppo, rounds=3, sampling=(0.7, 0.9)),
+    Algorithm("gpo", "Zhang+24 GPM", {"gpo": 1.0}, {"beta": 0.001}, 5, build_gpo, rounds=3, sampling=(0.7, 0.9)),
+    Algorithm("iterative_dpo", "Xiong+24; RLHFlow", {"sigmoid": 1.0}, {"beta": 0.1}, 8, build_best_worst,
+              rounds=3),
     Algorithm("dno", "Rosset+24, practical DNO", {"sigmoid": 1.0}, {"beta": 0.1}, 5, build_best_worst,
               reference="previous", rounds=3),
-    Algorithm("inpo", "Zhang+24 INPO", {"inpo": 1.0}, {"tau": 0.1, "eta": 0.2}, 2, build_pair, rounds=3),
+    Algorithm("inpo", "Zhang+24 INPO", {"inpo": 1.0}, {"tau": 0.1, "eta": 0.2}, 2, build_inpo, rounds=3),
     Algorithm("online_dpo", "Guo+24 OAIF; TRL OnlineDPOTrainer", {"sigmoid": 1.0}, {"beta": 0.1}, 2, build_pair,
-              online=True, rounds=100),
+              online=True, rounds=100, sampling=(0.9, 1.0)),
     Algorithm("nash_md", "Munos+23; TRL NashMDTrainer", {"nash_md": 1.0}, {"beta": 0.1}, 1, build_nash_md,
-              online=True, extra="mixture", rounds=100),
+              online=True, extra="mixture", rounds=100, sampling=(0.9, 1.0)),
     Algorithm("online_ipo", "Zhou+25 EGPO", {"online_ipo": 1.0}, {"beta": 0.1}, 2, build_online_ipo,
-              online=True, rounds=100, extragradient=True),
+              online=True, rounds=100, extragradient=True, sampling=(2.0, 1.0)),
     Algorithm("xpo", "Xie+24; TRL XPOTrainer", {"sigmoid": 1.0, "xpo": 1.0}, {"beta": 0.1, "alpha": 1e-5}, 1,
-              build_xpo, online=True, extra="reference", rounds=100),
+              build_xpo, online=True, extra="reference", rounds=100, sampling=(0.9, 1.0)),
     Algorithm("vpo", "Cen+24", {"sigmoid": 1.0, "vpo": 1.0}, {"beta": 0.1, "alpha": 0.01}, 2, build_vpo,
               online=True, extra="reference", rounds=100),
 ]}
@@ -198,18 +214,19 @@ def get(name: str) -> Algorithm:
 
 # ------------------------------------------------------------------------------------------------ references
 def reference_logps(items: list[Item], *, policy, ref, loss: "ItemLoss", reference: str, pad_id: int,
-                    backend: str = "auto") -> None:
+                    backend: str = "auto", logps: Callable = completion_logps) -> None:
     """Fill ``item.ref`` (π_ref, or π_t when ``reference="previous"``) and ``item.prev`` (π_t = ``policy`` as
-    the round starts) with per-token log-probs of every role's completion, where the loss needs them; no grad."""
+    the round starts) with per-token log-probs of every role's completion, where the loss needs them; no grad.
+    ``logps``: how a model scores completions (:func:`completion_logps`; the small games pass a table's)."""
     if not items or not (loss.needs_ref or loss.needs_prev):
         return
     roles = list(items[0].seqs)
     seqs = [(it.prompt, it.seqs[r]) for it in items for r in roles]
-    prev = completion_logps(policy, seqs, pad_id=pad_id, backend=backend) \
+    prev = logps(policy, seqs, pad_id=pad_id, backend=backend) \
         if (loss.needs_prev or reference == "previous") else None
     per_item = lambda v, k: {r: v[k * len(roles) + j] for j, r in enumerate(roles)}  # noqa: E731
     if loss.needs_ref:
-        lp = prev if reference == "previous" else completion_logps(ref, seqs, pad_id=pad_id, backend=backend)
+        lp = prev if reference == "previous" else logps(ref, seqs, pad_id=pad_id, backend=backend)
         for k, it in enumerate(items):
             it.ref = per_item(lp, k)
     if loss.needs_prev:
@@ -219,16 +236,18 @@ def reference_logps(items: list[Item], *, policy, ref, loss: "ItemLoss", referen
 
 # ------------------------------------------------------------------------------------------------ the loss
 class ItemLoss:
-    """Registry losses {name: weight} on items: per-item loss [B] from the policy through the fused primitive."""
+    """Registry losses {name: weight} on items: per-item loss [B] from the policy through the fused primitive
+    (``logps``: :func:`token_logps`, or a table's in the small games)."""
 
-    def __init__(self, weights: dict[str, float], hparams: dict, *, pad_id: int, backend: str = "auto"):
+    def __init__(self, weights: dict[str, float], hparams: dict, *, pad_id: int, backend: str = "auto",
+                 logps: Callable = token_logps):
         self.fns = {n: L.get(n) for n in weights}
         self.weights, self.params = dict(weights), {n: loss_params(f) for n, f in self.fns.items()}
         accepted = set().union(*self.params.values())
         unknown = sorted(set(hparams) - accepted)
         if unknown:
             raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
-        self.hparams, self.pad_id, self.backend = dict(hparams), pad_id, backend
+        self.hparams, self.pad_id, self.backend, self.logps = dict(hparams), pad_id, backend, logps
         self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in accepted)
         self.needs_prev = any(p.startswith("prev_") for p in accepted)
 
@@ -236,8 +255,8 @@ class ItemLoss:
         """Every quantity a loss may name (see the module docstring); policy terms carry gradients."""
         roles = list(items[0].seqs)
         B = len(items)
-        tok, mask = token_logps(policy, [(it.prompt, it.seqs[r]) for r in roles for it in items],
-                                pad_id=self.pad_id, backend=self.backend)
+        tok, mask = self.logps(policy, [(it.prompt, it.seqs[r]) for r in roles for it in items],
+                               pad_id=self.pad_id, backend=self.backend)
         kw: dict = {}
         for k, r in enumerate(roles):
             pre = f"{r}_" if r else ""
@@ -245,10 +264,10 @@ class ItemLoss:
             kw.update({f"{pre}logps": t.sum(-1), f"{pre}token_logps": t, f"{pre}mask": m})
             for src in ("ref", "prev"):
                 if getattr(items[0], src):
-                    rt = scatter([getattr(it, src)[r] for it in items], m)
+                    rt = scatter([getattr(it, src)[r] for it in items], m, tok.dtype)
                     kw.update({f"{src}_{pre}logps": rt.sum(-1), f"{src}_{pre}token_logps": rt})
         for name in items[0].inputs:
-            kw[name] = torch.tensor([it.inputs[name] for it in items], dtype=torch.float32, device=tok.device)
+            kw[name] = torch.tensor([it.inputs[name] for it in items], dtype=tok.dtype, device=tok.device)
         return kw
 
     def __call__(self, policy, items: list[Item]) -> Tensor:

@@ -45,8 +45,10 @@ class OnlineConfig:
     reference: str | None = None
     mixture_coef: float = 0.5
     extragradient: bool | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    lr_schedule: str = "linear"
+    restart_optimizer: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
     max_new_tokens: int | None = None
     gen_batch: int = 64
     sft_steps: int | None = None
@@ -79,7 +81,9 @@ class OnlineConfig:
         alg = ALGORITHMS[self.algorithm]
         base = dict(SYNTHETIC_DEFAULTS if self.synthetic else REAL_DEFAULTS)
         base.update(rounds=alg.rounds, extragradient=alg.extragradient, samples=alg.samples,
-                    reference=alg.reference, eval_every=1 if not alg.online else max(1, alg.rounds // 10))
+                    reference=alg.reference, eval_every=1 if not alg.online else max(1, alg.rounds // 10),
+                    temperature=1.0 if self.synthetic else alg.sampling[0],
+                    top_p=1.0 if self.synthetic else alg.sampling[1])
         if self.synthetic and not alg.online and self.model is None:
             base.update(rounds=SYNTHETIC_ITERATIVE["rounds"], beta=SYNTHETIC_ITERATIVE["beta"].get(alg.name))
         if alg.online:  # one batch of prompts per round: fresh samples every step
@@ -116,9 +120,9 @@ def validate(c: OnlineConfig) -> None:
     for name, v, lo, hi in (("margin", c.margin, 0.0, 1.0), ("mixture_coef", c.mixture_coef, 0.0, 1.0),
                             ("demo_correct_fraction", c.demo_correct_fraction, 0.0, 1.0),
                             ("top_p", c.top_p, 1e-6, 1.0)):
-        if not lo <= v <= hi:
+        if v is not None and not lo <= v <= hi:
             bad(f"--{name.replace('_', '-')} {v}: expected a value in [{lo}, {hi}]")
-    if c.temperature <= 0:
+    if c.temperature is not None and c.temperature <= 0:
         bad(f"--temperature {c.temperature}: must be > 0 (greedy decoding is used for evaluation only)")
     for name in ("rounds", "prompts_per_round", "batch_size", "max_new_tokens", "sft_steps"):
         v = getattr(c, name)
@@ -126,6 +130,10 @@ def validate(c: OnlineConfig) -> None:
             bad(f"--{name.replace('_', '-')} {v}: must be positive")
     if (c.epochs is not None and c.epochs <= 0) or c.gen_batch < 1:
         bad("--epochs and --gen-batch must be positive")
+    if alg.online and c.epochs not in (None, 1):
+        bad(f"--epochs {c.epochs}: {alg.name} takes exactly one optimiser step per freshly sampled batch")
+    if c.lr_schedule not in ("constant", "linear"):
+        bad(f"--lr-schedule {c.lr_schedule!r}: expected 'constant' or 'linear'")
     if c.reference not in (None, "initial", "previous"):
         bad(f"--reference {c.reference!r}: expected 'initial' (π_ref) or 'previous' (π_t)")
     if c.distributed == "fsdp":
@@ -162,7 +170,13 @@ HELP = {
     "rounds": "rounds (iterative) or steps (online) (default: the algorithm's)",
     "samples": "K completions per prompt from the policy (default: the algorithm's)",
     "prompts_per_round": "prompts sampled per round (iterative algorithms)",
-    "epochs": "passes over each round's items",
+    "epochs": "passes over each round's items (iterative algorithms; an online step is one pass)",
+    "lr_schedule": "'linear' (default, as the official pipelines): warm-up over 10%% of each round's steps then "
+                   "decay to 0 (iterative), decay to 0 over the run (online); 'constant'",
+    "restart_optimizer": "iterative algorithms: fresh optimiser state each round (default, as the official "
+                         "pipelines); --no-restart-optimizer carries it across rounds",
+    "temperature": "sampling temperature (default: the algorithm's paper's on real models, 1 on the synthetic task)",
+    "top_p": "nucleus sampling (default: the algorithm's paper's on real models, 1 on the synthetic task)",
     "margin": "DNO's large-margin filter: keep a (best, worst) pair only when their win-rate gap exceeds it",
     "reference": "'initial' (π_ref) or 'previous' (π_t, DNO) for the loss's reference log-probs",
     "mixture_coef": "Nash-MD's β of the geometric mixture π_θ^(1−β)·π_ref^β",
@@ -188,8 +202,9 @@ def parser() -> argparse.ArgumentParser:
                                  epilog=epilog)
     ap.add_argument("--online", action="store_true", help="online mode (this parser)")
     ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
-    bools = {"extragradient", "plots", "progress"}
+    bools = {"extragradient", "plots", "progress", "restart_optimizer"}
     choices = {"algorithm": list(ALGORITHMS), "reference": ["initial", "previous"], "device": ["auto", "cpu", "cuda"],
+               "lr_schedule": ["constant", "linear"],
                "distributed": ["auto", "none", "ddp"], "ref_dtype": ["float32", "bfloat16", "float16"]}
     for f in dataclasses.fields(OnlineConfig):
         if f.name in bools:

@@ -76,12 +76,13 @@ class Judge:
         return P
 
     def skew(self, prompt: str, completions: Sequence[str], clip: float = 10.0) -> Tensor:
-        """Skew-symmetric scores s[i, j] = −s[j, i] [K, K] (GPO/GPM): r_i − r_j for reward judges,
+        """Skew-symmetric scores s[i, j] = −s[j, i] [K, K] float64 (GPO/GPM), the logit of P(y_i ≻ y_j):
+        (r_i − r_j)/τ for reward judges (r_i − r_j at τ = 0, where the hard preference has no finite logit),
         logit P(y_i ≻ y_j) clamped to ±``clip`` for pairwise judges."""
         r = self.rewards([prompt] * len(completions), completions)
         if r is not None:
             r = torch.tensor(r, dtype=torch.float64)
-            return r[:, None] - r[None, :]
+            return (r[:, None] - r[None, :]) / (self.temperature if self.temperature > 0 else 1.0)
         P = self.matrix(prompt, completions).clamp(1e-12, 1 - 1e-12)
         return (torch.log(P) - torch.log1p(-P)).clamp(-clip, clip)
 

@@ -42,10 +42,10 @@ def completion_logps(model: nn.Module, seqs: list[tuple[list[int], list[int]]], 
     return out
 
 
-def scatter(values: list[list[float]], mask: Tensor) -> Tensor:
-    """Per-completion token values back to [S, T] at the True entries of ``mask`` (0 elsewhere)."""
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    out[mask] = torch.tensor([v for row in values for v in row], dtype=torch.float32, device=mask.device)
+def scatter(values: list[list[float]], mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-completion token values back to [S, T] ``dtype`` at the True entries of ``mask`` (0 elsewhere)."""
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    out[mask] = torch.tensor([v for row in values for v in row], dtype=dtype, device=mask.device)
     return out
 
 

@@ -148,6 +148,8 @@ class OnlineRun(Rounds, Core):
         while self.round < cfg.rounds:
             r = self.round
             data = self.round_data(r)
+            if self.round_step == 0 and cfg.restart_optimizer and not self.alg.online:
+                (self.opt.base if isinstance(self.opt, ExtraGradient) else self.opt).state.clear()
             if self.round_step == 0:
                 self.out.record(self.round_record(r, data))
             items = data["items"]

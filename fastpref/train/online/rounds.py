@@ -42,21 +42,22 @@ class Rounds:
         return [self.train_prompts[i] for i in idx]
 
     def _chunk_seed(self, r: int, c: int, what: int) -> int:
-        return (self.cfg.seed * 1_000_003 + r * 10_007 + c) * 3 + what
+        return (self.cfg.seed * 1_000_003 + r * 10_007 + c) * 4 + what
 
-    def _make_chunk(self, r: int, c: int, prompts: list[tuple[list[int], str]]) -> dict:
-        """Sample, judge and build the items of one chunk of prompts (with reference log-probs)."""
+    def _make_chunk(self, r: int, c: int, prompts: list[tuple[list[int], str]], half: bool = False) -> dict:
+        """Sample, judge and build the items of one chunk of prompts (with reference log-probs); ``half``: the
+        extragradient step's fresh samples (their own seeds)."""
         cfg, alg = self.cfg, self.alg
         ids = [p for p, _ in prompts]
         gen = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                    eos_id=self.eos_id, pad_id=self.pad_id)
-        samples = generate(self.policy, ids, n=cfg.samples, seed=self._chunk_seed(r, c, 0), **gen)
+        samples = generate(self.policy, ids, n=cfg.samples, seed=self._chunk_seed(r, c, 2 * half), **gen)
         extra = None
         if alg.extra == "mixture":
-            extra = generate(self.policy, ids, seed=self._chunk_seed(r, c, 1),
+            extra = generate(self.policy, ids, seed=self._chunk_seed(r, c, 2 * half + 1),
                              mixture=(self.ref, cfg.mixture_coef), **gen)
         elif alg.extra == "reference":
-            extra = generate(self.ref, ids, seed=self._chunk_seed(r, c, 1), **gen)
+            extra = generate(self.ref, ids, seed=self._chunk_seed(r, c, 2 * half + 1), **gen)
         dec = lambda t: self.tok.decode(t, skip_special_tokens=True)  # noqa: E731
         K = cfg.samples
         opt = {"margin": cfg.margin}
@@ -86,14 +87,15 @@ class Rounds:
                           pad_id=self.pad_id, backend=cfg.backend)
         return {"chunk": c, "items": [vars(it) for it in items], "stats": stats, "groups": groups}
 
-    def round_data(self, r: int) -> dict:
-        """The data of round r: read from disk, or generated (each rank its chunks), gathered and saved."""
-        path = self.rdir / f"round-{r:05d}.json"
+    def round_data(self, r: int, half: bool = False) -> dict:
+        """The data of round r: read from disk, or generated (each rank its chunks), gathered and saved;
+        ``half``: the fresh samples of an online extragradient step, drawn from π_θ½ (``round-XXXXX-half.json``)."""
+        path = self.rdir / f"round-{r:05d}{'-half' if half else ''}.json"
         if not path.is_file():
             prompts = self.round_prompts(r)
             gb = self.cfg.gen_batch
             chunks = [prompts[i:i + gb] for i in range(0, len(prompts), gb)]
-            mine = [self._make_chunk(r, c, chunks[c]) for c in range(self.d.rank, len(chunks), self.d.world)]
+            mine = [self._make_chunk(r, c, chunks[c], half) for c in range(self.d.rank, len(chunks), self.d.world)]
             done = sorted((ch for part in _gather(mine, self.d) for ch in part), key=lambda ch: ch["chunk"])
             data = {"round": r, "algorithm": self.alg.name, "step": self.step,
                     "items": [it for ch in done for it in ch["items"]],
@@ -115,7 +117,11 @@ class Rounds:
 
     # ------------------------------------------------------------------------------------------- training
     def steps_in_round(self, n_items: int) -> int:
-        return math.ceil(self.cfg.epochs * n_items / self.cfg.batch_size) if n_items else 0
+        """One optimiser step on a freshly sampled batch (online algorithms); else ``epochs`` passes over the
+        round's items in batches that never cross an epoch (the last batch of an epoch may be shorter)."""
+        if not n_items:
+            return 0
+        return 1 if self.alg.online else math.ceil(self.cfg.epochs * math.ceil(n_items / self.cfg.batch_size))
 
     def _closure(self, items: list[A.Item], n_global: int):
         def closure() -> tuple[float, float]:
@@ -133,18 +139,26 @@ class Rounds:
             gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
             total = torch.tensor([float(loss_sum.detach()) if loss_sum is not None else 0.0], dtype=torch.float64)
             self.d.sum_(total)
-            return float(total) / n_global, float(gn)
+            return float(total) / max(n_global, 1), float(gn)
         return closure
 
-    def train_step(self, r: int, items: list[A.Item]) -> dict:
-        cfg, d = self.cfg, self.d
-        bs = cfg.batch_size
-        idx = D.order(len(items), cfg.seed + 7919 * (r + 1), self.round_step * bs, bs)
+    def _batch_closure(self, r: int, items: list[A.Item]):
+        """The closure of this step's batch of ``items``, this rank's share."""
+        d = self.d
+        idx = D.epoch_batch(len(items), self.cfg.seed + 7919 * (r + 1), self.round_step, self.cfg.batch_size)
         per = math.ceil(len(idx) / d.world)
-        mine = [items[i] for i in idx[d.rank * per:(d.rank + 1) * per]]
-        closure = self._closure(mine, len(idx))
-        if isinstance(self.opt, ExtraGradient):
-            loss, gn = self.opt.step(closure)
+        return self._closure([items[i] for i in idx[d.rank * per:(d.rank + 1) * per]], len(idx))
+
+    def train_step(self, r: int, items: list[A.Item]) -> dict:
+        sched = (self.step, self.cfg.rounds, 0.0) if self.alg.online else \
+            (self.round_step, self.steps_in_round(len(items)), 0.1)
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.lr * lr_factor(self.cfg.lr_schedule, *sched)
+        closure = self._batch_closure(r, items)
+        if isinstance(self.opt, ExtraGradient):  # online: the second gradient on fresh samples from π_θ½ (EGPO)
+            fresh = (lambda: self._batch_closure(r, self.round_data(r, half=True)["items"])()) \
+                if self.alg.online else None
+            loss, gn = self.opt.step(closure, fresh)
         else:
             self.opt.zero_grad(set_to_none=True)
             loss, gn = closure()
@@ -154,3 +168,12 @@ class Rounds:
         self.round_step += 1
         return {"step": self.step, "round": r, "kind": "train", "loss": loss, "grad_norm": gn,
                 "time": time.time() - self.t0}
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
+    """The learning-rate multiplier at ``step`` of ``total``: 1 (``constant``), or ``linear``: a linear warm-up
+    over the first ``warmup`` fraction of the steps, then a linear decay to 0 (Hugging Face's linear schedule)."""
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    w = int(warmup * total)
+    return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
