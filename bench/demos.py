@@ -78,10 +78,6 @@ def bands(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
 
 def run(args) -> None:
     scratch = tempfile.mkdtemp(prefix="fastpref-demos-")
-    kept = []
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            kept = [r for r in json.load(f)["runs"] if r["demo"] not in args.demos]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     runs = []
@@ -94,6 +90,10 @@ def run(args) -> None:
                 print(json.dumps(runs[-1]), flush=True)
     import torch
 
+    kept = []
+    if os.path.exists(RESULTS):  # read now: another demo's runs may have been written meanwhile
+        with open(RESULTS) as f:
+            kept = [r for r in json.load(f)["runs"] if r["demo"] not in args.demos]
     runs = sorted(kept + runs, key=lambda r: (list(COMMANDS).index(r["demo"]), r["backend"], r["seed"]))
     res = {"command": "python -m bench.demos run", "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
