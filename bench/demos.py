@@ -2,6 +2,7 @@
 
     python -m bench.demos run [--seeds 0 1 2] [--backends torch native] [--demos offline online reward]
     python -m bench.demos readme [--check]
+    python -m bench.demos check FOLDER [FOLDER ...]
 
 ``run`` trains each demo as its command does with no arguments (only ``--seed``, ``--backend`` and a scratch
 ``--output-dir`` added), reads each ``summary.json`` and writes ``bench/results/demos/demos.json``: every run's
@@ -9,7 +10,8 @@ numbers and, per demo, the band (min-max over seeds and backends) of each number
 demos not named by ``--demos`` are kept from the existing file (each keeps its own date and commit).
 ``readme`` rewrites the text between ``<!-- demo:begin -->`` and ``<!-- demo:end -->`` in README.md (the
 sentences) and docs/training.md (a table per backend) from that file; ``--check`` exits 1 when either is out of
-date. ``tests/train/test_demo_claims.py`` holds a CI run of
+date. ``check`` holds finished demo runs (their ``summary.json``) to the recorded bands: CI runs the README's
+three demo commands on a fresh clone and checks them so. ``tests/train/test_demo_claims.py`` holds a CI run of
 each demo to the recorded bands.
 """
 from __future__ import annotations
@@ -179,6 +181,37 @@ def readme(args) -> int:
     return 0
 
 
+SLACK = 0.02  # a band is over 3 seeds x 2 backends; another machine of the same kind may round differently
+
+
+def demo_of(summary: dict) -> str:
+    return "online" if "algorithm" in summary else "reward" if summary.get("task") == "reward" else "offline"
+
+
+def outside(demo: str, got: dict[str, float], band: dict[str, list[float]]) -> list[str]:
+    """The numbers of one run (and their gains) that fall outside the demo's recorded band, as text."""
+    values = dict(got)
+    for k in got:
+        if k.endswith("_after"):
+            values[k[:-len("_after")] + "_gain"] = got[k] - got[k[:-len("_after")] + "_before"]
+    return [f"{k} = {v:.3f} not in [{band[k][0]:.3f}, {band[k][1]:.3f}]" for k, v in values.items()
+            if k in band and not band[k][0] - SLACK <= v <= band[k][1] + SLACK]
+
+
+def check(folders: list[str]) -> int:
+    with open(RESULTS) as f:
+        recorded = json.load(f)["bands"]
+    bad = 0
+    for folder in folders:
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+        demo = demo_of(summary)
+        problems = outside(demo, numbers(demo, summary), recorded[demo])
+        bad += bool(problems)
+        print(f"demo {demo} ({folder}): " + ("; ".join(problems) if problems else "inside the README's bands"))
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.demos", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -188,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--demos", nargs="+", default=list(COMMANDS), choices=list(COMMANDS))
     w = sub.add_parser("readme")
     w.add_argument("--check", action="store_true")
+    c = sub.add_parser("check")
+    c.add_argument("folders", nargs="+")
     args = ap.parse_args(argv)
+    if args.what == "check":
+        return check(args.folders)
     if args.what == "run":
         run(args)
         return 0
