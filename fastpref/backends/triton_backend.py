@@ -195,7 +195,7 @@ class TritonBackend:
                                 B=_bias(weight, bias), **_scalars(opts))
         return _finish_stats(*self._k.combine_stats(part), entropy, log_sum_p2)
 
-    def _frozen_run(self, kernel, epilogue, products, weight, accs, state):
+    def _frozen_run(self, kernel, epilogue, products, weight, labels, accs, state):
         """``frozen_forward.run`` with this backend's budget (gemm_backward.scratch_budget) and chunk cap: the
         vocabulary chunks are forced by ``splits`` (tests) as the forward kernels' splits are."""
         from fastpref.kernels import frozen_forward, gemm_backward, presets
@@ -204,8 +204,8 @@ class TritonBackend:
         cfg = presets.select(kernel, dt, products[0][0].device)
         max_chunk = None if self.splits is None else math.ceil(math.ceil(V / cfg.BV) / self.splits) * cfg.BV
         budget = gemm_backward.scratch_budget(M, V, dt, self.scratch_floor)
-        self.last_scratch_bytes = frozen_forward.run(epilogue, products, weight, accs, state, budget, cfg.BN,
-                                                     cfg.BV, max_chunk)
+        self.last_scratch_bytes = frozen_forward.run(epilogue, products, weight, labels, accs, state, budget,
+                                                     cfg.BN, cfg.BV, max_chunk)
 
     def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
         """stats_forward plus EA = E_p[(dz/dx)·W] (and EC with entropy) in 2 GEMMs (3 with entropy) per block
@@ -219,9 +219,10 @@ class TritonBackend:
         state = frozen_forward.new_state(M, len(frozen_forward.STATS_STATE), dev)
         a = torch.zeros((M, D), device=dev, dtype=torch.float32)
         t = torch.zeros_like(a) if entropy else None
-        accs = [frozen_forward.Accumulator(a, scale=row("scale"))]
+        accs = [frozen_forward.Accumulator(a, scale=row("scale"), label=row("w_label"))]
         if entropy:  # T ← T·scale + A·(shift·scale) + P2·W
-            accs.append(frozen_forward.Accumulator(t, scale=row("scale"), coupled=row("shift_scale")))
+            accs.append(frozen_forward.Accumulator(t, scale=row("scale"), label=row("w2_label"),
+                                                   coupled=row("shift_scale")))
         b = _bias(weight, bias)
         flags = dict(SOFTCAP=opts.softcap is not None, ENTROPY=entropy)
 
@@ -229,7 +230,7 @@ class TritonBackend:
             self._k.launch("stats_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], B=b, Labels=labels,
                            State=state, P=ps[0], P2=ps[-1], r0=r0, c0=c0, R=rn, C=cn, M=M, **_scalars(opts))
 
-        self._frozen_run("stats_frozen", epilogue, [(hidden, weight)], weight, accs, state)
+        self._frozen_run("stats_frozen", epilogue, [(hidden, weight)], weight, labels, accs, state)
         m, s, t_sum, s2, z_label = state[:5]
         if t is not None:  # EC = (T − (t/s)·A)/s, from A before its normalisation
             t.addcmul_(a, (-t_sum / s)[:, None]).div_(s[:, None])
@@ -289,15 +290,16 @@ class TritonBackend:
         state64 = torch.zeros((len(frozen_forward.KL_STATE64), M), device=dev, dtype=torch.float64)
         a = torch.zeros((M, D), device=dev, dtype=torch.float32)  # A (reverse) or Q = E_q[s·W] (forward)
         second = torch.zeros_like(a)  # B (reverse) or E_p[s·W] − E_q[s·W] (forward), coupled to the first
-        accs = [frozen_forward.Accumulator(a, scale=row("scale" if reverse else "scale_r")),
-                frozen_forward.Accumulator(second, scale=row("scale"), coupled=row("coef"))]
+        accs = [frozen_forward.Accumulator(a, scale=row("scale" if reverse else "scale_r"), label=row("w_label")),
+                frozen_forward.Accumulator(second, scale=row("scale"), label=row("w2_label"), coupled=row("coef"))]
 
         def epilogue(xs, ps, r0, c0, rn, cn):
             self._k.launch("kl_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], XR=xs[1], State=state,
                            State64=state64, P=ps[0], P2=ps[1], r0=r0, c0=c0, R=rn, C=cn, M=M, reverse=int(reverse),
                            **args)
 
-        self._frozen_run("kl_frozen", epilogue, [(hidden, weight), (ref_hidden, ref_weight)], weight, accs, state)
+        self._frozen_run("kl_frozen", epilogue, [(hidden, weight), (ref_hidden, ref_weight)], weight,
+                         args["Labels"], accs, state)
         kl, lse, ref_lse, z_label, zr_label = self._k.combine_kl(state[:6, None], state64[:, None], reverse)
         if reverse:
             s = state64[frozen_forward.KL_STATE64.index("s")].float()[:, None]
