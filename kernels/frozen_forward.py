@@ -33,7 +33,7 @@ float32 per row (``STATS_STATE``), and the outputs A, T.
 token_kl with a frozen policy head (``kl_frozen``) runs the same loop with two products per chunk (policy
 and reference logits, X and XR) and two accumulators, the second coupled to the first (reverse direction:
 A = Σ e^{z−m}·s·W and the centred B = Σ e^{z−m}·(d − μ)·s·W, B ← B·scale + A·(μ_old − μ_new)·scale; forward:
-Q = E_q[s·W] and E_p[s·W] − E_q[s·W] normalised as they go, with p − q formed per entry; kernels/kl_frozen.py):
+Ap = E_p[s·W] and E_p[s·W] − E_q[s·W] normalised as they go, with p − q formed per entry; kernels/kl_frozen.py):
 two GEMMs per model, scratch 2·4 + 2·itemsize bytes per element of a block.
 """
 from __future__ import annotations

@@ -6,12 +6,14 @@ writes the weights of the two accumulating GEMMs (s_v = (dz/dx)_v of the policy'
 the policy's and the reference's softmax over the columns so far, normalised by the running sums):
     reverse:  P  = e^{z − m_new}·s               → A = Σ e^{z−m}·s·W,                 EA = A/s
               P2 = e^{z − m_new}·(d − μ_new)·s   → B = Σ e^{z−m}·(d − μ)·s·W,         dKL = B/s
-    forward:  P  = q·s                           → Q = E_q[s·W]
-              P2 = (p − q)·s                     → Dq = E_p[s·W] − E_q[s·W] = dKL,     EA = Q + Dq
+    forward:  P  = p·s                           → Ap = E_p[s·W] = EA
+              P2 = (p − q)·s                     → Dq = E_p[s·W] − E_q[s·W] = dKL
 with μ = cr/s the running mean of d under p (float64 sums; d − μ formed exactly, ``tiles.centred_diff``). The
 forward direction forms p − q per entry in float32 before the weights are rounded to the input dtype: a policy
 close to its reference (p ≈ q, the KL-penalty regime) would otherwise lose dKL to the rounding of two nearly
-equal sums. As the running sums grow, Q ← β·Q + P·W and Dq ← α·Dq + (α − β)·Q + P2·W, with
+equal sums; and EA is accumulated on its own rather than as E_q[s·W] + dKL, whose rounded terms at tokens the
+reference favours would not cancel to the (1 − p_y)-sized rest the backward needs. As the running sums grow,
+Ap ← α·Ap + P·W and Dq ← β·Dq + (α − β)·Ap + P2·W (Ap before its rescale), with
 α = e^{m_old − m_new}·s_old/s_new and β = e^{mr_old − mr_new}·sr_old/sr_new.
 
 Grid: one program per BN rows of the block; each walks the chunk's C columns in BV-wide tiles twice:
@@ -111,8 +113,8 @@ def kernel(X, XR, B, RB, Labels, State, State64, P, P2, r0, c0, R, C, M, reverse
             bracket = centred_diff(z, zr, mask, mu_hi, mu_lo)
             w2 = tl.where(e > 0, e * bracket, 0.0)  # 0 at banned tokens, not 0·NaN
         else:  # normalised; the difference p − q in float32, before the weights are rounded
-            w1 = tl.exp(zr - base_r[:, None]) * inv_sr[:, None]
-            w2 = e * inv_s[:, None] - w1
+            w1 = e * inv_s[:, None]
+            w2 = w1 - tl.exp(zr - base_r[:, None]) * inv_sr[:, None]
         w1, at1 = split_label(w1 * dzdx, lc, labels)
         w2, at2 = split_label(w2 * dzdx, lc, labels)
         w_label += at1

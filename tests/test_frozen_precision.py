@@ -90,13 +90,15 @@ def test_frozen_head_confident_tokens(backend, dtype, setting):
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 def test_frozen_policy_confident_tokens(backend, direction):
-    """token_kl with labels and a frozen policy head, fp16 at T = 0.7: the log-prob's share of dL/dh per band."""
+    """token_kl with labels and a frozen policy head, fp16 at T = 0.7: dL/dh of the policy's log-probs per band
+    (the forward direction accumulates E_q[s·W] and E_p[s·W] − E_q[s·W], the reverse E_p[s·W] directly)."""
     opts = SETTINGS["temp0.7"]
     require_backend(backend, torch.float16)
     h, w, labels = confident_case(torch.float16, **opts)
     rh, rw, _ = confident_case(torch.float16, **opts, seed=8)
-    gen = torch.Generator().manual_seed(4)
-    up = [torch.randn(h.shape[0], generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    # Upstream on logp only: the KL's own gradient (of size |W|) would hide the (1 − p_y)-sized label term.
+    up = [torch.zeros(h.shape[0], dtype=torch.float64, device=DEVICE),
+          torch.randn(h.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)]
     hh = leaf(h)
     out = fastpref.token_kl(hh, w, rh, rw, labels, direction=direction, backend=backend, **opts)
     got = grads_of([out.kl, out.logp], up, [hh])[0]

@@ -275,7 +275,7 @@ class TritonBackend:
                           direction):
         """kl_forward plus dKL = ∂KL/∂h and (with labels) EA = E_p[(dz/dx)·W], float32 [M, D], in two GEMMs per
         model per block of rows × vocabulary chunk: both logits products, the ``kl_frozen`` epilogue, the
-        accumulating products (reverse: A and the centred B; forward: E_q[s·W] and E_p[s·W] − E_q[s·W], p − q formed
+        accumulating products (reverse: A and the centred B; forward: E_p[s·W] and E_p[s·W] − E_q[s·W], p − q formed
         per entry before rounding) (``kernels/frozen_forward.py``, ``kernels/kl_frozen.py``)."""
         from fastpref.kernels import frozen_forward
 
@@ -288,10 +288,11 @@ class TritonBackend:
         state = frozen_forward.new_state(M, len(frozen_forward.KL_STATE), dev)
         state[row("mr")] = float("-inf")
         state64 = torch.zeros((len(frozen_forward.KL_STATE64), M), device=dev, dtype=torch.float64)
-        a = torch.zeros((M, D), device=dev, dtype=torch.float32)  # A (reverse) or Q = E_q[s·W] (forward)
+        a = torch.zeros((M, D), device=dev, dtype=torch.float32)  # A (reverse) or E_p[s·W] (forward)
         second = torch.zeros_like(a)  # B (reverse) or E_p[s·W] − E_q[s·W] (forward), coupled to the first
-        accs = [frozen_forward.Accumulator(a, scale=row("scale" if reverse else "scale_r"), label=row("w_label")),
-                frozen_forward.Accumulator(second, scale=row("scale"), label=row("w2_label"), coupled=row("coef"))]
+        accs = [frozen_forward.Accumulator(a, scale=row("scale"), label=row("w_label")),
+                frozen_forward.Accumulator(second, scale=row("scale" if reverse else "scale_r"), label=row("w2_label"),
+                                           coupled=row("coef"))]
 
         def epilogue(xs, ps, r0, c0, rn, cn):
             self._k.launch("kl_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], XR=xs[1], State=state,
@@ -304,8 +305,8 @@ class TritonBackend:
         if reverse:
             s = state64[frozen_forward.KL_STATE64.index("s")].float()[:, None]
             a, dkl = a.div_(s), second.div_(s)
-        else:  # accumulated normalised (kernels/kl_frozen.py): dKL itself, and E_p[s·W] = Q + dKL
-            a, dkl = a.add_(second), second
+        else:  # accumulated normalised (kernels/kl_frozen.py): E_p[s·W] and dKL themselves
+            dkl = second
         if labels is None:
             return kl, lse, ref_lse, None, None, dkl, None
         return kl, lse, ref_lse, z_label - lse, zr_label - ref_lse, dkl, a
