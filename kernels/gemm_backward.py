@@ -7,9 +7,12 @@ as GEMMs (cuBLAS through torch.addmm, float32 output and accumulation; tensor co
 No atomics: the result is the same bit for bit on every run (cuBLAS itself is deterministic given the
 workspace setting torch.use_deterministic_algorithms asks for).
 
-Scratch memory: one [R, C] block in the input dtype, R·C·itemsize ≤ budget, where
+Scratch memory: one [R, C] block in the input dtype and, for a half weight, a float32 [C, D] accumulator of
+the vocabulary chunk's dW (written to dW, in the weight's dtype, once per chunk),
+(R·itemsize + 4·D)·C ≤ budget, where
     budget = max(256 MiB, 1% of the naive logits M·V·itemsize)
-so the scratch stays a fixed, small fraction of what materialized logits would take. The block keeps whole
+so the scratch stays a fixed, small fraction of what materialized logits would take, at any V·D (no float32
+[V, D] weight gradient is formed). The block keeps whole
 rows (R = M) when M·min(V, √E) fits (E = budget / itemsize elements), otherwise it is about √E × √E;
 the accumulated output is read and written once per block along the other axis.
 """
@@ -30,18 +33,23 @@ def scratch_budget(rows: int, vocab: int, dtype: torch.dtype, floor: int | None 
     return max(SCRATCH_FLOOR if floor is None else floor, rows * vocab * itemsize // SCRATCH_FRACTION)
 
 
-def block_shape(rows: int, vocab: int, elems: int, bn: int, bv: int) -> tuple[int, int]:
-    """(R, C) with R·C ≤ elems: R a multiple of bn (or all rows), C a multiple of bv (or the whole vocabulary).
+def block_shape(rows: int, vocab: int, elems: int, bn: int, bv: int, col_extra: int = 0) -> tuple[int, int]:
+    """(R, C) with (R + col_extra)·C ≤ elems: R a multiple of bn (or all rows), C a multiple of bv (or the whole
+    vocabulary). col_extra: elements per vocabulary column that the scratch holds besides the block (the gemm
+    backward's float32 dW chunk accumulator, D·4/itemsize).
 
-    Raises ValueError when elems cannot hold one bn × bv tile."""
-    if elems < bn * bv:
-        raise ValueError(f"scratch budget of {elems} elements is below one {bn}x{bv} tile")
+    Raises ValueError when elems cannot hold one bn × bv tile (with its extra)."""
+    if elems < (bn + col_extra) * bv:
+        raise ValueError(f"scratch budget of {elems} elements is below one {bn}x{bv} tile"
+                         + (f" plus {col_extra} elements per column" if col_extra else ""))
     side = math.isqrt(elems)
     r = min(rows, max(side, elems // vocab))
     r = rows if r == rows else max(bn, r // bn * bn)
-    c = min(vocab, elems // r)
+    if (r + col_extra) * bv > elems:  # leave room for at least one bv-wide column block
+        r = max(bn, (elems // bv - col_extra) // bn * bn)
+    c = min(vocab, elems // (r + col_extra))
     c = vocab if c == vocab else max(bv, c // bv * bv)
-    while r * c > elems:  # rounding up to one tile can overshoot only through r = rows
+    while (r + col_extra) * c > elems:  # rounding up to one tile can overshoot only through r = rows
         r = max(bn, (r - 1) // bn * bn)
     return r, c
 
@@ -98,24 +106,32 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def run(stage1: Callable[[torch.Tensor, int, int, int, int], None], hidden: torch.Tensor, weight: torch.Tensor,
         dh: torch.Tensor | None, dw: torch.Tensor | None, db: torch.Tensor | None, budget: int,
         bn: int, bv: int) -> int:
-    """Accumulate into the float32 dh [M, D], dw [V, D], db [V] (each may be None) block by block.
+    """Accumulate into dh [M, D] and db [V] (float32) and write dw [V, D] (the weight's dtype), each may be None,
+    block by block.
 
     stage1(dz, r0, c0, R, C) fills dz [R, C] (input dtype) with dL/dx of rows r0.. and columns c0...
-    Returns the scratch size in bytes (≤ budget)."""
-    M, V = hidden.shape[0], weight.shape[0]
+    The weight gradient is formed one vocabulary chunk at a time: over the chunk's row blocks into a float32
+    [C, D] accumulator (dw's own rows when dw is float32), then rounded once into dw. The accumulator is part of
+    the scratch, so no [V, D] float32 tensor exists at any V·D. Returns the scratch size in bytes (≤ budget)."""
+    M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
     itemsize = hidden.element_size()
-    R, C = block_shape(M, V, budget // itemsize, bn, bv)
+    chunk_acc = dw is not None and dw.dtype != torch.float32
+    R, C = block_shape(M, V, budget // itemsize, bn, bv, -(-4 * D // itemsize) if chunk_acc else 0)
     scratch = torch.empty(R * C, device=hidden.device, dtype=hidden.dtype)
+    acc = torch.empty(C * D, device=hidden.device, dtype=torch.float32) if chunk_acc else None
     for c0 in range(0, V, C):
         cn = min(C, V - c0)
+        dw_c = None if dw is None else acc[: cn * D].view(cn, D) if chunk_acc else dw[c0:c0 + cn]
         for r0 in range(0, M, R):
             rn = min(R, M - r0)
             dz = scratch[: rn * cn].view(rn, cn)
             stage1(dz, r0, c0, rn, cn)
             if dh is not None:
                 mm_accumulate(dh[r0:r0 + rn], dz, weight[c0:c0 + cn])
-            if dw is not None:
-                mm_accumulate(dw[c0:c0 + cn], dz.t(), hidden[r0:r0 + rn])
+            if dw_c is not None:
+                (mm_into if r0 == 0 else mm_accumulate)(dw_c, dz.t(), hidden[r0:r0 + rn])
             if db is not None:
                 db[c0:c0 + cn] += dz.sum(0, dtype=torch.float32)
-    return scratch.numel() * itemsize
+        if chunk_acc:
+            dw[c0:c0 + cn].copy_(dw_c)
+    return scratch.numel() * itemsize + (0 if acc is None else acc.numel() * 4)

@@ -151,10 +151,12 @@ class TritonBackend:
         M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
         f32 = dict(device=hidden.device, dtype=torch.float32)
         need_db = bool(needs[2] and bias is not None)
-        dh = torch.zeros((M, D), **f32) if needs[0] else None
-        dw = torch.zeros((V, D), **f32) if needs[1] else None
-        db = torch.zeros((V,), **f32) if need_db else None
         strategy = backward_strategy(self.backward)
+        dh = torch.zeros((M, D), **f32) if needs[0] else None
+        # "gemm" writes dW chunk by chunk in the weight's dtype (float32 accumulation inside each chunk, within
+        # the scratch budget); "atomic" scatters float32 atomics into a float32 [V, D].
+        dw = None if not needs[1] else torch.empty_like(weight) if strategy == "gemm" else torch.zeros((V, D), **f32)
+        db = torch.zeros((V,), **f32) if need_db else None
         eps = grad_filter_eps(self.grad_filter, hidden.dtype)
         if eps > 0 and strategy != "atomic":
             raise ValueError("gradient filtering skips tiles of the 'atomic' backward; set "
