@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .gemm_backward import block_shape, mm_accumulate, mm_into
+from .gemm_backward import block_shape, ieee_float32, mm_accumulate, mm_into
 
 # The epilogues' running state, one float32 row each per token (kernels/stats_frozen.py, kernels/kl_frozen.py);
 # "scale"/"scale_r" rescale the accumulators, "shift_scale"/"coef" couple T/B to A.
@@ -109,28 +109,35 @@ def run(epilogue: Callable[..., None], products: Sequence[tuple[torch.Tensor, to
     epilogue on the products xs [R, C] float32 (rows r0.., columns c0..), fills one weight tile ps[i] [R, C]
     (input dtype) per accumulator and the state rows the accumulators name. ``max_chunk`` caps the chunk width
     (tests). bn, bv: the kernel's tile; block rows are a multiple of max(bn, ROW_ALIGN) (or all rows), columns
-    of bv (or the whole vocabulary). Returns the scratch size in bytes (≤ budget)."""
+    of bv (or the whole vocabulary). float32 products run in IEEE float32 (``gemm_backward.ieee_float32``).
+    Returns the scratch size in bytes (≤ budget)."""
     hidden = products[0][0]
     M, V = hidden.shape[0], weight.shape[0]
     per = element_bytes(hidden.dtype, len(products), len(accumulators))
     R, C = block_shape(M, V, budget // per, max(bn, ROW_ALIGN), bv)
     C = C if max_chunk is None else min(C, max_chunk)
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    x_bufs = [torch.empty(R * C, **f32) for _ in products]
+    x_bufs = [torch.empty(R * C, device=hidden.device, dtype=torch.float32) for _ in products]
     p_bufs = [torch.empty(R * C, device=hidden.device, dtype=hidden.dtype) for _ in accumulators]
-    for r0 in range(0, M, R):
-        rn = min(R, M - r0)
-        rows = slice(r0, r0 + rn)
-        label_w = [torch.zeros(rn, **f32) for _ in accumulators]
-        for c0 in range(0, V, C):
-            cn = min(C, V - c0)
-            xs = [b[: rn * cn].view(rn, cn) for b in x_bufs]
-            ps = [b[: rn * cn].view(rn, cn) for b in p_bufs]
-            for x, (h, w) in zip(xs, products):
-                mm_into(x, h[rows], w[c0:c0 + cn].t())  # the logits products
-            epilogue(xs, ps, r0, c0, rn, cn)
-            _fold(accumulators, state, rows, ps, label_w, weight[c0:c0 + cn])
-        w_y = weight[labels[rows].clamp(0, V - 1)].float()  # [R, D]; rows without a label have weight 0
-        for acc, w in zip(accumulators, label_w):
-            acc.out[rows].addcmul_(w[:, None], w_y)
+    with ieee_float32():
+        for r0 in range(0, M, R):
+            _row_block(epilogue, products, weight, labels, accumulators, state, x_bufs, p_bufs, r0, min(R, M - r0), C)
     return sum(b.numel() * b.element_size() for b in x_bufs + p_bufs)
+
+
+def _row_block(epilogue, products, weight, labels, accumulators, state, x_bufs, p_bufs, r0: int, rn: int,
+               C: int) -> None:
+    """``run`` for the rows r0 + [0, rn): every vocabulary chunk of C columns, then the label terms."""
+    V = weight.shape[0]
+    rows = slice(r0, r0 + rn)
+    label_w = [torch.zeros(rn, device=weight.device, dtype=torch.float32) for _ in accumulators]
+    for c0 in range(0, V, C):
+        cn = min(C, V - c0)
+        xs = [b[: rn * cn].view(rn, cn) for b in x_bufs]
+        ps = [b[: rn * cn].view(rn, cn) for b in p_bufs]
+        for x, (h, w) in zip(xs, products):
+            mm_into(x, h[rows], w[c0:c0 + cn].t())  # the logits products
+        epilogue(xs, ps, r0, c0, rn, cn)
+        _fold(accumulators, state, rows, ps, label_w, weight[c0:c0 + cn])
+    w_y = weight[labels[rows].clamp(0, V - 1)].float()  # [R, D]; rows without a label have weight 0
+    for acc, w in zip(accumulators, label_w):
+        acc.out[rows].addcmul_(w[:, None], w_y)

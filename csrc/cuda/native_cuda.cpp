@@ -6,6 +6,10 @@
 // recomputes each tile, turns it into dL/dx in place and runs dH_block += dx·W_chunk (float32 [N, D]) and
 // dW_chunk += dxᵀ·H_block (float32 [C, D] accumulator, written to dW once per chunk).
 //
+// float32 GEMMs never use TF32: every entry point holds an at::NoTF32Guard (thread-local, nothing global is
+// changed), so a user's torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision("high") does not
+// reach these products (the epilogues are float32 arithmetic; TF32 logits would cost ~1e-2 in log-probs).
+//
 // GEMM dtypes: float16/bfloat16 hidden and weight of one dtype are multiplied as they are, on tensor cores,
 // with float32 accumulation and float32 output (aten::mm.dtype_out, torch >= 2.9): the logits tile is the
 // same float32 tile as with upcast operands up to summation order, since half·half products are exact in
@@ -238,6 +242,7 @@ static std::vector<Tensor> stats_forward_impl(const Tensor& hidden, const Tensor
                                               bool want_ent, bool want_p2, bool frozen) {
   check_head(hidden, weight, bias, "stats_forward");
   c10::cuda::CUDAGuard guard(hidden.device());
+  at::NoTF32Guard ieee;  // float32 GEMMs in IEEE float32 whatever the global TF32 setting (header)
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const int64_t R = std::min(N, g_rows), C = std::min(V, g_chunk);
@@ -343,6 +348,7 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
                                    bool need_w, bool need_b) {
   check_head(hidden, weight, bias, "stats_backward");
   c10::cuda::CUDAGuard guard(hidden.device());
+  at::NoTF32Guard ieee;  // float32 GEMMs in IEEE float32 whatever the global TF32 setting (header)
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const int64_t R = std::min(N, g_rows), C = std::min(V, g_chunk);
@@ -394,6 +400,7 @@ static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& w
   check_head(hidden, weight, bias, "kl_forward");
   check_head(ref_hidden, ref_weight, ref_bias, "kl_forward (reference)");
   c10::cuda::CUDAGuard guard(hidden.device());
+  at::NoTF32Guard ieee;  // float32 GEMMs in IEEE float32 whatever the global TF32 setting (header)
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0), Dr = ref_hidden.size(1);
   TORCH_CHECK(ref_hidden.size(0) == N && ref_weight.size(0) == V, "kl_forward: reference shapes");
@@ -478,6 +485,7 @@ std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, cons
   check_head(hidden, weight, bias, "kl_backward");
   check_head(ref_hidden, ref_weight, ref_bias, "kl_backward (reference)");
   c10::cuda::CUDAGuard guard(hidden.device());
+  at::NoTF32Guard ieee;  // float32 GEMMs in IEEE float32 whatever the global TF32 setting (header)
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0), Dr = ref_hidden.size(1);
   const int64_t R = std::min(N, g_rows), C = std::min(V, g_chunk);
