@@ -4,7 +4,7 @@ failure, never during CUDA-graph capture, each fallback said once).
 
 On the CPU TF32 does not exist: a function mode records, at every float32 product the Triton backend runs,
 the precision cuBLAS would be told to use. The real products with TF32 on are checked by the GPU check
-(tests/test_gpu_numerics.py).
+(test_float32_with_tf32_on_matches_float64_on_gpu, marked gpu).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import fastpref
 from cases import DEVICE, Case, require_backend
 from fastpref import backends
 from fastpref.options import LogitOptions
@@ -152,3 +153,34 @@ def test_probe_never_runs_during_graph_capture(probe, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert gb._dtype_out_works(CUDA, torch.bfloat16) is True
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_float32_with_tf32_on_matches_float64_on_gpu(backend, frozen):
+    """The real cuBLAS products: float32 inputs with TF32 on globally (HF Trainer's tf32=True) give log-probs
+    and gradients at float32 accuracy (TF32 logits would be ~1e-2 off), and the setting reads back unchanged."""
+    from oracle import assert_three_way, grads_of, leaf, naive_stats
+
+    require_backend(backend)
+    h, w, b, lab = Case(N=257, D=1024, V=8192, bias=True, seed=9, scale=2.0).make()
+    up = Case(N=257, seed=10).upstream(2)
+    MATMUL.allow_tf32 = True
+    try:
+        hh, ww = leaf(h), w.detach().clone().requires_grad_(not frozen)
+        st = fastpref.token_stats(hh, ww, lab, bias=b, temperature=0.7, backend=backend)
+        got = grads_of([st.logp, st.lse], up, [hh, ww if not frozen else None])
+        assert MATMUL.allow_tf32 is True
+    finally:
+        MATMUL.allow_tf32 = False
+    gh, gw = leaf(h, torch.float64), leaf(w, torch.float64)
+    gold = naive_stats(gh, gw, b.double(), lab, temperature=0.7)
+    rh, rw = leaf(h), leaf(w)
+    ref = naive_stats(rh, rw, b, lab, temperature=0.7, dtype=torch.float32)  # IEEE: TF32 is off again here
+    assert_three_way("logp", st.logp, ref[0], gold[0], torch.float32)
+    gold_g = grads_of(gold[:2], up, [gh, gw])
+    ref_g = grads_of(ref[:2], up, [rh, rw])
+    assert_three_way("d_hidden", got[0], ref_g[0], gold_g[0], torch.float32, grad=True)
+    if not frozen:
+        assert_three_way("d_weight", got[1], ref_g[1], gold_g[1], torch.float32, grad=True)
