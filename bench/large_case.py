@@ -14,12 +14,15 @@ Prints one line per check; exits 1 when any fails.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
 import torch
 
 import fastpref
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sanitize_smoke import device_and_flag  # noqa: E402 (a sibling script, run as a file)
 
 SAMPLES = 64
 
@@ -69,12 +72,8 @@ def check(backend: str, frozen: bool, h, w, y, g, rows, cols, gold_lse) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--tiny", action="store_true", help="N=300, V=1001, D=40, float32 (dry run)")
-    a = p.parse_args(argv)
-    device = torch.device(a.device)
-    N, V, D, dtype = (300, 1001, 40, torch.float32) if a.tiny else (16384, 131072, 4096, torch.bfloat16)
+    device, tiny = device_and_flag(argv, __doc__, "--tiny", "N=300, V=1001, D=40, float32 (dry run)")
+    N, V, D, dtype = (300, 1001, 40, torch.float32) if tiny else (16384, 131072, 4096, torch.bfloat16)
     gen = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(N, D, device=device, generator=gen).to(dtype)
     w = (torch.randn(V, D, device=device, generator=gen) / D ** 0.5 * 4).to(dtype)  # logits of std 4

@@ -67,16 +67,21 @@ def run(device: torch.device, dtype: torch.dtype, backends: list[str], N: int, D
         print(f"ok {backend} {dtype} N={N} D={D} V={V}", flush=True)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def device_and_flag(argv, doc: str, flag: str, help: str) -> tuple[torch.device, bool]:
+    """The GPU check scripts' command line: --device cuda|cpu and one size flag."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--smallest", action="store_true", help="one dtype, a smaller shape (Triton and native)")
+    p.add_argument(flag, action="store_true", help=help)
     a = p.parse_args(argv)
-    device = torch.device(a.device)
+    return torch.device(a.device), getattr(a, flag.lstrip("-"))
+
+
+def main(argv=None) -> int:
+    device, smallest = device_and_flag(argv, __doc__, "--smallest", "one dtype, a smaller shape (Triton and native)")
     backends = [b for b in fastpref.available_backends(device) if b in ("triton", "native")]
     cpu = device.type == "cpu"
-    dtypes = [torch.float32] if cpu else [torch.bfloat16] if a.smallest else [torch.float32, torch.bfloat16]
-    shape = (150, 24, 600) if cpu else (140, 40, 700) if a.smallest else (300, 72, 1001)
+    dtypes = [torch.float32] if cpu else [torch.bfloat16] if smallest else [torch.float32, torch.bfloat16]
+    shape = (150, 24, 600) if cpu else (140, 40, 700) if smallest else (300, 72, 1001)
     for dtype in dtypes:
         run(device, dtype, backends, *shape)
     return 0
