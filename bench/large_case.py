@@ -42,8 +42,11 @@ def _three_way(name: str, ours: torch.Tensor, ref: torch.Tensor, gold: torch.Ten
     return ok
 
 
-def check(backend: str, frozen: bool, h, w, y, g, rows, cols, gold_lse) -> bool:
-    """One backend on the whole problem; its sampled values and gradients against gold and bf16 torch."""
+def check(backend: str, frozen: bool, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, g: torch.Tensor,
+          rows: torch.Tensor, cols: torch.Tensor, gold_lse: torch.Tensor) -> bool:
+    """One backend on the whole problem (h [N, D], w [V, D] in the test dtype, labels y [N], upstream g [N]
+    float64); its values and gradients at the sampled rows / columns (int64 [64] each) against float64 gold and
+    torch in the input dtype. gold_lse: float64 [N]."""
     hh = h.detach().clone().requires_grad_()
     ww = w.detach().clone().requires_grad_(not frozen)
     st = fastpref.token_stats(hh, ww, y, backend=backend)

@@ -124,9 +124,11 @@ def run(epilogue: Callable[..., None], products: Sequence[tuple[torch.Tensor, to
     return sum(b.numel() * b.element_size() for b in x_bufs + p_bufs)
 
 
-def _row_block(epilogue, products, weight, labels, accumulators, state, x_bufs, p_bufs, r0: int, rn: int,
-               C: int) -> None:
-    """``run`` for the rows r0 + [0, rn): every vocabulary chunk of C columns, then the label terms."""
+def _row_block(epilogue: Callable[..., None], products: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               weight: torch.Tensor, labels: torch.Tensor, accumulators: Sequence[Accumulator], state: torch.Tensor,
+               x_bufs: Sequence[torch.Tensor], p_bufs: Sequence[torch.Tensor], r0: int, rn: int, C: int) -> None:
+    """``run`` for the rows r0 + [0, rn): every vocabulary chunk of C columns (x_bufs: float32 product scratch,
+    p_bufs: weight tiles in the input dtype, [R·C] each), then the label terms w·W[y] (float32 [rn, D])."""
     V = weight.shape[0]
     rows = slice(r0, r0 + rn)
     label_w = [torch.zeros(rn, device=weight.device, dtype=torch.float32) for _ in accumulators]

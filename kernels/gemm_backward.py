@@ -189,8 +189,11 @@ def run(stage1: Callable[[torch.Tensor, int, int, int, int], None], hidden: torc
     return scratch.numel() * itemsize + (0 if acc is None else acc.numel() * 4)
 
 
-def _run_blocks(stage1, hidden, weight, dh, dw, db, scratch, acc, R, C) -> None:
-    """``run``'s loop over vocabulary chunks × row blocks (scratch [R·C], acc: the float32 dW chunk or None)."""
+def _run_blocks(stage1: Callable[[torch.Tensor, int, int, int, int], None], hidden: torch.Tensor,
+                weight: torch.Tensor, dh: torch.Tensor | None, dw: torch.Tensor | None, db: torch.Tensor | None,
+                scratch: torch.Tensor, acc: torch.Tensor | None, R: int, C: int) -> None:
+    """``run``'s loop over vocabulary chunks × row blocks: scratch [R·C] in the input dtype, acc the float32
+    [C·D] dW chunk accumulator (None when dw is float32 or absent)."""
     M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
     chunk_acc = acc is not None
     for c0 in range(0, V, C):
