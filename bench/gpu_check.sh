@@ -11,11 +11,17 @@
 # Exit status 0 only when every step that ran passed.
 #
 # Budget on a GPU machine with a cold Triton cache: the limits below (seconds) sum to 540 = 9 minutes.
-#   env 10 | wheels 10 | build 140 | import 15 | tests 130 | warmup 20 | memcheck 60 | racecheck 20 | bench 105
-#   | latency 30
-# --dry: every step's plumbing on a CPU (the Triton interpreter, tiny shapes, no CUDA build, no sanitizer;
-#   limits times DRY_SLOWDOWN, default 8); tests/test_gpu_check.py runs it, so that a broken script fails CI
-#   instead of a GPU window.
+#   env 10 | wheels 10 | build 140 | import 15 | tests 130 | warmup 20 | large 40 | sanitizer 10 | memcheck 50
+#   | racecheck 20 | bench 80 | latency 15
+# When short of time the check drops, first, latency, then racecheck (each runs only when it and every later
+# step that is not dropped still fit in the budget); the others always run, each cut at its own limit.
+# large: bench/large_case.py, one bf16 problem with N·V = 2^31 (int32 offsets), sampled rows and columns against
+#   float64. sanitizer: one probe of compute-sanitizer on a one-kernel program; where the sanitizer refuses the
+#   device (some lent machines), the probe is recorded as "unsupported" (not a failure of the kernels) and
+#   memcheck and racecheck are skipped with that note.
+# --dry: every step's plumbing on a CPU (the Triton interpreter, tiny shapes, no CUDA build; the sanitizer is a
+#   stand-in that refuses the device, so the "unsupported" path runs; limits times DRY_SLOWDOWN, default 8);
+#   tests/test_gpu_check.py runs it, so that a broken script fails CI instead of a GPU window.
 # --bundle FILE: after every step, OUT_DIR packed into FILE (.tar.gz), for transports that return few files.
 #
 # Outputs: steps.tsv, tests.xml (JUnit), logs/, env/ (nvidia-smi -q, pip freeze, versions), bench/ and
@@ -49,16 +55,17 @@ mkdir -p "$RUN"
 : > "$OUT/steps.tsv"
 
 # Each step's limit in seconds (the budget above; tests/test_gpu_check.py checks the sum).
-declare -A LIMIT=([env]=10 [wheels]=10 [build]=140 [import]=15 [tests]=130 [warmup]=20 [memcheck]=60
-                  [racecheck]=20 [bench]=105 [latency]=30)
+declare -A LIMIT=([env]=10 [wheels]=10 [build]=140 [import]=15 [tests]=130 [warmup]=20 [large]=40 [sanitizer]=10
+                  [memcheck]=50 [racecheck]=20 [bench]=80 [latency]=15)
 BUDGET=540
-ORDER=(env wheels build import tests warmup memcheck racecheck bench latency)
+ORDER=(env wheels build import tests warmup large sanitizer memcheck racecheck bench latency)
+DROPPABLE=" latency racecheck "  # dropped when short of time, latency first (see fits)
 
 if [ $DRY = 1 ]; then
   DEVICE=cpu
   REQUIRED=torch,triton          # no C++ extension is built in a dry run
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=
-  TEST_K="test_interpreter_preset_and_splits or test_logp_only"   # a few seconds of the same command
+  TEST_K="test_interpreter_preset_and_splits or test_logp_only or (confident_tokens and temp0.7 and fp16)"
   BENCH_SIZE=--tiny BENCH_WORKLOADS=logprobs,token_kl
   # The limits are a GPU machine's; a CPU (a shared CI runner, the interpreter) gets DRY_SLOWDOWN times them.
   for s in "${ORDER[@]}"; do LIMIT[$s]=$((LIMIT[$s] * ${DRY_SLOWDOWN:-8})); done
@@ -96,18 +103,27 @@ step() {  # step NAME FUNCTION: run under the step's limit (SIGINT first, so pyt
     124|137) status=TIMEOUT ;;
     *) status="FAILED (exit $rc)" ;;
   esac
-  [ $rc = 0 ] || FAILED=$((FAILED + 1))
+  if [ "$name" = sanitizer ] && [ $rc = 3 ]; then  # the device, not the kernels: recorded, not counted
+    status=unsupported
+    NOTE="compute-sanitizer refuses this device: $(grep -m 1 -i 'error' "$OUT/logs/$name.log" | cut -c 1-150)"
+  elif [ $rc != 0 ]; then
+    FAILED=$((FAILED + 1))
+  fi
   tail -n 6 "$OUT/logs/$name.log" | sed 's/^/   /'
   record "$name" "$status" $((SECONDS - t0)) "${NOTE:-}"
   NOTE=
 }
-fits() {  # fits NAME: is there time for this step and every later one within the budget?
-  local rest=0 after=0 s
+fits() {  # fits NAME: is there time for this step and every later one that is not droppable, within the budget?
+  local rest=${LIMIT[$1]} after=0 s
   for s in "${ORDER[@]}"; do
+    [ $after = 1 ] && case "$DROPPABLE" in *" $s "*) ;; *) rest=$((rest + LIMIT[$s])) ;; esac
     [ "$s" = "$1" ] && after=1
-    [ $after = 1 ] && rest=$((rest + LIMIT[$s]))
   done
   [ $((SECONDS + rest)) -le $BUDGET ]
+}
+sanitizer() {  # compute-sanitizer, or in a dry run a stand-in that refuses the device as some lent machines do
+  if [ "$DRY" = 1 ]; then echo "========= Error: Device not supported (dry run: stand-in for compute-sanitizer)"; return 1; fi
+  compute-sanitizer "$@"
 }
 
 # ------------------------------------------------------------------------------------------ steps
@@ -169,7 +185,8 @@ PY
 step_tests() {
   # Most informative first; then every other file with a GPU-marked test. No -x: every failure is reported.
   local files=() f extra=()
-  for f in test_token_stats test_token_kl test_frozen_head test_frozen_kl test_triton_backend test_triton_strategies \
+  for f in test_token_stats test_token_kl test_frozen_head test_frozen_precision test_gemm_host test_frozen_kl \
+           test_triton_backend test_triton_strategies \
            test_parallel test_inputs test_compile test_nn; do
     [ -f "$ROOT/tests/$f.py" ] && files+=("$ROOT/tests/$f.py")
   done
@@ -183,15 +200,24 @@ step_tests() {
     --junitxml="$OUT/tests.xml" "${extra[@]}" ${TEST_K:+-k "$TEST_K"} "${files[@]}"
 }
 step_warmup() {  # compiles the sanitizer runs' kernels without the sanitizer (its slowdown would count them)
-  "$PY" "$ROOT/bench/sanitize_smoke.py" --device "$DEVICE" $([ "$DRY" = 1 ] && echo --smallest)
+  "$PY" "$ROOT/bench/sanitize_smoke.py" --device "$DEVICE" && "$PY" "$ROOT/bench/sanitize_smoke.py" --device "$DEVICE" --smallest
+}
+step_large() {
+  "$PY" "$ROOT/bench/large_case.py" --device "$DEVICE" $([ "$DRY" = 1 ] && echo --tiny)
+}
+step_sanitizer() {  # exit 3: the sanitizer refuses this device (recorded as unsupported, not as a failure)
+  local probe='import torch; x = torch.ones(8, device="cuda"); torch.cuda.synchronize(); print("probe", float(x.sum()))'
+  sanitizer --tool memcheck --error-exitcode 1 "$PY" -c "$probe" && return 0
+  echo "compute-sanitizer cannot run a one-kernel program on this device"
+  return 3
 }
 step_memcheck() {
   # No caching allocator: an out-of-bounds access inside one of its blocks would otherwise pass.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 30 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitizer --tool memcheck --error-exitcode 1 --print-limit 30 \
     "$PY" "$ROOT/bench/sanitize_smoke.py" --device cuda
 }
-step_racecheck() {
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 \
+step_racecheck() {  # the Triton kernels and the native epilogues' __syncthreads reductions
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 \
     --print-limit 30 "$PY" "$ROOT/bench/sanitize_smoke.py" --device cuda --smallest
 }
 step_bench() {
@@ -203,8 +229,8 @@ step_latency() {
   "$PY" -m bench --device "$DEVICE" --plan check $BENCH_SIZE --workloads latency --out "$OUT/latency" \
     --timeout-s "$BENCH_TIMEOUT_S" --no-plots
 }
-export -f step_env step_wheels step_build step_import step_tests step_warmup step_memcheck step_racecheck \
-  step_bench step_latency
+export -f sanitizer step_env step_wheels step_build step_import step_tests step_warmup step_large step_sanitizer \
+  step_memcheck step_racecheck step_bench step_latency
 BENCH_TIMEOUT_S=$((LIMIT[bench] / 3))
 export BENCH_SIZE BENCH_WORKLOADS TEST_K BENCH_TIMEOUT_S BENCH_BUDGET_S=$((LIMIT[bench] - BENCH_TIMEOUT_S - 15))
 
@@ -217,20 +243,24 @@ step build step_build
 step import step_import
 step tests step_tests
 step warmup step_warmup
-if [ $DRY = 1 ]; then
-  skip memcheck "dry run: would run PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck on bench/sanitize_smoke.py"
-  skip racecheck "dry run: would run compute-sanitizer --tool racecheck on bench/sanitize_smoke.py --smallest"
-elif ! command -v compute-sanitizer > /dev/null; then
-  skip memcheck "compute-sanitizer not on PATH"; skip racecheck "compute-sanitizer not on PATH"; FAILED=$((FAILED + 1))
+step large step_large
+if [ $DRY = 0 ] && ! command -v compute-sanitizer > /dev/null; then
+  for s in sanitizer memcheck racecheck; do skip $s "compute-sanitizer not on PATH"; done; FAILED=$((FAILED + 1))
 else
-  step memcheck step_memcheck
-  if fits racecheck; then step racecheck step_racecheck; else skip racecheck "no time left in the budget"; fi
+  step sanitizer step_sanitizer
+  if [ "$(tail -n 1 "$OUT/steps.tsv" | cut -f 2)" = unsupported ]; then
+    skip memcheck "compute-sanitizer unsupported on this device (see the sanitizer step)"
+    skip racecheck "compute-sanitizer unsupported on this device (see the sanitizer step)"
+  else
+    step memcheck step_memcheck
+    if fits racecheck; then step racecheck step_racecheck; else skip racecheck "no time left in the budget"; fi
+  fi
 fi
 step bench step_bench
 if [ $DRY = 0 ] && [ -f "$OUT/bench/bench.json" ]; then
   mkdir -p "$ROOT/bench/results/cuda" && cp "$OUT/bench/bench.json" "$OUT/bench/bench.md" "$ROOT/bench/results/cuda/"
 fi
-step latency step_latency
+if fits latency; then step latency step_latency; else skip latency "no time left in the budget"; fi
 bundle
 echo
 "$PY" "$ROOT/bench/check_summary.py" "$OUT"

@@ -33,7 +33,7 @@ float32 per row (``STATS_STATE``), and the outputs A, T.
 token_kl with a frozen policy head (``kl_frozen``) runs the same loop with two products per chunk (policy
 and reference logits, X and XR) and two accumulators, the second coupled to the first (reverse direction:
 A = Σ e^{z−m}·s·W and the centred B = Σ e^{z−m}·(d − μ)·s·W, B ← B·scale + A·(μ_old − μ_new)·scale; forward:
-Q = E_q[s·W] and E_p[s·W] − E_q[s·W] normalised as they go, with p − q formed per entry; kernels/kl_frozen.py):
+Ap = E_p[s·W] and E_p[s·W] − E_q[s·W] normalised as they go, with p − q formed per entry; kernels/kl_frozen.py):
 two GEMMs per model, scratch 2·4 + 2·itemsize bytes per element of a block.
 """
 from __future__ import annotations
@@ -43,12 +43,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from .gemm_backward import block_shape, mm_accumulate, mm_into
+from .gemm_backward import block_shape, ieee_float32, mm_accumulate, mm_into
 
 # The epilogues' running state, one float32 row each per token (kernels/stats_frozen.py, kernels/kl_frozen.py);
 # "scale"/"scale_r" rescale the accumulators, "shift_scale"/"coef" couple T/B to A.
-STATS_STATE = ("m", "s", "t", "s2", "z_label", "scale", "shift_scale")
-KL_STATE = ("m", "mr", "sr", "cf", "z_label", "zr_label", "scale", "scale_r", "coef")
+# "w_label"/"w2_label": the chunk's float32 label entries of the two weight tiles, whose label column is 0.
+STATS_STATE = ("m", "s", "t", "s2", "z_label", "scale", "shift_scale", "w_label", "w2_label")
+KL_STATE = ("m", "mr", "sr", "cf", "z_label", "zr_label", "scale", "scale_r", "coef", "w_label", "w2_label")
 KL_STATE64 = ("s", "cr")  # float64, as kl_forward's Part64
 ROW_ALIGN = 128  # block rows are a multiple of this (or all rows): whole GEMM tiles
 
@@ -56,11 +57,33 @@ ROW_ALIGN = 128  # block rows are a multiple of this (or all rows): whole GEMM t
 @dataclass
 class Accumulator:
     """One float32 [M, D] accumulator: per chunk out ← out·state[scale] (+ A·state[coupled], A the first
-    accumulator before its own rescale) + P·W[c], P the weight tile the epilogue wrote for it."""
+    accumulator before its own rescale) + P·W[c], P the weight tile the epilogue wrote for it.
+
+    The label's entry of P is not in the tile (the epilogue writes 0 there, ``tiles.split_label``) but in
+    state[label], float32: it is folded with the same recurrence into a float32 per-row weight w and added as
+    w·W[y] once the row block has seen every chunk, so that the label's term is never rounded to the input
+    dtype (the backward subtracts the accumulator from the exact (dz/dx)_y·W_y)."""
 
     out: torch.Tensor
     scale: int
+    label: int
     coupled: int | None = None
+
+
+def _fold(accumulators: Sequence[Accumulator], state: torch.Tensor, rows: slice, tiles: Sequence[torch.Tensor],
+          weights: Sequence[torch.Tensor], chunk: torch.Tensor) -> None:
+    """One chunk into every accumulator's rows: the [R, D] products (tiles: P [R, C] per accumulator, chunk: W[c])
+    and the label weights (float32 [R] each), A last (the coupled ones read it before its rescale)."""
+    a, wa = accumulators[0].out[rows], weights[0].clone()
+    for acc, p, w in reversed(list(zip(accumulators, tiles, weights))):
+        out = acc.out[rows]
+        out.mul_(state[acc.scale, rows, None])
+        w.mul_(state[acc.scale, rows])
+        if acc.coupled is not None:
+            out.addcmul_(a, state[acc.coupled, rows, None])
+            w.addcmul_(wa, state[acc.coupled, rows])
+        w.add_(state[acc.label, rows])
+        mm_accumulate(out, p, chunk)  # one accumulating product per weight tile
 
 
 def element_bytes(dtype: torch.dtype, products: int, weights: int) -> int:
@@ -76,39 +99,47 @@ def new_state(rows: int, count: int, device: torch.device, dtype: torch.dtype = 
 
 
 def run(epilogue: Callable[..., None], products: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor,
-        accumulators: Sequence[Accumulator], state: torch.Tensor, budget: int, bn: int, bv: int,
+        labels: torch.Tensor, accumulators: Sequence[Accumulator], state: torch.Tensor, budget: int, bn: int, bv: int,
         max_chunk: int | None = None) -> int:
     """Fold the whole vocabulary into ``accumulators`` (zeros on entry) and the epilogue's running state.
 
     products: (hidden [M, D_k], weight [V, D_k]) per model, one dtype; per chunk X_k = hidden[r]·weight[c]ᵀ.
-    weight: the head whose rows are accumulated (the policy's). epilogue(xs, ps, r0, c0, R, C) runs the Triton
+    weight: the head whose rows are accumulated (the policy's); labels [M] int64 (any value outside [0, V) where
+    a row has none: its label weights stay 0). epilogue(xs, ps, r0, c0, R, C) runs the Triton
     epilogue on the products xs [R, C] float32 (rows r0.., columns c0..), fills one weight tile ps[i] [R, C]
     (input dtype) per accumulator and the state rows the accumulators name. ``max_chunk`` caps the chunk width
     (tests). bn, bv: the kernel's tile; block rows are a multiple of max(bn, ROW_ALIGN) (or all rows), columns
-    of bv (or the whole vocabulary). Returns the scratch size in bytes (≤ budget)."""
+    of bv (or the whole vocabulary). float32 products run in IEEE float32 (``gemm_backward.ieee_float32``).
+    Returns the scratch size in bytes (≤ budget)."""
     hidden = products[0][0]
     M, V = hidden.shape[0], weight.shape[0]
     per = element_bytes(hidden.dtype, len(products), len(accumulators))
     R, C = block_shape(M, V, budget // per, max(bn, ROW_ALIGN), bv)
     C = C if max_chunk is None else min(C, max_chunk)
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    x_bufs = [torch.empty(R * C, **f32) for _ in products]
+    x_bufs = [torch.empty(R * C, device=hidden.device, dtype=torch.float32) for _ in products]
     p_bufs = [torch.empty(R * C, device=hidden.device, dtype=hidden.dtype) for _ in accumulators]
-    for r0 in range(0, M, R):
-        rn = min(R, M - r0)
-        rows = slice(r0, r0 + rn)
-        for c0 in range(0, V, C):
-            cn = min(C, V - c0)
-            xs = [b[: rn * cn].view(rn, cn) for b in x_bufs]
-            ps = [b[: rn * cn].view(rn, cn) for b in p_bufs]
-            for x, (h, w) in zip(xs, products):
-                mm_into(x, h[rows], w[c0:c0 + cn].t())  # the logits products
-            epilogue(xs, ps, r0, c0, rn, cn)
-            a = accumulators[0].out[rows]
-            for acc, p in reversed(list(zip(accumulators, ps))):  # A last: the coupled ones read it first
-                out = acc.out[rows]
-                out.mul_(state[acc.scale, rows, None])
-                if acc.coupled is not None:
-                    out.addcmul_(a, state[acc.coupled, rows, None])
-                mm_accumulate(out, p, weight[c0:c0 + cn])  # one accumulating product per weight tile
+    with ieee_float32():
+        for r0 in range(0, M, R):
+            _row_block(epilogue, products, weight, labels, accumulators, state, x_bufs, p_bufs, r0, min(R, M - r0), C)
     return sum(b.numel() * b.element_size() for b in x_bufs + p_bufs)
+
+
+def _row_block(epilogue: Callable[..., None], products: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               weight: torch.Tensor, labels: torch.Tensor, accumulators: Sequence[Accumulator], state: torch.Tensor,
+               x_bufs: Sequence[torch.Tensor], p_bufs: Sequence[torch.Tensor], r0: int, rn: int, C: int) -> None:
+    """``run`` for the rows r0 + [0, rn): every vocabulary chunk of C columns (x_bufs: float32 product scratch,
+    p_bufs: weight tiles in the input dtype, [R·C] each), then the label terms w·W[y] (float32 [rn, D])."""
+    V = weight.shape[0]
+    rows = slice(r0, r0 + rn)
+    label_w = [torch.zeros(rn, device=weight.device, dtype=torch.float32) for _ in accumulators]
+    for c0 in range(0, V, C):
+        cn = min(C, V - c0)
+        xs = [b[: rn * cn].view(rn, cn) for b in x_bufs]
+        ps = [b[: rn * cn].view(rn, cn) for b in p_bufs]
+        for x, (h, w) in zip(xs, products):
+            mm_into(x, h[rows], w[c0:c0 + cn].t())  # the logits products
+        epilogue(xs, ps, r0, c0, rn, cn)
+        _fold(accumulators, state, rows, ps, label_w, weight[c0:c0 + cn])
+    w_y = weight[labels[rows].clamp(0, V - 1)].float()  # [R, D]; rows without a label have weight 0
+    for acc, w in zip(accumulators, label_w):
+        acc.out[rows].addcmul_(w[:, None], w_y)

@@ -1,7 +1,8 @@
 """Block sizes, warps and pipeline stages for every kernel, in one place.
 
-GPU presets are keyed by kernel, architecture class (80: Ampere sm_80/86/89, 90: Hopper and newer) and
-operand width (16: fp16/bf16, 32: fp32). ``python -m fastpref.kernels.report`` compiles exactly these
+GPU presets are keyed by kernel, architecture class (80: Ampere sm_80/86/89, and newer GPUs whose shared
+memory per block cannot hold the class-90 tiles; 90: Hopper and newer with that much shared memory, measured
+on the device) and operand width (16: fp16/bf16, 32: fp32). ``python -m fastpref.kernels.report`` compiles exactly these
 (``gpu_configs()``) and fails on any spill; ``select`` only ever returns one of them on a GPU.
 Under TRITON_INTERPRET=1 every kernel uses the single ``INTERPRETER`` config: large blocks, because the
 interpreter's cost grows with the number of programs × inner steps, not with the block size.
@@ -89,17 +90,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def arch_class(capability: int) -> int:
-    """sm_XY as XY (e.g. 86) → the preset class the kernels were tuned and AOT-checked for."""
-    return 90 if capability >= 90 else 80
+# Shared memory per program (bytes) that the largest preset of a class needs: the AOT report's SHARED for sm_90
+# (class 90: stats_forward / stats_dlogits, 128 × 128 × 64 tiles, 3 stages) and sm_80 (class 80: stats_backward).
+SHARED_NEEDED = {80: 64 << 10, 90: 96 << 10}
+
+
+def arch_class(capability: int, shared: int | None = None) -> int:
+    """sm_XY as XY (e.g. 86) → the preset class the kernels were tuned and AOT-checked for.
+
+    shared: the device's opt-in shared memory per block in bytes (None: not known, assumed enough). Class 90
+    needs capability ≥ 9.0 and room for its largest preset (``SHARED_NEEDED``), so a newer GPU with less shared
+    memory than Hopper gets the class-80 tiles instead of failing to launch."""
+    return 90 if capability >= 90 and (shared is None or shared >= SHARED_NEEDED[90]) else 80
 
 
 def bits(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 16
 
 
-def gpu_config(kernel: str, arch: int, dtype: torch.dtype) -> Config:
-    return _GPU[(kernel, arch_class(arch), bits(dtype))]
+def gpu_config(kernel: str, arch: int, dtype: torch.dtype, shared: int | None = None) -> Config:
+    return _GPU[(kernel, arch_class(arch, shared), bits(dtype))]
+
+
+def device_shared(device: torch.device) -> int | None:
+    """The device's opt-in shared memory per block in bytes (None where torch does not report it)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
 def select(kernel: str, dtype: torch.dtype, device: torch.device) -> Config:
@@ -108,7 +123,7 @@ def select(kernel: str, dtype: torch.dtype, device: torch.device) -> Config:
     if interpreting() and device.type == "cpu":
         return INTERPRETER
     major, minor = torch.cuda.get_device_capability(device)
-    return gpu_config(kernel, 10 * major + minor, dtype)
+    return gpu_config(kernel, 10 * major + minor, dtype, device_shared(device))
 
 
 def gpu_configs():

@@ -134,6 +134,18 @@ def label_pick(z, cols, labels):
 
 
 @triton.jit
+def split_label(w, cols, labels):
+    """(w with its label column set to 0, the label's entry [BN] float32, 0 where the label is outside the tile).
+
+    The frozen epilogues round their weight tiles to the input dtype for the accumulating GEMMs; the label's
+    weight is carried apart in float32 instead (``frozen_forward``: added back as w_y·W_y after the chunks), because
+    the backward subtracts E_p[(dz/dx)·W] from the exact (dz/dx)_y·W_y and, at p_y near 1, the rounding of the
+    label's entry would be the whole difference."""
+    at_label = cols[None, :] == labels[:, None]
+    return tl.where(at_label, 0.0, w), tl.sum(tl.where(at_label, w, 0.0), axis=1)
+
+
+@triton.jit
 def block_rows(Labels, r0, c0, R, BN: tl.constexpr):
     """Rows of a frozen-head epilogue program (one per BN rows of the block r0 + [0, R) × chunk c0 + [0, C)):
     (row0 = its first block row, mask [BN] of block rows < R, global rows r0 + row0 + [0, BN), labels [BN]

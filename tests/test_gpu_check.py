@@ -13,7 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
-STEPS = ["env", "wheels", "build", "import", "tests", "warmup", "memcheck", "racecheck", "bench", "latency"]
+STEPS = ["env", "wheels", "build", "import", "tests", "warmup", "large", "sanitizer", "memcheck", "racecheck", "bench",
+         "latency"]
 
 
 def test_budget_fits_nine_minutes():
@@ -43,11 +44,18 @@ def test_dry_run_every_step(dry_run):
     steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
     assert [s[0] for s in steps] == STEPS, log
     status = {s[0]: s[1] for s in steps}
-    assert status["memcheck"] == status["racecheck"] == "skipped"  # no sanitizer on a CPU
+    notes = {s[0]: s[4] for s in steps}
+    # The dry run's stand-in sanitizer refuses the device: recorded as unsupported, not a failure (exit 0 above).
+    assert status["sanitizer"] == "unsupported" and "refuses this device" in notes["sanitizer"], steps
+    assert status["memcheck"] == status["racecheck"] == "skipped" and "unsupported" in notes["memcheck"]
     assert status["wheels"] in ("ok", "skipped")
-    assert all(status[s] == "ok" for s in STEPS if s not in ("memcheck", "racecheck", "wheels")), status
+    assert all(status[s] == "ok" for s in STEPS if s not in ("sanitizer", "memcheck", "racecheck", "wheels")), status
     assert (out / "env" / "pip-freeze.txt").stat().st_size > 0 and bundle.stat().st_size > 0
     assert "available_backends('cpu')" in (out / "logs" / "import.log").read_text()
+    warmup = (out / "logs" / "warmup.log").read_text()  # the sanitizer's programs: forced blocks, both backends
+    assert warmup.count("ok triton") == 2 and warmup.count("ok native") == 2, warmup
+    large = (out / "logs" / "large.log").read_text()  # sampled rows/columns against float64, every backend
+    assert "FAILED" not in large and large.count("ok ") == 14, large
 
 
 def test_dry_run_tests_and_summary(dry_run):

@@ -110,6 +110,26 @@ def test_presets_gpu_launch_configs_are_reported():
                 assert (kernel, presets.arch_class(cap), dtype, cfg) in reported
 
 
+@pytest.mark.parametrize("cap,shared,want", [((9, 0), 232448, 90), ((10, 0), 232448, 90), ((12, 0), 101376, 90),
+                                             ((12, 1), 90 << 10, 80), ((11, 0), 64 << 10, 80), ((8, 6), 101376, 80),
+                                             ((9, 0), None, 90)])
+def test_presets_by_measured_shared_memory(monkeypatch, cap, shared, want):
+    """Class-90 tiles only where the device's opt-in shared memory per block holds their largest need (the AOT
+    report's 96 KiB on sm_90); capability alone sent them to every newer GPU."""
+    from types import SimpleNamespace
+
+    from fastpref.kernels import presets
+
+    monkeypatch.setattr(presets, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    props = SimpleNamespace() if shared is None else SimpleNamespace(shared_memory_per_block_optin=shared)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    dev = torch.device("cuda")
+    for kernel in presets.KERNELS:
+        for dtype in presets.DTYPES:
+            assert presets.select(kernel, dtype, dev) == presets._GPU[(kernel, want, presets.bits(dtype))]
+
+
 def test_interpreter_preset_and_splits():
     from fastpref.kernels import launch, presets
 

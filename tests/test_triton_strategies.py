@@ -17,6 +17,7 @@ import test_token_kl
 import test_token_stats
 from cases import DEVICE, Case, require_backend
 from fastpref import backends
+from oracle import assert_three_way, grads_of, leaf, naive_stats
 
 pytest.importorskip("triton")
 
@@ -32,26 +33,29 @@ def triton_backend():
     b.backward, b.scratch_floor, b.grad_filter, b.splits = None, None, None, None
 
 
-def _small_blocks(b, strategy):
+def _small_blocks(b, strategy, case: Case | None = None):
+    """A scratch floor of one float32 interpreter tile, plus, for a half weight (``case``), the float32 dW
+    accumulator of one tile's columns."""
     from fastpref.kernels import presets
 
     cfg = presets.select("stats_dlogits", torch.float32, DEVICE)
     b.backward = strategy
-    b.scratch_floor = cfg.BN * cfg.BV * 4 if DEVICE.type == "cpu" else None
+    extra = 0 if case is None or case.dtype == torch.float32 else cfg.BV * 4 * case.D
+    b.scratch_floor = cfg.BN * cfg.BV * 4 + extra if DEVICE.type == "cpu" else None
 
 
 @pytest.mark.parametrize("strategy,case", [("gemm", c) for c in STATS_CASES]
                          + [("atomic", c) for c in ("softcap_temp", "fp16")])
 def test_stats_oracle(triton_backend, strategy, case):
-    _small_blocks(triton_backend, strategy)
+    _small_blocks(triton_backend, strategy, test_token_stats.CASES[case])
     test_token_stats._check("triton", test_token_stats.CASES[case])
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("case", KL_CASES)
 def test_kl_oracle_gemm(triton_backend, case, direction):
-    _small_blocks(triton_backend, "gemm")
     c, extra = test_token_kl.CASES[case]
+    _small_blocks(triton_backend, "gemm", c)
     test_token_kl._check("triton", c, direction, **extra)
 
 
@@ -93,17 +97,55 @@ def test_gemm_scratch_stays_within_budget(triton_backend):
     assert max(rec.sizes) < M * V * 4 / 4, "nothing close to the naive logits may be allocated"
 
 
+def test_gemm_weight_grad_stays_within_budget_at_large_vocab_times_hidden(triton_backend):
+    """fp16 head whose float32 [V, D] (4 MiB) is over 10× the budget: the backward reports scratch within the budget,
+    allocates nothing above it but the returned gradients, and returns dW in the weight's dtype (written chunk by
+    chunk from a float32 [C, D] accumulator inside the scratch, not a float32 [V, D] and a copy)."""
+    from fastpref.kernels import gemm_backward, presets
+    from fastpref.options import LogitOptions
+
+    if DEVICE.type != "cpu":
+        pytest.skip("the interpreter's tile sizes")
+    cfg = presets.select("stats_dlogits", torch.float16, DEVICE)
+    M, D, V = 200, 256, 4096
+    h, w, b, lab = Case(N=M, D=D, V=V, dtype=torch.float16, bias=True, seed=62).make()
+    triton_backend.backward = "gemm"
+    triton_backend.scratch_floor = (cfg.BN * 2 + 4 * D) * cfg.BV  # one fp16 tile and its columns' float32 dW
+    budget = gemm_backward.scratch_budget(M, V, h.dtype, triton_backend.scratch_floor)
+    assert budget == triton_backend.scratch_floor and V * D * 4 > 10 * budget
+    opts = LogitOptions()
+    _, lse, ent, _ = triton_backend.stats_forward(h, w, b, lab, opts, True, False)
+    g = [x.float() for x in Case(N=M, seed=63).upstream(3)]
+    with _Allocations() as rec:
+        dh, dw, db = triton_backend.stats_backward(h, w, b, lab, lse, ent, *g, opts, (True, True, True))
+    assert dw.dtype == torch.float16 and dw.shape == (V, D)
+    assert 0 < triton_backend.last_scratch_bytes <= budget
+    outputs = {dh.numel() * 4, dw.numel() * 2, db.numel() * 4}
+    over = [s for s in rec.sizes if s > budget and s not in outputs]
+    assert not over, f"allocations above the {budget}-byte budget: {over}"
+    ups = Case(N=M, seed=63).upstream(3)
+    gold_w, ref_w = leaf(w, torch.float64), leaf(w)
+    gold = grads_of(naive_stats(h.double(), gold_w, b.double(), lab)[:3], ups, [gold_w])[0]
+    ref = grads_of(naive_stats(h, ref_w, b, lab, dtype=torch.float16)[:3], ups, [ref_w])[0]
+    assert_three_way("d_weight", dw, ref, gold, torch.float16, grad=True)
+
+
 @pytest.mark.parametrize("rows,vocab,elems", [(200, 1037, 64 * 256), (5, 100000, 64 * 256), (100000, 300, 64 * 256),
                                               (10**6, 128256, 2**27), (16384, 128256, 2**27), (7, 9, 10**6)])
-def test_block_shape_respects_budget(rows, vocab, elems):
+@pytest.mark.parametrize("col_extra", [0, 40, 16384])  # none, a small D, D = 8192 in bf16 (float32 dW chunk)
+def test_block_shape_respects_budget(rows, vocab, elems, col_extra):
     from fastpref.kernels.gemm_backward import block_shape
 
-    r, c = block_shape(rows, vocab, elems, 64, 256)
-    assert r * c <= elems and 1 <= r <= rows and 1 <= c <= vocab
+    if elems < (64 + col_extra) * 256:
+        with pytest.raises(ValueError, match="below one"):
+            block_shape(rows, vocab, elems, 64, 256, col_extra)
+        return
+    r, c = block_shape(rows, vocab, elems, 64, 256, col_extra)
+    assert (r + col_extra) * c <= elems and 1 <= r <= rows and 1 <= c <= vocab
     assert r == rows or r % 64 == 0
     assert c == vocab or c % 256 == 0
     with pytest.raises(ValueError, match="below one"):
-        block_shape(rows, vocab, 64 * 256 - 1, 64, 256)
+        block_shape(rows, vocab, (64 + col_extra) * 256 - 1, 64, 256, col_extra)
 
 
 def _grads(b, seed):

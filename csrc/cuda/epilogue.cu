@@ -210,17 +210,18 @@ kl_fwd_kernel(float* __restrict__ zt, float* __restrict__ rzt, int cols, const f
     ca = ct = sc;
     cta = ((so > 0.0f ? co / so : 0.0f) - mu) * sc;  // B ← (B + (μ_old − μ)·A)·sc
   } else if (FROZEN) {
-    // Normalised by the running sums: Q = Σ (e^{rz−rm}/rs)·s·W and D = Σ (e^{z−m}/s − e^{rz−rm}/rs)·s·W, the
-    // difference formed per entry before any rounding (p ≈ q must not cancel after it).
+    // Normalised by the running sums: P = Σ (e^{z−m}/s)·s·W and D = Σ (e^{z−m}/s − e^{rz−rm}/rs)·s·W, the
+    // difference formed per entry before any rounding (p ≈ q must not cancel after it); P is EA itself, not
+    // E_q[s·W] + D (whose rounded terms at tokens the reference favours would not cancel).
     const float inv = sn > 0.0f ? 1.0f / sn : 0.0f, rinv = rsn > 0.0f ? 1.0f / rsn : 0.0f;
     for (int j = threadIdx.x; j < cols; j += ROW_THREADS) {
-      const float wq = rz[j] * rinv;
-      z[j] = z[j] * inv - wq;
-      rz[j] = wq;
+      const float wp = z[j] * inv;
+      z[j] = wp - rz[j] * rinv;
+      rz[j] = wp;
     }
-    ca = rsc * rso * rinv;  // β: Q's old terms e^{rz−rm_old}/rs_old → e^{rz−rm}/rs
-    ct = sc * so * inv;     // α: the old p terms likewise; D ← α·D + (α − β)·Q
-    cta = ct - ca;
+    ca = sc * so * inv;     // α: P's old terms e^{z−m_old}/s_old → e^{z−m}/s
+    ct = rsc * rso * rinv;  // β: the old q terms likewise; D ← β·D + (α − β)·P
+    cta = ca - ct;
   }
   if (threadIdx.x == 0) {
     cross[row] = cn;

@@ -49,8 +49,8 @@ void stats_bwd_tile(float* tile, int64_t rows, int64_t cols, const float* bias, 
 // token_kl forward: z / rz (raw GEMM outputs of policy / reference) ← transformed logits, state updated.
 // reverse = 0: KL(ref‖θ), cross = Σ e^{rz−rm}(rz − z); reverse = 1: KL(θ‖ref), cross = Σ e^{z−m}(z − rz).
 // Frozen policy head (coef.sa not null; s_v: the policy's dz/dx; m, s, rm, rs: the new running maxima and sums).
-// forward: rz ← (e^{rz−rm}/rs)·s, z ← (e^{z−m}/s − e^{rz−rm}/rs)·s; a = Q = Σ (e^{rz−rm}/rs)·s·W and
-// t = D = Σ (e^{z−m}/s − e^{rz−rm}/rs)·s·W (= E_p[s·W] − E_q[s·W] at the end), coef: sa = β, st = α,
+// forward: rz ← (e^{z−m}/s)·s, z ← (e^{z−m}/s − e^{rz−rm}/rs)·s; a = P = Σ (e^{z−m}/s)·s·W (= E_p[s·W] at the
+// end) and t = D = Σ (e^{z−m}/s − e^{rz−rm}/rs)·s·W (= E_p[s·W] − E_q[s·W]), coef: sa = α, st = β,
 // ta = α − β with α = e^{m_old−m}·s_old/s, β = e^{rm_old−rm}·rs_old/rs. reverse: z ← e^{z−m}·s, rz ←
 // e^{z−m}·(d − μ)·s with d = z − rz and μ = cross/s the new running mean of d under p; a = A = Σ e^{z−m}·s·W,
 // t = B = Σ e^{z−m}·(d − μ)·s·W (kept centred), coef: sa = st = e^{m_old−m}, ta = (μ_old − μ)·e^{m_old−m}.

@@ -6,6 +6,10 @@
 // recomputes each tile, turns it into dL/dx in place and runs dH_block += dx·W_chunk (float32 [N, D]) and
 // dW_chunk += dxᵀ·H_block (float32 [C, D] accumulator, written to dW once per chunk).
 //
+// float32 GEMMs never use TF32: every entry point holds an at::NoTF32Guard (thread-local, nothing global is
+// changed), so a user's torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision("high") does not
+// reach these products (the epilogues are float32 arithmetic; TF32 logits would cost ~1e-2 in log-probs).
+//
 // GEMM dtypes: float16/bfloat16 hidden and weight of one dtype are multiplied as they are, on tensor cores,
 // with float32 accumulation and float32 output (aten::mm.dtype_out, torch >= 2.9): the logits tile is the
 // same float32 tile as with upcast operands up to summation order, since half·half products are exact in
@@ -20,14 +24,16 @@
 // tile(s) with the weights of a and t (token_stats' T: a second tile) and writes each row's coefficients
 // of the update (epilogue.h: e^{m_old − m_new}, and what t takes from a); one GEMM per accumulator makes the
 // products weights·W_chunk (half pairs: the weights rounded to the half dtype, tensor cores, float32
-// output, as the backward's dL/dx tile), and one rows_update pass folds them in (a ← sa·a + P_a,
+// output, as the backward's dL/dx tile; the label's column is kept apart in float32, FrozenAcc), and one
+// rows_update pass folds them in (a ← sa·a + P_a,
 // t ← st·t + ta·a + P_t). The first chunk's GEMMs write a and t directly (with V ≤ C there is no fold at
 // all); at the end of a row block rows_update normalises (EA = A/s, EC = (T − (t/s)·A)/s). No GEMM here
 // accumulates, so gemm_f32's `tmp` is not used on this path.
 //
 // Scratch (elements), R rows × C vocabulary entries per tile (R = C = 4096 by default):
 //     float32: 2·R·C + R·(D + D_ref) + C·(2·D + D_ref) + 2·C + max(R, C)·D  (+ 9·N per-row state)
-//              + 3·R·D + 3·R in a frozen-head forward
+//              + 3·R·D + 3·R in a frozen-head forward (+ R·D + 4·R with half inputs and labels: the labels'
+//              weight rows and their float32 weights)
 //     half:    R·C (the rounded dL/dx tile of the backward, the rounded weights tile of a frozen forward)
 // — logits tiles (two for token_kl; token_stats' frozen T weights tile is the second), float32 copies of
 // upcast hidden blocks / weight chunks (none for half GEMMs) / bias chunks, the dW/db chunk accumulators,
@@ -153,11 +159,16 @@ static Tensor tile_view(Tensor& buf, int64_t rows, int64_t cols) {
 // weights·W_chunk are float32 GEMMs, or tensor-core GEMMs with float32 output of the weights rounded to the
 // half dtype (as the backward's dL/dx tile). The first chunk's products go straight into a / t; later ones
 // into `prod` and are folded in with the kernel's per-row rescale coefficients by one rows_update pass.
+// Before that rounding the label's column is taken out of each weights tile (set to 0) and its float32 entries
+// are folded with the same coefficients into la / lt [rows]; finish() adds la·W_y to a and lt·W_y to t. The
+// backward subtracts EA from the exact (dz/dx)_y·W_y: at p_y near 1 a rounded label entry would be the whole
+// difference (fp16/bf16 with a temperature or a softcap, where dz/dx ≠ 1).
 struct FrozenAcc {
   bool half;
   at::ScalarType dtype;
   int64_t R, D;
   Tensor coef, prod, gbuf, tmp;  // coef: float32 [3, R] (sa, st, ta); prod: float32 [1 or 2, R, D], on demand
+  Tensor la, lt;                 // float32 [rows]: the label's weights of a and t (half GEMMs with labels)
   FrozenAcc(bool on, bool half_gemm, const Tensor& hidden, int64_t rows)
       : half(half_gemm), dtype(hidden.scalar_type()), R(rows), D(hidden.size(1)) {
     if (on) coef = at::empty({3 * R}, hidden.options().dtype(at::kFloat));
@@ -167,11 +178,38 @@ struct FrozenAcc {
     float* c = coef.data_ptr<float>();
     return {c, c + R, c + 2 * R};
   }
+  // The label's entries of the weights tile w [rows, cols] of chunk c0 (float32 [rows], 0 where the label lies
+  // elsewhere); the label's column of w is set to 0.
+  static Tensor take_label(const Tensor& w, const Tensor& labels, int64_t c0) {
+    Tensor idx = labels - c0;
+    Tensor inside = idx.ge(0).logical_and(idx.lt(w.size(1)));
+    idx = idx.clamp(0, w.size(1) - 1).unsqueeze(1);
+    Tensor got = w.gather(1, idx).squeeze(1);
+    Tensor picked = got.masked_fill(inside.logical_not(), 0.0);
+    w.scatter_(1, idx, (got - picked).unsqueeze(1));
+    return picked;
+  }
+  // The label weights of one chunk into la / lt, with the recurrence rows_update applies to a / t.
+  void fold_labels(const Tensor& wa, const Tensor& wt, const Tensor& labels, int64_t c0, bool first) {
+    const int64_t rows = wa.size(0);
+    Tensor pa = take_label(wa, labels, c0);
+    Tensor pt = wt.defined() ? take_label(wt, labels, c0) : Tensor();
+    if (first) {
+      la = pa;
+      lt = pt;
+      return;
+    }
+    if (lt.defined()) lt = lt * coef.narrow(0, R, rows) + la * coef.narrow(0, 2 * R, rows) + pt;
+    la = la * coef.narrow(0, 0, rows) + pa;
+  }
   // a, t: the block's accumulators [rows, D] (t: or undefined); wa, wt: their weights tiles [rows, cols];
-  // W: the chunk's weight rows [cols, D] (the GEMM operand: half view or float32).
-  void add(Tensor& a, Tensor& t, const Tensor& wa, const Tensor& wt, const Tensor& W, bool first,
-           cudaStream_t stream) {
+  // W: the chunk's weight rows [cols, D] (the GEMM operand: half view or float32); labels: the block's [rows]
+  // (or undefined: no label split), c0: the chunk's first vocabulary index.
+  void add(Tensor& a, Tensor& t, const Tensor& wa, const Tensor& wt, const Tensor& W, const Tensor& labels,
+           int64_t c0, cudaStream_t stream) {
     const int64_t rows = a.size(0);
+    const bool first = c0 == 0;
+    if (half && labels.defined()) fold_labels(wa, wt, labels, c0, first);
     if (!first && !prod.defined()) prod = at::empty({(t.defined() ? 2 : 1) * R * D}, a.options());
     Tensor pa = first ? a : prod.narrow(0, 0, rows * D).view({rows, D});
     gemm_f32(pa, grad_operand(wa, half, dtype, gbuf), W, false, tmp);
@@ -185,6 +223,14 @@ struct FrozenAcc {
     rows_update(ptr(a), ptr(t), ptr(pa), ptr(pt), c.sa, c.st, c.ta, rows, D, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  // After the block's last chunk, before the normalisation: a += la·W_y, t += lt·W_y (W_y: the labels' rows).
+  void finish(Tensor& a, Tensor& t, const Tensor& weight, const Tensor& labels) {
+    if (!la.defined()) return;
+    Tensor wy = weight.index_select(0, labels.clamp(0, weight.size(0) - 1)).to(at::kFloat);
+    a.addcmul_(la.unsqueeze(1), wy);
+    if (t.defined()) t.addcmul_(lt.unsqueeze(1), wy);
+    la = lt = Tensor();
+  }
 };
 
 // ---- token_stats --------------------------------------------------------------------------------
@@ -196,6 +242,7 @@ static std::vector<Tensor> stats_forward_impl(const Tensor& hidden, const Tensor
                                               bool want_ent, bool want_p2, bool frozen) {
   check_head(hidden, weight, bias, "stats_forward");
   c10::cuda::CUDAGuard guard(hidden.device());
+  at::NoTF32Guard ieee;  // float32 GEMMs in IEEE float32 whatever the global TF32 setting (header)
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const int64_t R = std::min(N, g_rows), C = std::min(V, g_chunk);
@@ -215,6 +262,7 @@ static std::vector<Tensor> stats_forward_impl(const Tensor& hidden, const Tensor
     const int64_t rows = std::min(R, N - r0);
     Tensor H = operand_rows(hidden, r0, rows, half, hbuf, R * D);
     Tensor A = frozen ? ea.narrow(0, r0, rows) : Tensor(), T = ec.defined() ? ec.narrow(0, r0, rows) : Tensor();
+    const Tensor lab_rows = labels.narrow(0, r0, rows);
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t cols = std::min(C, V - c0);
       Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
@@ -225,9 +273,10 @@ static std::vector<Tensor> stats_forward_impl(const Tensor& hidden, const Tensor
                      want_ent ? ptr(t) + r0 : nullptr, want_p2 ? ptr(s2) + r0 : nullptr, ptr(zl) + r0, ptr(tw),
                      facc.coefs(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (frozen) facc.add(A, T, tile, tw, W, c0 == 0, stream);
+      if (frozen) facc.add(A, T, tile, tw, W, lab_rows, c0, stream);
     }
     if (frozen) {  // A ← A/s, T ← T/s − (t/s²)·A
+      facc.finish(A, T, weight, lab_rows);
       Tensor inv = s.narrow(0, r0, rows).reciprocal();
       Tensor ta = T.defined() ? t.narrow(0, r0, rows).mul(inv).mul_(inv).neg_() : Tensor();
       rows_update(ptr(A), ptr(T), nullptr, nullptr, ptr(inv), ptr(inv), ptr(ta), rows, D, stream);
@@ -299,6 +348,7 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
                                    bool need_w, bool need_b) {
   check_head(hidden, weight, bias, "stats_backward");
   c10::cuda::CUDAGuard guard(hidden.device());
+  at::NoTF32Guard ieee;  // float32 GEMMs in IEEE float32 whatever the global TF32 setting (header)
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const int64_t R = std::min(N, g_rows), C = std::min(V, g_chunk);
@@ -339,7 +389,7 @@ std::vector<Tensor> stats_backward(const Tensor& hidden, const Tensor& weight, c
 // labels, EA = E_p[s·W] (float32 [N, D], s = the policy's dz/dx; the spec of kl_forward_frozen in the torch
 // backend). Accumulators (epilogue.h, kl_fwd_tile): reverse, a = A = Σ e^{z−m}·s·W and t = B =
 // Σ e^{z−m}·(d − μ)·s·W centred on the running mean μ of d = z − rz under p: dkl = B/s, EA = A/s. Forward,
-// normalised as they go: a = Q = E_q[s·W] and t = D = E_p[s·W] − E_q[s·W] = dkl, EA = Q + D. The torch
+// normalised as they go: a = P = E_p[s·W] = EA and t = D = E_p[s·W] − E_q[s·W] = dkl. The torch
 // backend accumulates E_p[s·W] and E_q[s·W] separately; here the difference p − q is formed per entry in
 // float32 before the weights are rounded to a half dtype, so a policy close to its reference (p ≈ q) does
 // not lose dkl to the rounding of two nearly equal sums.
@@ -350,6 +400,7 @@ static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& w
   check_head(hidden, weight, bias, "kl_forward");
   check_head(ref_hidden, ref_weight, ref_bias, "kl_forward (reference)");
   c10::cuda::CUDAGuard guard(hidden.device());
+  at::NoTF32Guard ieee;  // float32 GEMMs in IEEE float32 whatever the global TF32 setting (header)
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0), Dr = ref_hidden.size(1);
   TORCH_CHECK(ref_hidden.size(0) == N && ref_weight.size(0) == V, "kl_forward: reference shapes");
@@ -374,6 +425,7 @@ static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& w
     Tensor RH = operand_rows(ref_hidden, r0, rows, rhalf, rhbuf, R * Dr);
     Tensor A = !frozen ? Tensor() : lab ? ea.narrow(0, r0, rows) : tile_view(abuf, rows, D);
     Tensor T = frozen ? dkl.narrow(0, r0, rows) : Tensor();  // D (forward) or B (reverse), then dkl in place
+    const Tensor lab_rows = lab ? labels->narrow(0, r0, rows) : Tensor();
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t cols = std::min(C, V - c0);
       Tensor W = operand_rows(weight, c0, cols, half, wbuf, C * D);
@@ -388,16 +440,16 @@ static std::vector<Tensor> kl_forward_impl(const Tensor& hidden, const Tensor& w
                   facc.coefs(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (frozen) {  // the weights of a: z (reverse) or rz (forward); of t: the other tile
-        if (reverse) facc.add(A, T, zt, rzt, W, c0 == 0, stream); else facc.add(A, T, rzt, zt, W, c0 == 0, stream);
+        if (reverse) facc.add(A, T, zt, rzt, W, lab_rows, c0, stream);
+        else facc.add(A, T, rzt, zt, W, lab_rows, c0, stream);
       }
     }
+    if (frozen) facc.finish(A, T, weight, lab_rows);
     if (frozen && reverse) {  // dkl = B/s, EA = A/s
       Tensor inv = st.select(0, 0).narrow(0, r0, rows).reciprocal();
       rows_update(ptr(A), ptr(T), nullptr, nullptr, ptr(inv), ptr(inv), nullptr, rows, D, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else if (frozen && lab) {  // dkl = D as it is, EA = Q + D
-      A.add_(T);
-    }
+    }  // forward: dkl = D and EA = P as they are
   }
   kl_finish(N, reverse ? 1 : 0, ptr(m), s, ptr(rm), rs, cross, zl, rzl, ptr(kl), ptr(lse), ptr(rlse), ptr(logp),
             ptr(rlogp), stream);
@@ -433,6 +485,7 @@ std::vector<Tensor> kl_backward(const Tensor& hidden, const Tensor& weight, cons
   check_head(hidden, weight, bias, "kl_backward");
   check_head(ref_hidden, ref_weight, ref_bias, "kl_backward (reference)");
   c10::cuda::CUDAGuard guard(hidden.device());
+  at::NoTF32Guard ieee;  // float32 GEMMs in IEEE float32 whatever the global TF32 setting (header)
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int64_t N = hidden.size(0), D = hidden.size(1), V = weight.size(0), Dr = ref_hidden.size(1);
   const int64_t R = std::min(N, g_rows), C = std::min(V, g_chunk);

@@ -25,7 +25,7 @@ CSRC = os.path.dirname(HERE)
 ROOT = os.path.dirname(CSRC)
 DEFAULT_ARGS = ["tests/test_token_stats.py", "tests/test_token_kl.py", "tests/test_banned_tokens.py",
                 "tests/test_frozen_head.py", "tests/test_frozen_kl.py", "tests/test_native_frozen_kl.py",
-                "tests/test_native_frozen_tiles.py", "-k", "native and not memory and not scratch and not threads"]
+                "tests/test_native_frozen_tiles.py", "tests/test_frozen_precision.py", "-k", "native and not memory and not scratch and not threads"]
 
 
 def _split_top(text: str) -> list[str]:

@@ -151,10 +151,12 @@ class TritonBackend:
         M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
         f32 = dict(device=hidden.device, dtype=torch.float32)
         need_db = bool(needs[2] and bias is not None)
-        dh = torch.zeros((M, D), **f32) if needs[0] else None
-        dw = torch.zeros((V, D), **f32) if needs[1] else None
-        db = torch.zeros((V,), **f32) if need_db else None
         strategy = backward_strategy(self.backward)
+        dh = torch.zeros((M, D), **f32) if needs[0] else None
+        # "gemm" writes dW chunk by chunk in the weight's dtype (float32 accumulation inside each chunk, within
+        # the scratch budget); "atomic" scatters float32 atomics into a float32 [V, D].
+        dw = None if not needs[1] else torch.empty_like(weight) if strategy == "gemm" else torch.zeros((V, D), **f32)
+        db = torch.zeros((V,), **f32) if need_db else None
         eps = grad_filter_eps(self.grad_filter, hidden.dtype)
         if eps > 0 and strategy != "atomic":
             raise ValueError("gradient filtering skips tiles of the 'atomic' backward; set "
@@ -195,7 +197,7 @@ class TritonBackend:
                                 B=_bias(weight, bias), **_scalars(opts))
         return _finish_stats(*self._k.combine_stats(part), entropy, log_sum_p2)
 
-    def _frozen_run(self, kernel, epilogue, products, weight, accs, state):
+    def _frozen_run(self, kernel, epilogue, products, weight, labels, accs, state):
         """``frozen_forward.run`` with this backend's budget (gemm_backward.scratch_budget) and chunk cap: the
         vocabulary chunks are forced by ``splits`` (tests) as the forward kernels' splits are."""
         from fastpref.kernels import frozen_forward, gemm_backward, presets
@@ -204,8 +206,8 @@ class TritonBackend:
         cfg = presets.select(kernel, dt, products[0][0].device)
         max_chunk = None if self.splits is None else math.ceil(math.ceil(V / cfg.BV) / self.splits) * cfg.BV
         budget = gemm_backward.scratch_budget(M, V, dt, self.scratch_floor)
-        self.last_scratch_bytes = frozen_forward.run(epilogue, products, weight, accs, state, budget, cfg.BN,
-                                                     cfg.BV, max_chunk)
+        self.last_scratch_bytes = frozen_forward.run(epilogue, products, weight, labels, accs, state, budget,
+                                                     cfg.BN, cfg.BV, max_chunk)
 
     def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
         """stats_forward plus EA = E_p[(dz/dx)·W] (and EC with entropy) in 2 GEMMs (3 with entropy) per block
@@ -219,9 +221,10 @@ class TritonBackend:
         state = frozen_forward.new_state(M, len(frozen_forward.STATS_STATE), dev)
         a = torch.zeros((M, D), device=dev, dtype=torch.float32)
         t = torch.zeros_like(a) if entropy else None
-        accs = [frozen_forward.Accumulator(a, scale=row("scale"))]
+        accs = [frozen_forward.Accumulator(a, scale=row("scale"), label=row("w_label"))]
         if entropy:  # T ← T·scale + A·(shift·scale) + P2·W
-            accs.append(frozen_forward.Accumulator(t, scale=row("scale"), coupled=row("shift_scale")))
+            accs.append(frozen_forward.Accumulator(t, scale=row("scale"), label=row("w2_label"),
+                                                   coupled=row("shift_scale")))
         b = _bias(weight, bias)
         flags = dict(SOFTCAP=opts.softcap is not None, ENTROPY=entropy)
 
@@ -229,7 +232,7 @@ class TritonBackend:
             self._k.launch("stats_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], B=b, Labels=labels,
                            State=state, P=ps[0], P2=ps[-1], r0=r0, c0=c0, R=rn, C=cn, M=M, **_scalars(opts))
 
-        self._frozen_run("stats_frozen", epilogue, [(hidden, weight)], weight, accs, state)
+        self._frozen_run("stats_frozen", epilogue, [(hidden, weight)], weight, labels, accs, state)
         m, s, t_sum, s2, z_label = state[:5]
         if t is not None:  # EC = (T − (t/s)·A)/s, from A before its normalisation
             t.addcmul_(a, (-t_sum / s)[:, None]).div_(s[:, None])
@@ -274,7 +277,7 @@ class TritonBackend:
                           direction):
         """kl_forward plus dKL = ∂KL/∂h and (with labels) EA = E_p[(dz/dx)·W], float32 [M, D], in two GEMMs per
         model per block of rows × vocabulary chunk: both logits products, the ``kl_frozen`` epilogue, the
-        accumulating products (reverse: A and the centred B; forward: E_q[s·W] and E_p[s·W] − E_q[s·W], p − q formed
+        accumulating products (reverse: A and the centred B; forward: E_p[s·W] and E_p[s·W] − E_q[s·W], p − q formed
         per entry before rounding) (``kernels/frozen_forward.py``, ``kernels/kl_frozen.py``)."""
         from fastpref.kernels import frozen_forward
 
@@ -287,23 +290,25 @@ class TritonBackend:
         state = frozen_forward.new_state(M, len(frozen_forward.KL_STATE), dev)
         state[row("mr")] = float("-inf")
         state64 = torch.zeros((len(frozen_forward.KL_STATE64), M), device=dev, dtype=torch.float64)
-        a = torch.zeros((M, D), device=dev, dtype=torch.float32)  # A (reverse) or Q = E_q[s·W] (forward)
+        a = torch.zeros((M, D), device=dev, dtype=torch.float32)  # A (reverse) or E_p[s·W] (forward)
         second = torch.zeros_like(a)  # B (reverse) or E_p[s·W] − E_q[s·W] (forward), coupled to the first
-        accs = [frozen_forward.Accumulator(a, scale=row("scale" if reverse else "scale_r")),
-                frozen_forward.Accumulator(second, scale=row("scale"), coupled=row("coef"))]
+        accs = [frozen_forward.Accumulator(a, scale=row("scale"), label=row("w_label")),
+                frozen_forward.Accumulator(second, scale=row("scale" if reverse else "scale_r"), label=row("w2_label"),
+                                           coupled=row("coef"))]
 
         def epilogue(xs, ps, r0, c0, rn, cn):
             self._k.launch("kl_frozen", lambda c: (-(-rn // c.BN),), dt, dev, flags, X=xs[0], XR=xs[1], State=state,
                            State64=state64, P=ps[0], P2=ps[1], r0=r0, c0=c0, R=rn, C=cn, M=M, reverse=int(reverse),
                            **args)
 
-        self._frozen_run("kl_frozen", epilogue, [(hidden, weight), (ref_hidden, ref_weight)], weight, accs, state)
+        self._frozen_run("kl_frozen", epilogue, [(hidden, weight), (ref_hidden, ref_weight)], weight,
+                         args["Labels"], accs, state)
         kl, lse, ref_lse, z_label, zr_label = self._k.combine_kl(state[:6, None], state64[:, None], reverse)
         if reverse:
             s = state64[frozen_forward.KL_STATE64.index("s")].float()[:, None]
             a, dkl = a.div_(s), second.div_(s)
-        else:  # accumulated normalised (kernels/kl_frozen.py): dKL itself, and E_p[s·W] = Q + dKL
-            a, dkl = a.add_(second), second
+        else:  # accumulated normalised (kernels/kl_frozen.py): E_p[s·W] and dKL themselves
+            dkl = second
         if labels is None:
             return kl, lse, ref_lse, None, None, dkl, None
         return kl, lse, ref_lse, z_label - lse, zr_label - ref_lse, dkl, a
