@@ -73,12 +73,15 @@ def table(summary: dict) -> str:
     g0, g1 = summary.get("eval_greedy_before") or {}, summary.get("eval_greedy_after") or {}
     rows = [(f"held-out greedy {k.replace('_', ' ')}", f"{f(g1.get(k))}   (before preference training: {f(v)})")
             for k, v in g0.items()]
+    if summary.get("preference_steps"):  # an SFT-only run (e.g. the online demo's warm-up) has none of these
+        rows += [
+            ("held-out reward accuracy", f"{f(summary['eval_reward_accuracy'])}"
+             f"   (before: {f(before.get('eval/reward_accuracy'))})"),
+            ("held-out ranking accuracy", f"{f(summary['eval_ranking_accuracy'])}"
+             f"   (before: {f(before.get('eval/ranking_accuracy'))})"),
+            ("held-out reward margin", f(summary.get("eval_margin"))),
+        ]
     rows += [
-        ("held-out reward accuracy", f"{f(summary['eval_reward_accuracy'])}"
-         f"   (before: {f(before.get('eval/reward_accuracy'))})"),
-        ("held-out ranking accuracy", f"{f(summary['eval_ranking_accuracy'])}"
-         f"   (before: {f(before.get('eval/ranking_accuracy'))})"),
-        ("held-out reward margin", f(summary.get("eval_margin"))),
         ("steps", f"{summary['train_steps']} (SFT {summary['sft_steps']} + preference {summary['preference_steps']})"),
         ("loss", ", ".join(f"{k}×{v:g}" for k, v in summary["loss"].items()) + f"  {summary['layout']}"),
         ("examples", f"{summary['train_examples']} train, {summary['eval_examples']} held-out"),

@@ -62,3 +62,14 @@ def test_reward_task_plots_its_held_out_accuracy(tmp_path, saved):
     written = plots.plot(write(tmp_path / "metrics.jsonl", recs), tmp_path, plots.REWARD_PANELS)
     assert [p.name for p in written] == ["reward_accuracy.png", "loss.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_summary_table_of_an_sft_only_run_has_no_empty_preference_rows():
+    summary = dict(eval_before=None, eval_greedy_before={"exact_match": 0.1}, eval_greedy_after={"exact_match": 0.2},
+                   preference_steps=0, train_steps=5, sft_steps=5, loss={"sigmoid": 1.0}, layout="pairs",
+                   train_examples=3, eval_examples=2, packed=True, ref_mode="precompute", backend="torch",
+                   device="cpu", wall_seconds=1.0, final_model="x", eval_reward_accuracy=None,
+                   eval_ranking_accuracy=None, eval_margin=None)
+    text = plots.table(summary)
+    assert "n/a" not in text and "greedy exact match" in text
+    assert "reward accuracy" in plots.table({**summary, "preference_steps": 3, "eval_reward_accuracy": 0.9})
