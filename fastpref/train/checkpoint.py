@@ -43,13 +43,10 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def write(folder: Path, model_state: dict[str, Tensor], trainer_state: dict[str, Any], info: dict) -> Path:
-    """Write a checkpoint folder atomically (temp folder + fsync + rename). Returns its path."""
+def _write_files(tmp: Path, model_state: dict[str, Tensor], trainer_state: dict[str, Any], info: dict) -> None:
+    """The checkpoint's files and manifest in the new folder ``tmp``, synced to disk."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
     torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -60,6 +57,18 @@ def write(folder: Path, model_state: dict[str, Tensor], trainer_state: dict[str,
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
+
+
+def write(folder: Path, model_state: dict[str, Tensor], trainer_state: dict[str, Any], info: dict) -> Path:
+    """Write a checkpoint folder atomically (temp folder + fsync + rename). Returns its path."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_files(tmp, model_state, trainer_state, info)
+    except BaseException:  # a full disk, an interrupt: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():  # re-writing the same step (e.g. after a resume): replace the old copy last
         old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
         os.replace(folder, old)
@@ -80,6 +89,8 @@ def verify(folder: Path) -> dict:
     try:
         manifest = json.loads(mf.read_text())
         files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{mf}: unreadable manifest ({e})") from None
     for name in ("model.safetensors", "trainer_state.pt"):
@@ -87,6 +98,9 @@ def verify(folder: Path) -> dict:
             raise CheckpointError(f"{folder}: manifest does not list {name}")
     for name, meta in files.items():
         p = folder / name
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or \
+                not isinstance(meta.get("sha256"), str):
+            raise CheckpointError(f"{mf}: unreadable manifest (the entry of {name} lacks its size or sha256)")
         if not p.is_file():
             raise CheckpointError(f"{p}: missing")
         if p.stat().st_size != meta["bytes"]:

@@ -26,6 +26,7 @@ class OnlineConfig:
 
     algorithm: str = "sppo"
     output_dir: str = "runs/online"
+    overwrite: bool = False
     model: str | None = None
     ref_model: str | None = None
     tokenizer: str | None = None
@@ -186,6 +187,8 @@ HELP = {
     "eval_every": "evaluate (greedy answers, win-rate vs start, KL) every N rounds",
     "save_every": "also checkpoint every N optimizer steps (0: at evaluated round ends only)",
     "resume": "'auto' (newest valid checkpoint in --output-dir) or a checkpoint folder",
+    "overwrite": "replace an earlier run in --output-dir (only the files it wrote; without it such a folder is "
+                 "refused)",
     "loss_args": "loss hyper-parameters, e.g. tau=0.1,eta=0.2 (repeatable)",
     "ref_dtype": "dtype of the reference model (default: the policy's)",
 }
@@ -202,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
                                  epilog=epilog)
     ap.add_argument("--online", action="store_true", help="online mode (this parser)")
     ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
-    bools = {"extragradient", "plots", "progress", "restart_optimizer"}
+    bools = {"extragradient", "plots", "progress", "restart_optimizer", "overwrite"}
     choices = {"algorithm": list(ALGORITHMS), "reference": ["initial", "previous"], "device": ["auto", "cpu", "cuda"],
                "lr_schedule": ["constant", "linear"],
                "distributed": ["auto", "none", "ddp"], "ref_dtype": ["float32", "bfloat16", "float16"]}
