@@ -44,7 +44,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _a(word: str) -> str:
+def article(word: str) -> str:
     """``word`` with its indefinite article ("an online", "a reward")."""
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
@@ -126,7 +126,8 @@ def own_entries(folder: Path) -> list[str]:
     """The top-level entries of the folder that fastpref wrote and that exist (run.json and the lock aside)."""
     rec = read_run(folder)
     names = rec.get("files", []) if rec is not None else [n for n in LEGACY]
-    return [n for n in names if n not in (RUN_FILE, LOCK_FILE) and ((folder / n).exists() or (folder / n).is_symlink())]
+    return [n for n in names if n not in (RUN_FILE, LOCK_FILE) and
+            ((folder / n).exists() or (folder / n).is_symlink())]
 
 
 # --------------------------------------------------------------------------------------------- the rule
@@ -166,7 +167,8 @@ def lock(folder: Path):
                          "for it to end or choose another --output-dir") from None
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}")
     f.flush()
     return f
 
@@ -210,16 +212,17 @@ def decide(folder: Path, cfg: Any, ident: dict) -> None:
                              "be checked, so it cannot be resumed; replace it with --overwrite or choose another "
                              "--output-dir")
         if rec.get("task") != ident["task"]:
-            raise SystemExit(f"--resume: {where} holds {_a(str(rec.get('task')))} run, not {_a(ident['task'])} run: replace "
-                             "it with --overwrite or choose another --output-dir")
+            raise SystemExit(f"--resume: {where} holds {article(str(rec.get('task')))} run, not "
+                             f"{article(ident['task'])} run: replace it with --overwrite or choose another "
+                             "--output-dir")
         diffs = differences(rec, ident)
         if diffs:
-            raise SystemExit(f"--resume: {where} holds {_a(str(rec.get('task')))} run with other settings: "
+            raise SystemExit(f"--resume: {where} holds {article(str(rec.get('task')))} run with other settings: "
                              f"{'; '.join(diffs)} (run it with its settings, replace it with --overwrite, or "
                              "choose another --output-dir)")
         return
     if entries and not getattr(cfg, "overwrite", False):
-        what = _a(f"{rec.get('task')} run") if rec else "a run"
+        what = article(f"{rec.get('task')} run") if rec else "a run"
         raise SystemExit(f"{where} already holds {what} ({', '.join(entries)}): continue it with --resume "
                          "auto, replace it with --overwrite, or choose another --output-dir")
     if entries:

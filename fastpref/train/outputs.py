@@ -47,10 +47,16 @@ def writing(path: Path, *tmp: Path) -> Iterator[None]:
     removing the temporary files or folders ``tmp``."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:
+        if isinstance(e, OSError):
+            why = e.strerror or str(e)
+        elif type(e).__name__ == "SafetensorError" and "I/O error: " in str(e):  # safetensors' own I/O errors
+            why = str(e).split("I/O error: ", 1)[1]
+        else:
+            raise
         for t in tmp:
             shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
-        raise SystemExit(f"cannot write {path}: {e.strerror or e} (the previous files are left as they were)") from None
+        raise SystemExit(f"cannot write {path}: {why} (the previous files are left as they were)") from None
 
 
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
@@ -155,7 +161,7 @@ class Outputs:
             raise C.CheckpointError(f"{folder}: records no run settings (written by an older fastpref)")
         diffs = F.differences(run, self.identity)
         if diffs:
-            raise C.CheckpointError(f"{folder}: written by {F._a(str(run.get('task')))} run with other settings: "
+            raise C.CheckpointError(f"{folder}: written by {F.article(str(run.get('task')))} run with other settings: "
                                     f"{'; '.join(diffs)}")
 
     def open_checkpoint(self, resume: str | None) -> tuple[Path, dict[str, Tensor], dict[str, Any]] | None:
