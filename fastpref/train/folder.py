@@ -200,8 +200,9 @@ def remove(folder: Path, entries: list[str]) -> None:
             raise SystemExit(f"--overwrite: cannot remove {p} ({e.strerror or e})") from None
 
 
-def decide(folder: Path, cfg: Any, ident: dict) -> None:
-    """The one rule (see the module docstring); writes run.json for the run that goes ahead."""
+def decide(folder: Path, cfg: Any, ident: dict) -> bool:
+    """The one rule (see the module docstring); writes run.json for a run that starts afresh. Returns whether it
+    did (False: a run continues)."""
     entries = own_entries(folder)
     rec = read_run(folder)
     resume = cfg.resume not in (None, "", "no")
@@ -220,7 +221,7 @@ def decide(folder: Path, cfg: Any, ident: dict) -> None:
             raise SystemExit(f"--resume: {where} holds {article(str(rec.get('task')))} run with other settings: "
                              f"{'; '.join(diffs)} (run it with its settings, replace it with --overwrite, or "
                              "choose another --output-dir)")
-        return
+        return False
     if entries and not getattr(cfg, "overwrite", False):
         what = article(f"{rec.get('task')} run") if rec else "a run"
         raise SystemExit(f"{where} already holds {what} ({', '.join(entries)}): continue it with --resume "
@@ -229,19 +230,33 @@ def decide(folder: Path, cfg: Any, ident: dict) -> None:
         check_inputs(cfg, folder, entries)
         remove(folder, entries)
     write_run(folder, {**ident, "files": []})
+    return True
 
 
 @contextlib.contextmanager
 def claimed(cfg: Any, task: str) -> Iterator[None]:
-    """Hold ``cfg.output_dir`` for the run of ``task`` inside the block (see the module docstring). Under
-    torchrun only rank 0 claims the folder."""
+    """Hold ``cfg.output_dir`` for the run of ``task`` inside the block (see the module docstring). A run that
+    fails before writing anything leaves the folder as it found it. Under torchrun only rank 0 claims the
+    folder."""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
+    existed = Path(cfg.output_dir).is_dir()
     folder = usable(cfg.output_dir)
+    had_lock = (folder / LOCK_FILE).exists()
     held = lock(folder)
+    fresh = False
     try:
-        decide(folder, cfg, identity(task, cfg))
+        fresh = decide(folder, cfg, identity(task, cfg))
         yield
+    except BaseException:
+        if fresh and not own_entries(folder):  # refused during set-up: nothing of this run stays
+            (folder / RUN_FILE).unlink(missing_ok=True)
+            if not had_lock:
+                (folder / LOCK_FILE).unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
     finally:
         held.close()
