@@ -323,3 +323,76 @@ def test_json_output_never_holds_a_bare_nan(tmp_path):
 
     assert strict((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None}
     assert strict((tmp_path / "summary.json").read_text()) == {"eval_margin": None, "per_round": [None, 1.0]}
+
+
+# ------------------------------------------------------------------------------------------------ property
+PROP = ["--sft-steps", "4", "--steps", "6", "--synthetic-train", "64", "--synthetic-eval", "8", "--batch-size", "4",
+        "--eval-batch-size", "8", "--no-progress", "--no-plots", "--save-every", "2", "--eval-every", "0",
+        "--threads", "1"]
+
+
+def whole_or_resumable(out: pathlib.Path) -> None:
+    """The folder holds one run (run.json's) and nothing of another: every checkpoint is that run's, the final
+    model equals that run's last checkpoint, the metrics have no step twice, a summary comes with a final model."""
+    if not (out / "run.json").exists():
+        assert not [p for p in out.iterdir() if not p.name.startswith(".")], list(out.iterdir())
+        return
+    seed = json.loads((out / "run.json").read_text())["settings"]["seed"]
+    folders = C.step_folders(out / "checkpoints")
+    for f in folders:
+        assert C.read(f)[2]["run"]["settings"]["seed"] == seed, f
+    if (out / "final").exists():
+        last = load_file(folders[-1] / "model.safetensors")
+        final = load_file(out / "final" / "model.safetensors")
+        assert folders[-1].name == "step-00000010" and set(final) <= set(last)
+        assert all(torch.equal(final[k], last[k]) for k in final)
+    if (out / "summary.json").exists():
+        assert json.loads((out / "summary.json").read_text())["train_steps"] == 10 and (out / "final").exists()
+    if (out / "metrics.jsonl").exists():
+        lines, recs = (out / "metrics.jsonl").read_text().splitlines(), []
+        for i, line in enumerate(lines):
+            try:
+                recs.append(json.loads(line))
+            except ValueError:  # only a killed run's last line may be half-written
+                assert i == len(lines) - 1 and not (out / "summary.json").exists(), line
+        steps = [r["step"] for r in recs if not r.get("eval")]
+        assert steps == sorted(set(steps)), steps
+
+
+def test_any_sequence_of_runs_kills_overwrites_and_races_leaves_one_whole_run(tmp_path):
+    import random
+
+    rng, out, seed, done = random.Random(25), tmp_path / "run", 0, []
+    t0 = time.time()
+    while time.time() - t0 < 40 or not {"kill", "race", "overwrite"} <= set(done):
+        op = rng.choice(["run", "kill", "resume", "overwrite", "race"])
+        done.append(op)
+        if op in ("overwrite", "kill") and rng.random() < 0.5:
+            seed, extra = seed + 1, ["--overwrite"]
+        else:
+            extra = ["--resume", "auto"] if op != "run" else []
+        args = [*PROP, "--seed", str(seed), *extra]
+        before = snapshot(out) if out.exists() else {}
+        first = _start(out, args)
+        if op == "kill":
+            time.sleep(rng.uniform(0.5, 6.0))
+            first.kill()
+            first.wait()
+        elif op == "race":
+            time.sleep(0.3)
+            second = _start(out, args)
+            codes = sorted([first.wait(), second.wait()])
+            busy = (first if first.returncode == 2 else second).stderr.read()
+            assert codes == [0, 2] and "is in use by another run (pid " in busy, (codes, busy)
+        else:
+            code, err = first.wait(), first.stderr.read()
+            assert code == 0 or (op == "run" and code == 2 and "already holds" in err), err
+            if code == 2:
+                assert snapshot(out) == before
+        first.stderr.close()
+        whole_or_resumable(out)
+    print("operations:", done)
+    main(["--output-dir", str(out), *PROP, "--seed", str(seed), "--resume", "auto"])
+    whole_or_resumable(out)
+    main(["--output-dir", str(tmp_path / "straight"), *PROP, "--seed", str(seed)])
+    assert_same_final_weights(out, tmp_path / "straight")
