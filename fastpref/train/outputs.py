@@ -69,6 +69,11 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def json_sha256(obj: Any) -> str:
+    """sha256 of ``obj``'s JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 class Outputs:
     """The output folder of one run (``folder``), for the process ``d``; ``log`` prints on the main process;
     ``identity`` (:func:`fastpref.train.folder.identity`) goes into every checkpoint and is checked on resume."""
@@ -194,13 +199,31 @@ class Outputs:
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
 
-    def write_json(self, path: Path, obj: Any, wait: bool = True, indent: int | None = None) -> None:
+    def write_json(self, path: Path, obj: Any, wait: bool = True, indent: int | None = None,
+                   checksum: bool = False) -> None:
         """Write ``obj`` as JSON to ``path`` (inside the folder) atomically: a temporary file renamed into place.
-        ``wait``: the other ranks wait for it (False: called on the main process only)."""
+        ``wait``: the other ranks wait for it (False: called on the main process only); ``checksum``: ``obj`` (a
+        mapping: data a resumed run reads back, written as it is) gets the key "sha256" of its contents, which
+        :meth:`read_json` verifies; otherwise non-finite numbers are written as null."""
         if self.d.main:
-            self.replace_text(path, json.dumps(finite(obj), indent=indent))
+            obj = {**obj, "sha256": json_sha256(obj)} if checksum else finite(obj)
+            self.replace_text(path, json.dumps(obj, indent=indent))
         if wait:
             self.d.barrier()
+
+    @staticmethod
+    def read_json(path: Path) -> Any:
+        """The JSON of ``path``; a file written with a checksum must match it (CheckpointError otherwise)."""
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise C.CheckpointError(f"{path}: unreadable ({e})") from None
+        if isinstance(obj, dict) and "sha256" in obj:
+            rest = {k: v for k, v in obj.items() if k != "sha256"}
+            if json_sha256(rest) != obj["sha256"]:
+                raise C.CheckpointError(f"{path}: sha256 does not match its contents (damaged or altered)")
+            obj = rest
+        return obj
 
     def save_weights(self, name: str, state: dict[str, Tensor], info: dict) -> None:
         """A verified weights folder ``<name>/`` (the checkpoint format, no trainer state), e.g. the reference."""

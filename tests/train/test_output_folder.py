@@ -281,6 +281,18 @@ def test_a_damaged_reference_cache_is_computed_again(tmp_path, capsys, offline_r
     assert_same_final_weights(out, offline_run)
 
 
+def test_altered_round_data_is_refused_on_resume(tmp_path, capsys, online_run):
+    out = copy_of(online_run, tmp_path / "run")
+    path = out / "rounds" / "round-00000.json"
+    data = json.loads(path.read_text())
+    data["groups"][0]["rewards"][0] += 1  # the checksum is left as it was
+    path.write_text(json.dumps(data))
+    ckpt = C.step_folders(out / "checkpoints")[0]  # inside round 0: its data is read back
+    assert json.loads((ckpt / "info.json").read_text())["round_step"] > 0
+    assert refused(capsys, ["--output-dir", str(out), *ONLINE, "--resume", str(ckpt)]) == (
+        f"{path}: sha256 does not match its contents (damaged or altered)")
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def test_metrics_after_a_restart_from_scratch_hold_one_run(tmp_path, offline_run):
     out = copy_of(offline_run, tmp_path / "run")
