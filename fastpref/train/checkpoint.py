@@ -7,6 +7,7 @@ of every file. Loading verifies the manifest first; a truncated or tampered chec
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -49,7 +50,12 @@ def _write_files(tmp: Path, model_state: dict[str, Tensor], trainer_state: dict[
 
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    torch.save(trainer_state, tmp / "trainer_state.pt")
+    try:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError
+        if shutil.disk_usage(tmp).free < (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
+        raise
     (tmp / "info.json").write_text(json.dumps(info, indent=1))
     files = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"format": "fastpref-checkpoint-1", "files": files}, indent=1))

@@ -157,10 +157,10 @@ def test_a_second_run_on_a_busy_folder_is_refused_with_the_holder(tmp_path, caps
 # ------------------------------------------------------------------------------------- writes are all-or-none
 @pytest.fixture
 def tmpfs(tmp_path):
-    """An 8 MiB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
+    """A 16 MiB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
     yield disk
@@ -178,6 +178,21 @@ def test_full_disk_leaves_the_previous_final_model_intact(tmpfs, capsys):
     assert line.startswith(f"cannot write {out / 'final'}: No space left on device"), line
     assert snapshot(out / "final") == before
     assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_full_disk_during_a_checkpoint_leaves_no_half_checkpoint_and_the_run_resumes(tmpfs, capsys, offline_run):
+    out = tmpfs / "run"
+    free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+    filler = tmpfs / "filler"
+    filler.write_bytes(b"\0" * max(0, free - (1600 << 10)))  # room for the reference, not for a checkpoint
+    args = [*ARGS, "--save-every", "4", "--keep-checkpoints", "10"]
+    line = refused(capsys, ["--output-dir", str(out), *args])
+    assert line.startswith(f"cannot write {out / 'checkpoints'}/step-0000000") and "No space left on device" in line
+    assert not [p for p in out.rglob(".tmp-*")] and not (out / "final").exists()
+    filler.unlink()
+    main(["--output-dir", str(out), *args, "--resume", "auto"])
+    assert_same_final_weights(out, offline_run)
+    assert records(out) == records(offline_run)
 
 
 @pytest.mark.parametrize("kind", ["under a file", "symlink loop", "read-only"])
