@@ -200,6 +200,15 @@ def remove(folder: Path, entries: list[str]) -> None:
             raise SystemExit(f"--overwrite: cannot remove {p} ({e.strerror or e})") from None
 
 
+def sweep(folder: Path) -> None:
+    """Remove what a killed run left under temporary names (``.tmp-*``, ``.old-*``, in the folder and in
+    ``checkpoints/``); only the lock holder calls it, so no other run is writing them."""
+    for where in (folder, folder / "checkpoints"):
+        for pattern in (".tmp-*", ".old-*"):
+            for p in where.glob(pattern) if where.is_dir() else []:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def decide(folder: Path, cfg: Any, ident: dict) -> bool:
     """The one rule (see the module docstring); writes run.json for a run that starts afresh. Returns whether it
     did (False: a run continues)."""
@@ -248,6 +257,7 @@ def claimed(cfg: Any, task: str) -> Iterator[None]:
     fresh = False
     try:
         fresh = decide(folder, cfg, identity(task, cfg))
+        sweep(folder)
         yield
     except BaseException:
         if fresh and not own_entries(folder):  # refused during set-up: nothing of this run stays
