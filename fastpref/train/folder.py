@@ -30,9 +30,9 @@ LOCK_FILE = ".fastpref.lock"
 # What a folder written before run.json existed may hold (removed by --overwrite there; nothing else is).
 LEGACY = ("metrics.jsonl", "summary.json", "checkpoints", "final", "reference", "ref_logps.safetensors", "rounds",
           "sft")
-# Settings that change no trained number: they may differ on --resume.
+# Settings that may differ on --resume: where and how the run is written and watched, and the hardware it runs on.
 BOOKKEEPING = frozenset({"output_dir", "resume", "overwrite", "progress", "plots", "threads", "keep_checkpoints",
-                         "save_every", "eval_batch_size", "device", "config"})
+                         "save_every", "device", "config"})
 DATA = ("data", "eval_data", "prompts", "eval_prompts")  # files whose contents are part of the identity
 INPUTS = ("model", "ref_model", "tokenizer", "prev_model", "token_reward_model", "judge", *DATA)
 VERSIONS = ("fastpref", "torch", "transformers")
