@@ -259,14 +259,14 @@ def claimed(cfg: Any, task: str) -> Iterator[None]:
         fresh = decide(folder, cfg, identity(task, cfg))
         sweep(folder)
         yield
-    except BaseException:
-        if fresh and not own_entries(folder):  # refused during set-up: nothing of this run stays
+    except BaseException:  # refused (or failed) before writing anything: nothing of this run stays
+        if fresh and not own_entries(folder):
             (folder / RUN_FILE).unlink(missing_ok=True)
-            if not had_lock:
-                (folder / LOCK_FILE).unlink(missing_ok=True)
-            if not existed:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+        if not had_lock and not (folder / RUN_FILE).exists():
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     finally:
         held.close()
