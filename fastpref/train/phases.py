@@ -116,7 +116,7 @@ class PhasedRun(Core):
             return None
         folder, mstate, trainer = found
         self.resumed_phase = trainer.get("phase", self.phases[0].name)
-        self.load_model_state(mstate, trainer.get("phase", self.phases[0].name))
+        self.load_model_state(mstate, self.resumed_phase)
         self.set_rng_state(trainer)
         self.load_extra_state(trainer)
         self.step = int(trainer["step"])
