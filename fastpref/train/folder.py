@@ -31,8 +31,11 @@ LOCK_FILE = ".fastpref.lock"
 LEGACY = ("metrics.jsonl", "summary.json", "checkpoints", "final", "reference", "ref_logps.safetensors", "rounds",
           "sft")
 # Settings that may differ on --resume: where and how the run is written and watched, and the hardware it runs on.
-BOOKKEEPING = frozenset({"output_dir", "resume", "overwrite", "progress", "plots", "threads", "keep_checkpoints",
-                         "save_every", "device", "config"})
+BOOKKEEPING = frozenset({"output_dir", "resume", "resume_allow", "overwrite", "progress", "plots", "threads",
+                         "keep_checkpoints", "save_every", "device", "config"})
+# Settings that --resume-allow may let differ: how long the run trains (more steps or rounds continue it; its
+# learning-rate schedule then stretches from the resumed step on) and what it evaluates and logs.
+MAY_CHANGE = ("steps", "epochs", "rounds", "eval_every", "log_every")
 DATA = ("data", "eval_data", "prompts", "eval_prompts")  # files whose contents are part of the identity
 INPUTS = ("model", "ref_model", "tokenizer", "prev_model", "token_reward_model", "judge", *DATA)
 VERSIONS = ("fastpref", "torch", "transformers")
@@ -85,8 +88,19 @@ def identity(task: str, cfg: Any) -> dict:
                                  default=str))
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    """The differences between two identities, one phrase each ("--lr 0.001 → 0.002"); [] when they match."""
+def allowed(cfg: Any) -> set[str]:
+    """The settings ``--resume-allow`` lets differ (a name outside :data:`MAY_CHANGE` is refused, one line)."""
+    names = {n.strip().replace("-", "_") for n in (getattr(cfg, "resume_allow", None) or "").split(",") if n.strip()}
+    bad = sorted(names - set(MAY_CHANGE))
+    if bad:
+        raise SystemExit(f"--resume-allow {','.join(bad)}: only {', '.join(MAY_CHANGE)} may differ from the resumed "
+                         "run's settings")
+    return names
+
+
+def differences(old: dict, new: dict, allow: set[str] = frozenset()) -> list[str]:
+    """The differences between two identities, one phrase each ("--lr 0.001 → 0.002"), the settings in
+    ``allow`` aside; [] when they match."""
     if old.get("task") != new.get("task"):
         return [f"task {old.get('task')} → {new.get('task')}"]
     out = []
@@ -94,7 +108,7 @@ def differences(old: dict, new: dict) -> list[str]:
                         ("versions", lambda k: k)):
         a, b = old.get(group) or {}, new.get(group) or {}
         for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
+            if a.get(k) != b.get(k) and not (group == "settings" and k in allow):
                 shown = (lambda v: (v or "none")[:12]) if group == "data" else (lambda v: v)
                 out.append(f"{name(k)} {shown(a.get(k))} → {shown(b.get(k))}")
     return out
@@ -225,11 +239,13 @@ def decide(folder: Path, cfg: Any, ident: dict) -> bool:
             raise SystemExit(f"--resume: {where} holds {article(str(rec.get('task')))} run, not "
                              f"{article(ident['task'])} run: replace it with --overwrite or choose another "
                              "--output-dir")
-        diffs = differences(rec, ident)
+        diffs = differences(rec, ident, allowed(cfg))
         if diffs:
             raise SystemExit(f"--resume: {where} holds {article(str(rec.get('task')))} run with other settings: "
                              f"{'; '.join(diffs)} (run it with its settings, replace it with --overwrite, or "
                              "choose another --output-dir)")
+        if differences(rec, ident):  # allowed changes: the run goes on with the new settings
+            write_run(folder, {**ident, "files": rec.get("files", [])})
         return False
     if entries and not getattr(cfg, "overwrite", False):
         what = article(f"{rec.get('task')} run") if rec else "a run"

@@ -76,11 +76,13 @@ def json_sha256(obj: Any) -> str:
 
 class Outputs:
     """The output folder of one run (``folder``), for the process ``d``; ``log`` prints on the main process;
-    ``identity`` (:func:`fastpref.train.folder.identity`) goes into every checkpoint and is checked on resume."""
+    ``identity`` (:func:`fastpref.train.folder.identity`) goes into every checkpoint and is checked on resume
+    (the settings in ``allow`` may differ: ``--resume-allow``)."""
 
     def __init__(self, folder: str | Path, d: Dist, keep_checkpoints: int, log: Callable[..., None],
-                 identity: dict | None = None):
+                 identity: dict | None = None, allow: set[str] = frozenset()):
         self.folder = Path(folder)
+        self.allow = allow
         self.d, self.keep, self.log = d, keep_checkpoints, log
         self.identity = identity
         self.metrics = self.folder / "metrics.jsonl"
@@ -164,7 +166,7 @@ class Outputs:
         run = info.get("run")
         if not isinstance(run, dict):
             raise C.CheckpointError(f"{folder}: records no run settings (written by an older fastpref)")
-        diffs = F.differences(run, self.identity)
+        diffs = F.differences(run, self.identity, self.allow)
         if diffs:
             raise C.CheckpointError(f"{folder}: written by {F.article(str(run.get('task')))} run with other settings: "
                                     f"{'; '.join(diffs)}")

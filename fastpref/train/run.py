@@ -22,7 +22,7 @@ from torch import nn
 
 from . import data as D
 from .dist import Dist, setup
-from .folder import identity
+from .folder import allowed, identity
 from .objective import call
 from .outputs import Outputs
 
@@ -111,7 +111,8 @@ class Core:
         self.cfg, self.d = cfg, d
         self.t0 = time.time()
         self.log = print if d.main else (lambda *a, **k: None)
-        self.out = Outputs(cfg.output_dir, d, cfg.keep_checkpoints, self.log, identity(self.task, cfg))
+        self.out = Outputs(cfg.output_dir, d, cfg.keep_checkpoints, self.log, identity(self.task, cfg),
+                           allowed(cfg))
         self.tok = load_tokenizer(cfg.model, cfg.tokenizer)
         self.pad_id = D.pad_id_of(self.tok)
         self.step = 0

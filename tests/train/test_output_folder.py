@@ -241,6 +241,20 @@ def test_resume_with_other_settings_or_data_is_refused(tmp_path, capsys, write_j
     assert snapshot(out) == before
 
 
+def test_resume_allow_lets_a_run_train_longer_and_nothing_else(tmp_path, capsys, offline_run):
+    out = copy_of(offline_run, tmp_path / "run")
+    args = [*ARGS, "--save-every", "4", "--keep-checkpoints", "10", "--resume", "auto"]
+    assert refused(capsys, ["--output-dir", str(out), *args, "--resume-allow", "steps,lr"]) == (
+        "--resume-allow lr: only steps, epochs, rounds, eval_every, log_every may differ from the resumed run's "
+        "settings")
+    longer = [a if a != "6" else "8" for a in args]
+    assert refused(capsys, ["--output-dir", str(out), *longer]).startswith(
+        f"--resume: --output-dir {out} holds a preference run with other settings: --steps 6 → 8 (")
+    s = main(["--output-dir", str(out), *longer, "--resume-allow", "steps"])
+    assert s["train_steps"] == 12 and json.loads((out / "run.json").read_text())["settings"]["steps"] == 8
+    main(["--output-dir", str(out), *longer])  # the run's settings are now the longer ones
+
+
 def test_a_checkpoint_of_another_task_or_algorithm_is_refused(tmp_path, capsys, online_run):
     ckpt = C.step_folders(online_run / "checkpoints")[-1]
     line = refused(capsys, ["--output-dir", str(tmp_path / "a"), *ARGS, "--resume", str(ckpt)])

@@ -61,6 +61,7 @@ class OnlineConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: str | None = None
+    resume_allow: str | None = None
     seed: int = 0
     threads: int | None = None
     max_grad_norm: float = 1.0
@@ -187,6 +188,7 @@ HELP = {
     "eval_every": "evaluate (greedy answers, win-rate vs start, KL) every N rounds",
     "save_every": "also checkpoint every N optimizer steps (0: at evaluated round ends only)",
     "resume": "'auto' (newest valid checkpoint in --output-dir) or a checkpoint folder",
+    "resume_allow": "settings that may differ from the resumed run's, comma-separated (rounds, eval_every)",
     "overwrite": "replace an earlier run in --output-dir (only the files it wrote; without it such a folder is "
                  "refused)",
     "loss_args": "loss hyper-parameters, e.g. tau=0.1,eta=0.2 (repeatable)",
