@@ -7,6 +7,7 @@ of every file. Loading verifies the manifest first; a truncated or tampered chec
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -43,16 +44,18 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def write(folder: Path, model_state: dict[str, Tensor], trainer_state: dict[str, Any], info: dict) -> Path:
-    """Write a checkpoint folder atomically (temp folder + fsync + rename). Returns its path."""
+def _write_files(tmp: Path, model_state: dict[str, Tensor], trainer_state: dict[str, Any], info: dict) -> None:
+    """The checkpoint's files and manifest in the new folder ``tmp``, synced to disk."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    torch.save(trainer_state, tmp / "trainer_state.pt")
+    try:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError
+        if shutil.disk_usage(tmp).free < (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
+        raise
     (tmp / "info.json").write_text(json.dumps(info, indent=1))
     files = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"format": "fastpref-checkpoint-1", "files": files}, indent=1))
@@ -60,6 +63,18 @@ def write(folder: Path, model_state: dict[str, Tensor], trainer_state: dict[str,
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
+
+
+def write(folder: Path, model_state: dict[str, Tensor], trainer_state: dict[str, Any], info: dict) -> Path:
+    """Write a checkpoint folder atomically (temp folder + fsync + rename). Returns its path."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_files(tmp, model_state, trainer_state, info)
+    except BaseException:  # a full disk, an interrupt: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():  # re-writing the same step (e.g. after a resume): replace the old copy last
         old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
         os.replace(folder, old)
@@ -80,6 +95,8 @@ def verify(folder: Path) -> dict:
     try:
         manifest = json.loads(mf.read_text())
         files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{mf}: unreadable manifest ({e})") from None
     for name in ("model.safetensors", "trainer_state.pt"):
@@ -87,6 +104,9 @@ def verify(folder: Path) -> dict:
             raise CheckpointError(f"{folder}: manifest does not list {name}")
     for name, meta in files.items():
         p = folder / name
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or \
+                not isinstance(meta.get("sha256"), str):
+            raise CheckpointError(f"{mf}: unreadable manifest (the entry of {name} lacks its size or sha256)")
         if not p.is_file():
             raise CheckpointError(f"{p}: missing")
         if p.stat().st_size != meta["bytes"]:

@@ -75,6 +75,7 @@ class Config:
     save_every: int | None = None
     keep_checkpoints: int = 2
     resume: str | None = None
+    resume_allow: str | None = None
     eval_every: int | None = None
     log_every: int = 10
     plots: bool = True
@@ -155,6 +156,8 @@ HELP = {  # field → what it means (the default is appended by parser())
     "save_every": "checkpoint every this many steps (0: only at the end)",
     "keep_checkpoints": "newest checkpoints kept",
     "resume": "'auto' (newest valid checkpoint in --output-dir) or a checkpoint folder",
+    "resume_allow": "settings that may differ from the resumed run's, comma-separated (steps, epochs, eval_every, "
+                    "log_every)",
     "eval_every": "held-out evaluation every this many steps (0: only before and after preference training)",
     "log_every": "write training metrics every this many steps",
     "plots": "write PNG plots of the metrics",

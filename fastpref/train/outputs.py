@@ -1,43 +1,128 @@
 """Everything a run writes into its output folder, in one place: ``metrics.jsonl`` (one JSON record a line),
 ``checkpoints/step-XXXXXXXX`` (see :mod:`fastpref.train.checkpoint`), ``final/`` (the model and tokenizer,
-``from_pretrained``-loadable), ``summary.json`` and the plots. Only the main process writes; every method
-that writes is called on all ranks and ends with a barrier where other ranks must wait for the file.
+``from_pretrained``-loadable), ``summary.json``, the plots, caches and round files. Only the main process
+writes; every method that writes is called on all ranks and ends with a barrier where other ranks must wait for
+the file.
+
+Every file is written under a temporary name and renamed into place (``final/`` as a whole folder), so a run
+that dies, or a full disk, leaves the previous state intact; a failed write ends the run with one line. Each
+top-level entry is listed in ``run.json`` before it is written (what ``--overwrite`` may remove, see
+:mod:`fastpref.train.folder`). JSON output holds no bare NaN or infinity (they are written as null).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import torch
 from torch import Tensor, nn
 
 from . import checkpoint as C
+from . import folder as F
 from .dist import Dist
 
 
-class Outputs:
-    """The output folder of one run (``folder``), for the process ``d``; ``log`` prints on the main process."""
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (so that its JSON is valid JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
-    def __init__(self, folder: str | Path, d: Dist, keep_checkpoints: int, log: Callable[..., None]):
+
+@contextlib.contextmanager
+def writing(path: Path, *tmp: Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` (a full disk, a read-only folder) into a one-line refusal, after
+    removing the temporary files or folders ``tmp``."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OSError):
+            why = e.strerror or str(e)
+        elif type(e).__name__ == "SafetensorError" and "I/O error: " in str(e):  # safetensors' own I/O errors
+            why = str(e).split("I/O error: ", 1)[1]
+        else:
+            raise
+        for t in tmp:
+            shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+        raise SystemExit(f"cannot write {path}: {why} (the previous files are left as they were)") from None
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors``."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def json_sha256(obj: Any) -> str:
+    """sha256 of ``obj``'s JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+class Outputs:
+    """The output folder of one run (``folder``), for the process ``d``; ``log`` prints on the main process;
+    ``identity`` (:func:`fastpref.train.folder.identity`) goes into every checkpoint and is checked on resume
+    (the settings in ``allow`` may differ: ``--resume-allow``)."""
+
+    def __init__(self, folder: str | Path, d: Dist, keep_checkpoints: int, log: Callable[..., None],
+                 identity: dict | None = None, allow: set[str] = frozenset()):
         self.folder = Path(folder)
+        self.allow = allow
         self.d, self.keep, self.log = d, keep_checkpoints, log
+        self.identity = identity
         self.metrics = self.folder / "metrics.jsonl"
         self.checkpoints = self.folder / "checkpoints"
+        rec = F.read_run(self.folder) if d.main else None
+        self.owned: set[str] = set(rec.get("files", [])) if rec else set()
+
+    def own(self, path: Path) -> None:
+        """List the top-level entry that ``path`` lies in among the run's own files (run.json), before it is
+        written (main process)."""
+        name = Path(path).relative_to(self.folder).parts[0]
+        if not self.d.main or name in self.owned:
+            return
+        rec = F.read_run(self.folder) or {**(self.identity or {}), "files": []}
+        rec["files"] = sorted(set(rec.get("files", [])) | {name})
+        F.write_run(self.folder, rec)
+        self.owned.add(name)
 
     # ------------------------------------------------------------------------------------------- metrics
     def record(self, rec: dict) -> None:
         """Append one record to metrics.jsonl."""
         if self.d.main:
-            with open(self.metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            self.own(self.metrics)
+            with writing(self.metrics), open(self.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(finite(rec)) + "\n")
 
     def records(self) -> list[dict]:
-        """The records of metrics.jsonl so far ([] without the file)."""
+        """The records of metrics.jsonl so far ([] without the file); a line that does not parse (one a killed
+        run left half-written) is left out."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(x) for x in self.metrics.read_text().splitlines() if x.strip()]
+        out = []
+        for line in self.metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                out.append(rec)
+        return out
 
     def find_record(self, match: Callable[[dict], bool]) -> dict | None:
         """The first record of metrics.jsonl that ``match`` accepts (main process; None elsewhere or when none
@@ -47,12 +132,12 @@ class Outputs:
         return next((r for r in self.records() if match(r)), None)
 
     def keep_records(self, keep: Callable[[dict], bool]) -> list[dict]:
-        """Rewrite metrics.jsonl with only the records ``keep`` accepts (those written before the checkpoint a
-        run resumes from); returns them (main process; [] elsewhere)."""
+        """Rewrite metrics.jsonl (atomically) with only the records ``keep`` accepts (those written before the
+        checkpoint a run resumes from); returns them (main process; [] elsewhere)."""
         if not (self.d.main and self.metrics.is_file()):
             return []
         kept = [r for r in self.records() if keep(r)]
-        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.replace_text(self.metrics, "".join(json.dumps(finite(r)) + "\n" for r in kept))
         return kept
 
     def forget_records(self) -> None:
@@ -64,44 +149,90 @@ class Outputs:
     def save_checkpoint(self, step: int, model_state: dict[str, Tensor], trainer_state: dict[str, Any],
                         info: dict) -> None:
         """Write ``checkpoints/step-<step>`` (atomically; the newest ``keep_checkpoints`` are kept). ``info``
-        gets the wall-clock time added."""
+        gets the wall-clock time and the run's identity added."""
         if self.d.main:
-            folder = C.write(self.checkpoints / f"step-{step:08d}", model_state, trainer_state,
-                             {**info, "time": time.time()})
+            self.own(self.checkpoints)
+            target = self.checkpoints / f"step-{step:08d}"
+            with writing(target):
+                folder = C.write(target, model_state, trainer_state,
+                                 {**info, "time": time.time(), "run": self.identity})
             C.prune(self.checkpoints, self.keep, protect=folder)
         self.d.barrier()
 
+    def check_identity(self, folder: Path, info: dict) -> None:
+        """Refuse (CheckpointError) a checkpoint written by a run of another task or with other settings."""
+        if self.identity is None:
+            return
+        run = info.get("run")
+        if not isinstance(run, dict):
+            raise C.CheckpointError(f"{folder}: records no run settings (written by an older fastpref)")
+        diffs = F.differences(run, self.identity, self.allow)
+        if diffs:
+            raise C.CheckpointError(f"{folder}: written by {F.article(str(run.get('task')))} run with other settings: "
+                                    f"{'; '.join(diffs)}")
+
     def open_checkpoint(self, resume: str | None) -> tuple[Path, dict[str, Tensor], dict[str, Any]] | None:
         """(folder, model state, trainer state) of the checkpoint to resume from: ``resume`` "auto" (the newest
-        valid one under checkpoints/; None, with a note, when there is none) or a folder; None for no resume.
-        A checkpoint that does not verify ends the run with a one-line message."""
+        one that reads and belongs to this run: each one refused is reported with its reason and the previous
+        one tried; None, with a note, when there is none) or a folder (one that does not read ends the run with
+        a one-line message); None for no resume."""
         if resume in (None, "", "no"):
             return None
-        folder = C.latest_valid(self.checkpoints, warn=self.log) if resume == "auto" else Path(resume)
-        if folder is None:
-            self.log(f"--resume auto: no valid checkpoint in {self.checkpoints}; starting from scratch")
-            return None
-        try:
-            model_state, trainer_state, _ = C.read(folder)
-        except C.CheckpointError as e:
-            raise SystemExit(f"cannot resume: {e}") from None
-        return folder, model_state, trainer_state
+        candidates = list(reversed(C.step_folders(self.checkpoints))) if resume == "auto" else [Path(resume)]
+        for folder in candidates:
+            try:
+                model_state, trainer_state, info = C.read(folder)
+                self.check_identity(folder, info)
+                return folder, model_state, trainer_state
+            except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable refuses it
+                why = str(e) if isinstance(e, C.CheckpointError) else f"{folder}: unreadable ({type(e).__name__}: {e})"
+                if resume != "auto":
+                    raise SystemExit(f"cannot resume: {why}") from None
+                self.log(f"refusing checkpoint {folder}: {why}")
+        self.log(f"--resume auto: no valid checkpoint in {self.checkpoints}; starting from scratch")
+        return None
 
     # ------------------------------------------------------------------------------------------- other files
-    def write_json(self, path: Path, obj: Any, wait: bool = True) -> None:
-        """Write ``obj`` as JSON to ``path`` (inside the folder) atomically: a temporary file renamed into place.
-        ``wait``: the other ranks wait for it (False: called on the main process only)."""
-        if self.d.main:
-            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-            tmp.write_text(json.dumps(obj))
+    def replace_text(self, path: Path, text: str) -> None:
+        """Write ``text`` to ``path`` through a temporary file renamed into place (main process)."""
+        self.own(path)
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        with writing(path, tmp):
+            tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
+
+    def write_json(self, path: Path, obj: Any, wait: bool = True, indent: int | None = None,
+                   checksum: bool = False) -> None:
+        """Write ``obj`` as JSON to ``path`` (inside the folder) atomically: a temporary file renamed into place.
+        ``wait``: the other ranks wait for it (False: called on the main process only); ``checksum``: ``obj`` (a
+        mapping: data a resumed run reads back, written as it is) gets the key "sha256" of its contents, which
+        :meth:`read_json` verifies; otherwise non-finite numbers are written as null."""
+        if self.d.main:
+            obj = {**obj, "sha256": json_sha256(obj)} if checksum else finite(obj)
+            self.replace_text(path, json.dumps(obj, indent=indent))
         if wait:
             self.d.barrier()
+
+    @staticmethod
+    def read_json(path: Path) -> Any:
+        """The JSON of ``path``; a file written with a checksum must match it (CheckpointError otherwise)."""
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise C.CheckpointError(f"{path}: unreadable ({e})") from None
+        if isinstance(obj, dict) and "sha256" in obj:
+            rest = {k: v for k, v in obj.items() if k != "sha256"}
+            if json_sha256(rest) != obj["sha256"]:
+                raise C.CheckpointError(f"{path}: sha256 does not match its contents (damaged or altered)")
+            obj = rest
+        return obj
 
     def save_weights(self, name: str, state: dict[str, Tensor], info: dict) -> None:
         """A verified weights folder ``<name>/`` (the checkpoint format, no trainer state), e.g. the reference."""
         if self.d.main:
-            C.write(self.folder / name, state, {}, info)
+            self.own(self.folder / name)
+            with writing(self.folder / name):
+                C.write(self.folder / name, state, {}, info)
         self.d.barrier()
 
     def read_weights(self, name: str) -> dict[str, Tensor]:
@@ -109,40 +240,71 @@ class Outputs:
         return C.read(self.folder / name)[0]
 
     def cached_tensors(self, name: str, key: str) -> dict[str, Tensor] | None:
-        """The tensors of ``<name>.safetensors`` if it was written with this ``key``, else None."""
+        """The tensors of ``<name>.safetensors`` if it was written with this ``key`` and its checksum holds, else
+        None (a cache that does not read or verify is reported, and computed again)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = self.folder / f"{name}.safetensors"
         if not path.is_file():
             return None
-        with safe_open(str(path), "pt") as f:
-            same = (f.metadata() or {}).get("key") == key
-        return load_file(str(path)) if same else None
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            tensors = load_file(str(path))
+            if meta.get("sha256") != tensors_sha256(tensors):
+                raise ValueError("checksum does not match its contents")
+        except Exception as e:  # noqa: BLE001 - a truncated or altered cache is computed again
+            self.log(f"refusing the cache {path} ({e}); computing it again")
+            return None
+        return tensors
 
     def cache_tensors(self, name: str, tensors: dict[str, Tensor], key: str) -> None:
-        """Write ``<name>.safetensors`` (through a temporary file) with ``key`` in its metadata."""
+        """Write ``<name>.safetensors`` (through a temporary file) with ``key`` and the tensors' sha256 in its
+        metadata."""
         if self.d.main:
             from safetensors.torch import save_file
 
             path = self.folder / f"{name}.safetensors"
+            self.own(path)
             tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={"key": key})
-            tmp.replace(path)
+            with writing(path, tmp):
+                save_file(tensors, str(tmp), metadata={"key": key, "sha256": tensors_sha256(tensors)})
+                tmp.replace(path)
         self.d.barrier()
 
     # ------------------------------------------------------------------------------------------- the end
     def save_final(self, model: nn.Module, tokenizer, state: dict[str, Tensor] | None = None) -> Path:
-        """``final/``: ``model.save_pretrained`` (with ``state`` as its weights when given) and the tokenizer."""
+        """``final/``: ``model.save_pretrained`` (with ``state`` as its weights when given) and the tokenizer,
+        written to a temporary folder that then replaces the previous ``final/``."""
         final = self.folder / "final"
         if self.d.main:
-            model.save_pretrained(str(final), state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(str(final))
+            self.own(final)
+            tmp, old = final.with_name(f".tmp-final-{os.getpid()}"), final.with_name(f".old-final-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with writing(final, tmp):
+                model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(str(tmp))
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
         return final
 
     def save_summary(self, summary: dict, plot: Callable[[Path, Path], Any] | None = None) -> None:
-        """``summary.json``, and the plots of metrics.jsonl drawn by ``plot(metrics file, folder)``."""
-        if self.d.main:
-            (self.folder / "summary.json").write_text(json.dumps(summary, indent=1))
-            if plot is not None:
-                plot(self.metrics, self.folder)
+        """``summary.json``, and the plots of metrics.jsonl drawn by ``plot(metrics file, folder)`` (drawn in a
+        temporary folder, each renamed into place)."""
+        if not self.d.main:
+            return
+        self.write_json(self.folder / "summary.json", summary, wait=False, indent=1)
+        if plot is None:
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-plots-", dir=self.folder))
+        with writing(self.folder / "plots", tmp):
+            plot(self.metrics, tmp)
+            for p in sorted(tmp.iterdir()):
+                self.own(self.folder / p.name)
+                os.replace(p, self.folder / p.name)
+        shutil.rmtree(tmp, ignore_errors=True)

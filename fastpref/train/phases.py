@@ -75,22 +75,20 @@ class PhasedRun(Core):
         """Restore what :meth:`extra_state` saved, from a checkpoint's trainer state."""
 
     def keep_record(self, rec: dict) -> bool:
-        """Whether a metrics record came before the checkpoint the run resumed from (step ``self.step``)."""
-        return rec["step"] <= self.step
+        """Whether a metrics record came before the checkpoint the run resumed from (step ``self.step``, phase
+        ``self.resumed_phase``): an earlier step, or this step in the checkpoint's phase (a record of the next
+        phase at this step, such as the evaluation as it begins, came after the checkpoint)."""
+        phase = getattr(self, "resumed_phase", None)
+        return rec["step"] < self.step or (rec["step"] == self.step and rec.get("phase", phase) == phase)
 
     # ------------------------------------------------------------------------------------------- output folder
     def prepare_output(self) -> None:
-        """Create the output folder (``--overwrite`` without ``--resume``: clear an earlier run first; no
-        ``--resume``: forget earlier metrics). Nothing is written before this (the set-up may still refuse)."""
-        cfg = self.cfg
-        if self.d.main:
-            if cfg.overwrite and cfg.resume in (None, "", "no"):
-                from .validate import clear_previous_run
-
-                clear_previous_run(cfg.output_dir)
-            self.out.folder.mkdir(parents=True, exist_ok=True)
-            if not cfg.resume:
-                self.out.forget_records()
+        """Without ``--resume``: forget an earlier attempt's metrics (the folder itself was claimed, and cleared
+        by ``--overwrite``, before the run started: :func:`fastpref.train.folder.claimed`)."""
+        self.out.folder.mkdir(parents=True, exist_ok=True)
+        if not self.cfg.resume:
+            self.out.forget_records()
+        self.d.barrier()
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def model_state(self) -> dict:
@@ -113,9 +111,12 @@ class PhasedRun(Core):
         (the optimizer's inside), or None for a fresh start."""
         found = self.out.open_checkpoint(self.cfg.resume)
         if found is None:
+            self.out.forget_records()  # starting from scratch: an earlier attempt's records go
+            self.d.barrier()
             return None
         folder, mstate, trainer = found
-        self.load_model_state(mstate, trainer.get("phase", self.phases[0].name))
+        self.resumed_phase = trainer.get("phase", self.phases[0].name)
+        self.load_model_state(mstate, self.resumed_phase)
         self.set_rng_state(trainer)
         self.load_extra_state(trainer)
         self.step = int(trainer["step"])

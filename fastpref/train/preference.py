@@ -18,6 +18,7 @@ from ..nn import PreferenceLoss
 from . import data as D
 from .config import Config
 from .dist import Dist, load_model_state, wrap
+from .folder import claimed
 from .model import decoder, enable_gradient_checkpointing, final_softcap, load_model, tiny_model, use_packing
 from .objective import Objective, call, dataset_logps, dry_run, loss_inputs, make_loss, metrics, needs_kto_kl
 from .phases import PhasedRun
@@ -81,6 +82,8 @@ def check_loss(cfg: Config, loss: PreferenceLoss, train: D.Dataset, ref_mode: st
 
 class PreferenceRun(References, PhasedRun):
     """One preference training run: the phases "sft" and "pref" of one policy."""
+
+    task = "preference"
 
     def __init__(self, cfg: Config, d: Dist):
         super().__init__(cfg, d)
@@ -258,5 +261,6 @@ def summarize(run: PreferenceRun, before: dict | None, final: dict | None) -> di
 def train(cfg: Config) -> dict:
     """Run preference training with this configuration; returns the summary (also written to summary.json)."""
     cfg = cfg.resolved()
-    return launch(lambda d: PreferenceRun(cfg, d).run(), threads=cfg.threads, distributed=cfg.distributed,
-                  device=cfg.device)
+    with claimed(cfg, PreferenceRun.task):
+        return launch(lambda d: PreferenceRun(cfg, d).run(), threads=cfg.threads, distributed=cfg.distributed,
+                      device=cfg.device)

@@ -33,6 +33,7 @@ from . import data as D
 from .config import REAL_DEFAULTS, SYNTHETIC_DEFAULTS, Config
 from .dist import Dist
 from .fields import source
+from .folder import claimed
 from .model import load_model, tiny_model
 from .objective import Objective
 from .phases import PhasedRun
@@ -219,6 +220,8 @@ class RewardRun(PhasedRun):
     """One reward-model run: the phase "sft" (a causal LM on the preferred answers; pairwise data only), then
     "reward" (the classifier, its body from that LM). Its metrics count steps from the reward phase's start."""
 
+    task = "reward"
+
     def __init__(self, cfg: Config, d: Dist):
         self.loss, self.hp, self.heads = reward_loss(cfg)
         self.fn = L.get(self.loss)
@@ -361,4 +364,5 @@ def train_reward(cfg: Config) -> dict:
     if cfg.distributed not in ("none", "auto"):
         raise SystemExit("--task reward runs in a single process (no --distributed ddp/fsdp yet)")
     reward_loss(cfg)  # refuse a wrong --loss before anything is loaded
-    return launch(lambda d: RewardRun(cfg, d).run(), threads=cfg.threads, distributed="none", device=cfg.device)
+    with claimed(cfg, RewardRun.task):
+        return launch(lambda d: RewardRun(cfg, d).run(), threads=cfg.threads, distributed="none", device=cfg.device)

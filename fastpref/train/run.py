@@ -22,6 +22,7 @@ from torch import nn
 
 from . import data as D
 from .dist import Dist, setup
+from .folder import allowed, identity
 from .objective import call
 from .outputs import Outputs
 
@@ -101,13 +102,17 @@ class Phase:
 class Core:
     """What every run has: settings ``cfg`` (``output_dir``, ``keep_checkpoints``, ``model``, ``tokenizer``,
     ``seed``, ``max_grad_norm``; ``grad_accum`` and ``bf16`` where the task has them), the process ``d``, the
-    output folder, the tokenizer, the step counter, and the optimizer steps of a :class:`Phase`."""
+    output folder, the tokenizer, the step counter, and the optimizer steps of a :class:`Phase`. ``task`` names
+    the task in the run's identity (``run.json``, checkpoints: a resume must match it)."""
+
+    task = "preference"
 
     def __init__(self, cfg: Any, d: Dist):
         self.cfg, self.d = cfg, d
         self.t0 = time.time()
         self.log = print if d.main else (lambda *a, **k: None)
-        self.out = Outputs(cfg.output_dir, d, cfg.keep_checkpoints, self.log)
+        self.out = Outputs(cfg.output_dir, d, cfg.keep_checkpoints, self.log, identity(self.task, cfg),
+                           allowed(cfg))
         self.tok = load_tokenizer(cfg.model, cfg.tokenizer)
         self.pad_id = D.pad_id_of(self.tok)
         self.step = 0

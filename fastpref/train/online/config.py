@@ -26,6 +26,7 @@ class OnlineConfig:
 
     algorithm: str = "sppo"
     output_dir: str = "runs/online"
+    overwrite: bool = False
     model: str | None = None
     ref_model: str | None = None
     tokenizer: str | None = None
@@ -60,6 +61,7 @@ class OnlineConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: str | None = None
+    resume_allow: str | None = None
     seed: int = 0
     threads: int | None = None
     max_grad_norm: float = 1.0
@@ -186,6 +188,9 @@ HELP = {
     "eval_every": "evaluate (greedy answers, win-rate vs start, KL) every N rounds",
     "save_every": "also checkpoint every N optimizer steps (0: at evaluated round ends only)",
     "resume": "'auto' (newest valid checkpoint in --output-dir) or a checkpoint folder",
+    "resume_allow": "settings that may differ from the resumed run's, comma-separated (rounds, eval_every)",
+    "overwrite": "replace an earlier run in --output-dir (only the files it wrote; without it such a folder is "
+                 "refused)",
     "loss_args": "loss hyper-parameters, e.g. tau=0.1,eta=0.2 (repeatable)",
     "ref_dtype": "dtype of the reference model (default: the policy's)",
 }
@@ -202,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
                                  epilog=epilog)
     ap.add_argument("--online", action="store_true", help="online mode (this parser)")
     ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
-    bools = {"extragradient", "plots", "progress", "restart_optimizer"}
+    bools = {"extragradient", "plots", "progress", "restart_optimizer", "overwrite"}
     choices = {"algorithm": list(ALGORITHMS), "reference": ["initial", "previous"], "device": ["auto", "cpu", "cuda"],
                "lr_schedule": ["constant", "linear"],
                "distributed": ["auto", "none", "ddp"], "ref_dtype": ["float32", "bfloat16", "float16"]}

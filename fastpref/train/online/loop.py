@@ -16,6 +16,7 @@ import torch
 
 from ..dist import Dist
 from ..evaluate import mean_scores
+from ..folder import claimed
 from ..generate import generate
 from ..model import frozen_copy, load_model
 from ..run import Core, launch
@@ -34,11 +35,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class OnlineRun(Rounds, Core):
     """One online run: rounds of generate → judge → train (:class:`Rounds`), evaluation, checkpoints, summary."""
 
+    task = "online"
+
     def __init__(self, cfg: OnlineConfig, d: Dist):
         super().__init__(cfg, d)
         self.alg = A.get(cfg.algorithm)
         self.rdir = self.out.folder / "rounds"
         if d.main:
+            self.out.own(self.rdir)
             self.rdir.mkdir(parents=True, exist_ok=True)
         d.barrier()
         self.eos_id = self.tok.eos_token_id
@@ -48,7 +52,7 @@ class OnlineRun(Rounds, Core):
         except JudgeError as e:
             raise SystemExit(str(e)) from None
         self.train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
-        self.policy = starting_policy(cfg, self.tok, self.out.folder, d).to(d.device).train()
+        self.policy = starting_policy(cfg, self.tok, self.out, d).to(d.device).train()
         ref = load_model(cfg.ref_model) if cfg.ref_model else frozen_copy(self.policy)
         dtype = DTYPES.get(cfg.ref_dtype or "", next(self.policy.parameters()).dtype)
         self.ref = frozen_copy(ref).to(d.device, dtype)
@@ -226,5 +230,6 @@ def train(cfg: OnlineConfig) -> dict:
         torch.manual_seed(cfg.seed)
         return OnlineRun(cfg, d).run()
 
-    return launch(body, threads=cfg.threads, distributed="ddp" if cfg.distributed == "ddp" else "none",
-                  device=cfg.device)
+    with claimed(cfg, OnlineRun.task):
+        return launch(body, threads=cfg.threads, distributed="ddp" if cfg.distributed == "ddp" else "none",
+                      device=cfg.device)

@@ -8,7 +8,6 @@ judge, loss and optimizer.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -101,8 +100,8 @@ class Rounds:
                     "items": [it for ch in done for it in ch["items"]],
                     "stats": [s for ch in done for s in ch["stats"]],
                     "groups": [g for ch in done for g in ch["groups"]]}
-            self.out.write_json(path, data)
-        data = json.loads(path.read_text())
+            self.out.write_json(path, data, checksum=True)
+        data = self.out.read_json(path)
         data["items"] = [A.Item(**it) for it in data["items"]]
         return data
 

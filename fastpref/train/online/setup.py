@@ -3,7 +3,6 @@ reads) and its starting policy (``--model``, or the demo's warmed-up tiny model)
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,6 +11,7 @@ from .. import data as D
 from ..dist import Dist
 from ..evaluate import prompt_ids, prompt_text
 from ..model import load_model, tiny_model
+from ..outputs import Outputs
 from .config import OnlineConfig
 
 Prompt = tuple[list[int], str]  # (token ids as training sees them, the prompt text the judge reads)
@@ -50,9 +50,9 @@ def load_prompts(cfg: OnlineConfig, tok) -> tuple[list[Prompt], list[Prompt]]:
     return [encode(tok, p) for p in train], [encode(tok, p) for p in ev]
 
 
-def starting_policy(cfg: OnlineConfig, tok, folder: Path, d: Dist) -> nn.Module:
+def starting_policy(cfg: OnlineConfig, tok, out: Outputs, d: Dist) -> nn.Module:
     """--model, or the tiny demo model after a short SFT warm-up on mixed-quality demonstrations (the preference
-    task's SFT phase, run once into ``<folder>/sft``; synthetic task only; see ``demo.py``)."""
+    task's SFT phase, run once into ``sft/`` of the output folder ``out``; synthetic task only; see ``demo.py``)."""
     if cfg.model is not None:
         return load_model(cfg.model)
     with torch.random.fork_rng(devices=[]):
@@ -60,7 +60,8 @@ def starting_policy(cfg: OnlineConfig, tok, folder: Path, d: Dist) -> nn.Module:
     if cfg.sft_steps and cfg.synthetic:
         from .demo import warm_up
 
-        sft = folder / "sft"
+        sft = out.folder / "sft"
+        out.own(sft)
         if d.main and not cfg.resume:
             shutil.rmtree(sft, ignore_errors=True)
         if d.main and not (sft / "final" / "model.safetensors").is_file():
