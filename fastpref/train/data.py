@@ -213,6 +213,13 @@ class Tokenize:
             c = c + [tok.eos_token_id]
         if not c or (tok.eos_token_id is not None and len(c) == 1):
             raise DataError(f"{where}: a completion is empty after tokenization")
+        if not p:  # an empty prompt and no BOS added (GPT-2 / Qwen style): a start token (BOS, else EOS), so
+            # that the completion's first token has a position that predicts it
+            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if start is None:
+                raise DataError(f"{where}: the prompt is empty and the tokenizer has no BOS or EOS token to start "
+                                "the sequence with")
+            p = [start]
         if self.max_prompt_length is not None and len(p) > self.max_prompt_length:
             p = p[-self.max_prompt_length:]
         if len(p) >= self.max_length:
@@ -334,6 +341,14 @@ def split_by_prompt(full: Dataset, fraction: float) -> tuple[Dataset, Dataset | 
     return Dataset(full.layout, tr, full.source, full.skipped, full.truncated), held
 
 
+def completion_labels(prompt_len: int, completion: list[int]) -> list[int]:
+    """Shifted labels of one sequence of ``prompt_len`` prompt tokens then ``completion`` (length
+    prompt_len + len(completion)): position t is labelled with token t+1 when that token is part of the
+    completion, else -100. With an empty prompt the first completion token has no position before it, so it is
+    not labelled (:class:`Tokenize` gives such prompts a start token, so that it is)."""
+    return ([-100] * prompt_len + completion)[1:] + [-100]
+
+
 def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: int = 0, pack_length: int = 0,
             index: list[int] | None = None, inputs: dict | None = None, sequence_labels: bool = False) -> Batch:
     """Labels are already shifted: labels[t] = token t+1 when that token is part of the completion, else -100.
@@ -347,7 +362,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: in
     for p, c in seqs:
         toks = p + c
         ids.append(toks)
-        labs.append([-100] * (len(p) - 1) + c + [-100])
+        labs.append(completion_labels(len(p), c))
     idx = torch.tensor(index or [], dtype=torch.long)
     inputs = dict(inputs or {})
     if sequence_labels:
