@@ -55,32 +55,75 @@ class Dataset:
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(location, row) pairs; location is ``file:line`` for JSONL, ``file[row i]`` otherwise.
-    Rows that are not valid JSON are yielded as DataError instances."""
-    p = Path(path)
-    if p.is_dir():
-        from datasets import DatasetDict, load_from_disk
+DATASETS_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes at a folder's top
 
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _dataset_folder_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a `datasets` folder saved with ``save_to_disk`` (a DatasetDict: its "train" split, else the first)."""
+    if not any((p / m).is_file() for m in DATASETS_MARKERS):
+        raise DataError(f"{p}: a folder, but not a `datasets` folder saved with save_to_disk (it has no "
+                        f"{' or '.join(DATASETS_MARKERS)}); give a .jsonl or .parquet file, or such a folder")
+    from datasets import DatasetDict, load_from_disk
+
+    try:
         ds = load_from_disk(str(p))
         if isinstance(ds, DatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        for i, row in enumerate(ds):
-            yield f"{p}[row {i}]", row
-    elif p.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as e:  # noqa: BLE001 - missing or damaged arrow files raise many kinds of error
+        raise DataError(f"{p}: a `datasets` folder that cannot be read (missing or damaged files?): "
+                        f"{_first_line(e)}") from None
+    if first is not None:
+        yield f"{p}[row 0]", first
+    for i, row in enumerate(rows, 1):
+        yield f"{p}[row {i}]", row
 
-        for i, row in enumerate(pq.read_table(p).to_pylist()):
-            yield f"{p}[row {i}]", row
+
+def _parquet_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid / OSError for truncated or foreign files
+        raise DataError(f"{p}: not a readable Parquet file (truncated or damaged?): {_first_line(e)}") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{p}[row {i}]", row
+
+
+def _jsonl_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    first = True
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if first and line.lstrip().startswith("["):
+                raise DataError(f"{p}: a JSON array; JSON Lines is expected (one JSON object per line, e.g. "
+                                "written with pandas' to_json(orient='records', lines=True))")
+            first = False
+            try:
+                yield f"{p}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{p}:{n}", DataError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(location, row) pairs; location is ``file:line`` for JSON Lines, ``file[row i]`` otherwise. Rows that are
+    not valid JSON are yielded as DataError instances; a file or folder that is not what its kind needs (a
+    JSON array instead of JSON Lines, a truncated Parquet file, a folder not saved by ``datasets``) raises one."""
+    p = Path(path)
+    if p.is_dir():
+        yield from _dataset_folder_rows(p)
+    elif p.suffix == ".parquet":
+        yield from _parquet_rows(p)
     elif p.suffix in (".jsonl", ".json", ".ndjson"):
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{p}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{p}:{n}", DataError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+        yield from _jsonl_rows(p)
     elif not p.exists():
         raise FileNotFoundError(f"--data {p}: no such file or folder")
     else:
@@ -332,11 +375,15 @@ def pad_id_of(tokenizer) -> int:
 
 def split_by_prompt(full: Dataset, fraction: float) -> tuple[Dataset, Dataset | None]:
     """(training set, held-out set or None): a deterministic split by a hash of the prompt, so that no prompt is
-    in both; about ``fraction`` of the prompts are held out (all rows train when none would be left)."""
+    in both; about ``fraction`` of the prompts are held out. DataError when that leaves no training row (held-out
+    rows are never trained on)."""
     pick = lambda e: int(hashlib.sha256(e.prompt_key.encode()).hexdigest()[:8], 16) % 10_000 \
         < fraction * 10_000  # noqa: E731
     ev = [e for e in full.examples if pick(e)]
-    tr = [e for e in full.examples if not pick(e)] or ev
+    tr = [e for e in full.examples if not pick(e)]
+    if not tr:
+        raise DataError(f"--eval-fraction {fraction:g}: every prompt of {full.source} ({len(full)} rows) would be "
+                        "held out, leaving none to train on; lower it or give --eval-data")
     held = Dataset(full.layout, ev, full.source + " (held-out split)") if ev else None
     return Dataset(full.layout, tr, full.source, full.skipped, full.truncated), held
 

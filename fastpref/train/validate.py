@@ -167,6 +167,8 @@ def check_rows(path: str, flag: str, skip_bad_rows: bool) -> None:
                 if not skip_bad_rows:
                     raise UserError(f"{flag}: {e}") from None
                 bad, first = bad + 1, first or str(e)
+    except D.DataError as e:  # the file or folder as a whole (a JSON array, a truncated Parquet file, ...)
+        raise UserError(f"{flag}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{flag} {path}: cannot read it ({e})") from None
     if not good:
@@ -240,6 +242,6 @@ def check(cfg, log: Callable[[str], None] = print):
             raise UserError(f"--loss-args {key}: not a parameter of {', '.join(weights)}")
     check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if path and Path(path).is_file() and cfg.task != "reward":  # reward data (score rows too): reward.load
+        if path and cfg.task != "reward":  # reward data (score rows too): reward.load
             check_rows(path, flag, cfg.skip_bad_rows)
     return dataclasses.replace(cfg, loss=weights)
