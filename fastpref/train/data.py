@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +175,7 @@ def _numbers(row: dict, key: str, k: int, where: str) -> list[float] | None:
         raise DataError(f"{where}: {key!r} must be a list of numbers, got {v!r:.80}")
     if len(v) != k:
         raise DataError(f"{where}: {key!r} has {len(v)} entries for {k} responses")
-    if not all(math.isfinite(x) for x in v):
-        raise DataError(f"{where}: {key!r} has a non-finite value")
+    F.check_values(key, key, v, where, DataError)
     return [float(x) for x in v]
 
 

@@ -7,7 +7,6 @@ pieces (:func:`check_numbers`, :func:`check_path`, :func:`resolve_losses`, :func
 """
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -96,33 +95,41 @@ def check_path(flag: str, value: str | None, kind: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- losses
-# Names the papers and TRL use → registry names.
-LOSS_ALIASES = {
-    "dpo": "sigmoid", "rso": "hinge", "r_dpo": "rdpo", "bradley_terry": "bt", "reward": "bt", "rm": "bt",
-    "pl": "plackett_luce", "listmle": "plackett_luce", "lipo": "lipo_lambda", "dpo_positive": "dpop",
-    "aot_pair": "aot", "nll": "sft",
-}
-
-
 def resolve_losses(weights: dict[str, float], names: list[str]) -> tuple[dict[str, float], list[str]]:
     """Registry names for the loss names given (aliases mapped; case and '-' ignored) and notes on the
-    mappings; an unknown name is a UserError with the closest known names."""
+    mappings; an unknown name or a weight that is not a finite number > 0 is a UserError (the API's checks,
+    :mod:`fastpref.losses.registry`)."""
+    from ..losses import registry
+
     out, notes = {}, []
     for given, w in weights.items():
-        key = given.strip().lower().replace("-", "_")
-        if key in names:
-            name = key
-        elif key in LOSS_ALIASES:
-            name = LOSS_ALIASES[key]
+        try:
+            registry.check_weights({given: w})
+        except ValueError as e:
+            raise UserError(f"--{e}") from None
+        try:
+            name = registry.resolve(given)
+        except ValueError:
+            raise UserError(f"--loss {given}: {registry.unknown_name(given)}") from None
+        if name not in names:
+            raise UserError(f"--loss {given}: {registry.unknown_name(given)}")
+        if given.strip().lower().replace("-", "_") in registry.ALIASES:
             notes.append(f"--loss {given}: using the registry's {name!r}")
-        else:
-            close = difflib.get_close_matches(key, names + list(LOSS_ALIASES), n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"known: {', '.join(names)}"
-            raise UserError(f"--loss {given}: unknown loss; {hint} (DPO is 'sigmoid')")
-        if not math.isfinite(w):
-            raise UserError(f"--loss {given}={w}: expected a finite weight")
         out[name] = out.get(name, 0.0) + w
     return out, notes
+
+
+def check_loss_values(weights: dict[str, float], hparams: dict[str, Any], beta: float | None) -> None:
+    """--beta and --loss-args values checked as the losses check them (finite in float32, in range)."""
+    from .. import losses
+
+    fns = {n: losses.get(n) for n in weights}
+    for key, value in ({**hparams, "beta": beta} if beta is not None else hparams).items():
+        try:
+            losses.check_values(fns, {key: value})
+        except ValueError as e:
+            raise UserError(f"--beta {value}: {str(e).split(': ', 1)[1]}" if key == "beta" and key not in hparams
+                            else f"--loss-args {e}") from None
 
 
 # ----------------------------------------------------------------------------------------- device, backend
@@ -240,6 +247,7 @@ def check(cfg, log: Callable[[str], None] = print):
     for key in hparams:
         if key not in accepted:
             raise UserError(f"--loss-args {key}: not a parameter of {', '.join(weights)}")
+    check_loss_values(weights, hparams, cfg.beta)
     check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if path and cfg.task != "reward":  # reward data (score rows too): reward.load

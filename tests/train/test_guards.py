@@ -90,3 +90,47 @@ def test_unpaired_data_with_a_pairwise_loss_before_the_model(tmp_path, capsys, w
     line = refused(capsys, tmp_path / "out", ["--model", str(broken_model), "--data", str(data),
                                               "--eval-data", str(data)], early=False)
     assert line.startswith("fastpref train: error: --loss sigmoid cannot be trained on 'unpaired' data here: "), line
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("margin", 1e308, "'margin' is 1e+308, beyond float32's range (±3.4e38) in which the loss reads it"),
+    ("preference_probability", 1.5, "'preference_probability' is 1.5, expected a probability in [0, 1]"),
+])
+def test_per_row_numbers_are_checked_in_float32_and_range(tmp_path, capsys, write_jsonl, broken_model, field,
+                                                          value, message):
+    data = write_jsonl(tmp_path / "d.jsonl", [{**r, field: value if i == 1 else 0.5} for i, r in enumerate(rows(3))])
+    assert data_refused(capsys, tmp_path, broken_model, data) == f"fastpref train: error: --data: {data}:2: {message}"
+
+
+def test_listwise_score_beyond_float32(tmp_path, capsys, write_jsonl, broken_model):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "add 1 : 2", "responses": ["3", "4"], "scores": [1e39, 0]}])
+    assert data_refused(capsys, tmp_path, broken_model, data) == (
+        f"fastpref train: error: --data: {data}:1: 'scores' is 1e+39, beyond float32's range (±3.4e38) in which the "
+        "loss reads it")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--loss", "sigmoid=-1"], "--loss sigmoid=-1.0: expected a finite weight > 0"),
+    (["--loss-args", "label_smoothing=0.7"], "--loss-args label_smoothing=0.7: expected a number in [0, 0.5]"),
+    (["--beta", "1e39"], "--beta 1e+39: expected a number > 0 (finite in float32)"),
+])
+def test_loss_numbers_are_the_api_checks(tmp_path, capsys, argv, message):
+    assert refused(capsys, tmp_path / "out", argv) == "fastpref train: error: " + message
+
+
+def test_non_finite_loss_stops_the_run_keeping_the_good_checkpoints(tmp_path, capsys):
+    from conftest import SHORT
+    from fastpref.train import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["--output-dir", str(out), *SHORT, "--sft-steps", "2", "--lr", "1e30", "--save-every", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fastpref train: error: training stopped at step 4 (pref): loss = nan, grad_norm = nan; the "
+                   "weights were not updated with it and nothing after the last checkpoint was saved (lower --lr or "
+                   "--max-grad-norm, check the data's numbers; --resume auto continues from that checkpoint)"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
