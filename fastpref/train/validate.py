@@ -35,6 +35,16 @@ NUMBERS: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
     "warmup_ratio": (float, 0, 1, True, False), "min_lr_ratio": (float, 0, 1, True, True),
     "eval_fraction": (float, 0, 1, True, False),
 }
+# the online mode's settings (``fastpref train --online``): its own numbers, and evaluation every N >= 1 rounds
+ONLINE_NUMBERS: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
+    **NUMBERS, "eval_every": (int, 1, None, True, True), "rounds": (int, 1, None, True, True),
+    "samples": (int, 1, None, True, True), "prompts_per_round": (int, 1, None, True, True),
+    "max_new_tokens": (int, 1, None, True, True), "gen_batch": (int, 1, None, True, True),
+    "temperature": (float, 0, None, False, True), "top_p": (float, 0, 1, False, True),
+    "margin": (float, 0, 1, True, True), "mixture_coef": (float, 0, 1, True, True),
+    "demo_correct_fraction": (float, 0, 1, True, True), "judge_temperature": (float, 0, None, True, True),
+    "judge_timeout": (float, 0, None, False, True),
+}
 
 
 def _expected(kind: type, lo, hi, lo_in: bool, hi_in: bool) -> str:
@@ -46,9 +56,10 @@ def _expected(kind: type, lo, hi, lo_in: bool, hi_in: bool) -> str:
     return what
 
 
-def number(name: str, value: Any, where: str) -> int | float:
-    """``value`` (a flag's or YAML's; strings such as "1e-4" are read as numbers) checked against NUMBERS."""
-    kind, lo, hi, lo_in, hi_in = NUMBERS[name]
+def number(name: str, value: Any, where: str, table: dict = NUMBERS) -> int | float:
+    """``value`` (a flag's or YAML's; strings such as "1e-4" are read as numbers) checked against ``table``
+    (:data:`NUMBERS`, or :data:`ONLINE_NUMBERS`)."""
+    kind, lo, hi, lo_in, hi_in = table[name]
     expected = _expected(kind, lo, hi, lo_in, hi_in)
     v = value
     if isinstance(v, str):
@@ -66,9 +77,10 @@ def number(name: str, value: Any, where: str) -> int | float:
     return v
 
 
-def check_numbers(values: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
-    """``values`` with every known number checked and converted; ``where(field)`` names its flag or YAML line."""
-    return {k: (number(k, v, where(k)) if k in NUMBERS and v is not None else v) for k, v in values.items()}
+def check_numbers(values: dict[str, Any], where: Callable[[str], str], table: dict = NUMBERS) -> dict[str, Any]:
+    """``values`` with every number of ``table`` checked and converted; ``where(field)`` names its flag or YAML
+    line."""
+    return {k: (number(k, v, where(k), table) if k in table and v is not None else v) for k, v in values.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ paths

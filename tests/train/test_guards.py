@@ -19,6 +19,19 @@ def broken_model(tmp_path, tiny_model_dir):
     return out
 
 
+def stopped(capsys, argv) -> str:
+    """Run ``fastpref train argv`` in-process, past the checks of its settings; assert exit 2 and a one-line error
+    as the last line of stderr, no traceback; returns that line."""
+    from fastpref.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastpref train: error: ") and "Traceback" not in "".join(err), err
+    return err[-1]
+
+
 def rows(n: int) -> list[dict]:
     return [{**GOOD, "prompt": f"add 1 : {i} 3 4 5"} for i in range(n)]
 
@@ -120,17 +133,75 @@ def test_loss_numbers_are_the_api_checks(tmp_path, capsys, argv, message):
 
 def test_non_finite_loss_stops_the_run_keeping_the_good_checkpoints(tmp_path, capsys):
     from conftest import SHORT
-    from fastpref.train import main
 
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as e:
-        main(["--output-dir", str(out), *SHORT, "--sft-steps", "2", "--lr", "1e30", "--save-every", "1"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fastpref train: error: training stopped at step 4 (pref): loss = nan, grad_norm = nan; the "
+    line = stopped(capsys, ["--output-dir", str(out), *SHORT, "--sft-steps", "2", "--lr", "1e30", "--save-every", "1"])
+    assert line == ("fastpref train: error: training stopped at step 4 (pref): loss = nan, grad_norm = nan; the "
                    "weights were not updated with it and nothing after the last checkpoint was saved (lower --lr or "
-                   "--max-grad-norm, check the data's numbers; --resume auto continues from that checkpoint)"]
+                   "--max-grad-norm, check the data's numbers; --resume auto continues from that checkpoint)")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     assert not (out / "final").exists() and not (out / "summary.json").exists()
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------- online
+@pytest.mark.parametrize("argv,message", [
+    (["--eval-every", "0"], "--eval-every 0: expected a whole number >= 1"),
+    (["--lr", "nan"], "--lr nan: expected a number > 0"),
+    (["--epochs", "nan"], "--epochs nan: expected a number > 0"),
+    (["--temperature", "nan"], "--temperature nan: expected a number > 0"),
+    (["--threads", "-1"], "--threads -1: expected a whole number >= 1"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm nan: expected a number > 0"),
+    (["--beta", "-1"], "--beta -1.0: expected a number > 0"),
+    (["--judge-timeout", "0"], "--judge-timeout 0.0: expected a number > 0"),
+])
+def test_online_numbers_are_checked_up_front(tmp_path, capsys, argv, message):
+    assert refused(capsys, tmp_path / "out", ["--online", *argv]) == "fastpref train: error: " + message
+
+
+def _judge_module(**fns) -> str:
+    import sys
+    import types
+
+    name = f"_guard_judge_{len(sys.modules)}"
+    mod = types.ModuleType(name)
+    mod.__dict__.update(fns)
+    sys.modules[name] = mod
+    return name
+
+
+def _boom(prompts, completions):
+    raise RuntimeError("boom")
+
+
+def _hang(prompts, completions):
+    import time
+
+    time.sleep(30)
+
+
+@pytest.mark.parametrize("fn,timeout,message", [
+    (lambda p, c: [float("nan")] * len(c), None,
+     "judge failed: reward function {m}:f returned nan; expected finite values in [-inf, inf]"),
+    (lambda p, c: [1.0], None, "judge failed: reward function {m}:f returned 1 values for 4 completions"),
+    (_boom, None, "judge failed: reward function {m}:f raised RuntimeError: boom"),
+    (_hang, "0.5", "judge failed: reward function {m}:f gave no answer within 0.5 s (--judge-timeout)"),
+])
+def test_judges_fail_as_one_line_from_the_first_evaluation(tmp_path, capsys, write_jsonl, fn, timeout, message):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"add 1 : {i} 2"} for i in range(4)])
+    m = _judge_module(f=fn)
+    line = stopped(capsys, [
+        "--online", "--output-dir", str(tmp_path / "out"), "--no-progress", "--prompts", str(prompts), "--judge", f"{m}:f", "--rounds", "1",
+        "--prompts-per-round", "4", "--batch-size", "2", "--gen-batch", "4", "--max-new-tokens", "2",
+        "--threads", "1", "--no-plots", *(["--judge-timeout", timeout] if timeout else [])])
+    assert line == "fastpref train: error: " + message.format(m=m)
+
+
+def test_non_string_prompt_in_prompts_is_one_line(tmp_path, capsys, write_jsonl):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "add 1 : 2"}, {"prompt": 5}])
+    m = _judge_module(f=lambda p, c: [0.0] * len(c))
+    line = stopped(capsys, ["--online", "--output-dir", str(tmp_path / "out"), "--prompts", str(prompts), "--judge",
+                            f"{m}:f", "--threads", "1", "--no-progress", "--no-plots"])
+    assert line == (f"fastpref train: error: {prompts}:2: field 'prompt' must be a string or a list of chat "
+                    "messages, got int")
