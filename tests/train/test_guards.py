@@ -205,3 +205,12 @@ def test_non_string_prompt_in_prompts_is_one_line(tmp_path, capsys, write_jsonl)
                             f"{m}:f", "--threads", "1", "--no-progress", "--no-plots"])
     assert line == (f"fastpref train: error: {prompts}:2: field 'prompt' must be a string or a list of chat "
                     "messages, got int")
+
+
+def test_reward_score_beyond_float32(tmp_path, capsys, write_jsonl, tiny_model_dir):
+    data = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"add 1 : {i}", "response": "3", "score": 1e39 if i else 1}
+                                              for i in range(4)])
+    line = stopped(capsys, ["--task", "reward", "--loss", "regression", "--model", str(tiny_model_dir), "--data",
+                            str(data), "--output-dir", str(tmp_path / "out"), "--no-progress", "--no-plots"])
+    assert line == (f"fastpref train: error: {data}:2: 'score' is 1e+39, beyond float32's range (±3.4e38) in which "
+                    "the loss reads it")
