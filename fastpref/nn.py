@@ -202,12 +202,12 @@ class PreferenceLoss(torch.nn.Module):
             ctx.update(rm_chosen_token_logps=rm_tok[:B], rm_rejected_token_logps=rm_tok[B:])
         if not sync_free:  # probabilities (soft labels, win-rates) in [0, 1], as the trainer checks its data
             L.check_values(self.fns, {k: v for k, v in loss_inputs.items() if k in L.registry.RANGES})
-        per_example = self._apply(ctx, loss_inputs)
+        per_example, terms = self._apply(ctx, loss_inputs)
         if self.use_weighting:
             w = L.wpo_weights(tok, p2_tok, mask)
             B = w.shape[0] // 2
             per_example = per_example * (w[:B] * w[B:])
-        metrics, tokens = self._metrics(ctx, kl_tok, mask, sync_free)
+        metrics, tokens = self._metrics(ctx, kl_tok, mask, sync_free, terms)
         if tokens == 0:  # an empty or all-ignored batch: a zero loss that keeps the graph
             _warn_once("PreferenceLoss: a batch without a labelled token (empty, or every label ignore_index) "
                        "gives a zero loss")
@@ -292,7 +292,8 @@ class PreferenceLoss(torch.nn.Module):
                                 f"{prefix}rejected_shared_logps": head[l], f"{prefix}rejected_tail_logps": tail[l]})
         return ctx
 
-    def _apply(self, ctx: dict, loss_inputs: dict) -> Tensor:
+    def _apply(self, ctx: dict, loss_inputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """(the weighted sum of the losses' per-example values [B], each loss's own values {name: [B]})."""
         unknown = sorted(set(loss_inputs) - self.accepted)
         if unknown:
             raise ValueError(f"input(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
@@ -305,7 +306,7 @@ class PreferenceLoss(torch.nn.Module):
             if delta is not None and name in self.RUNNING_DELTA_LOSSES:
                 kwargs["delta"] = delta
             terms[name] = fn(**kwargs)
-        return L.combine(terms, self.weights)
+        return L.combine(terms, self.weights), terms
 
     @torch.no_grad()
     def _running_delta(self, ctx: dict) -> Tensor:
@@ -328,11 +329,14 @@ class PreferenceLoss(torch.nn.Module):
         return self.delta_mean.float()
 
     @torch.no_grad()
-    def _metrics(self, ctx: dict, kl_tok: Tensor | None, mask: Tensor,
-                 sync_free: bool) -> tuple[dict[str, float | Tensor], int | None]:
+    def _metrics(self, ctx: dict, kl_tok: Tensor | None, mask: Tensor, sync_free: bool,
+                 terms: dict[str, Tensor]) -> tuple[dict[str, float | Tensor], int | None]:
         """(TRL-named metrics, labelled tokens): floats and the count (one host synchronisation), or 0-d tensors
-        and None when ``sync_free``. No metrics for a batch without a labelled token."""
+        and None when ``sync_free``. No metrics for a batch without a labelled token. With several losses, each
+        one's mean is ``loss/<name>`` (unweighted)."""
         m: dict[str, Tensor] = {}
+        if len(terms) > 1:
+            m.update({f"loss/{name}": t.detach().float().mean() for name, t in terms.items()})
         if kl_tok is not None:
             m["kl/mean_token"] = (kl_tok * mask).sum() / mask.sum().clamp(min=1)
         if self.running_delta:

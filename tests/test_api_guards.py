@@ -70,3 +70,12 @@ def test_empty_or_all_ignored_batch_gives_a_zero_loss_that_keeps_the_graph():
                 out.loss.backward()
                 assert h.grad is not None and w.grad is not None and not w.grad.any()
     assert sorted(str(c.message).split(":")[0] for c in caught) == ["PolicyLoss", "PreferenceLoss"]  # once each
+
+
+def test_several_losses_report_each_term():
+    torch.manual_seed(0)
+    h, w = torch.randn(4, 3, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (4, 3))
+    out = PreferenceLoss({"sigmoid": 1.0, "sft": 0.5})(h, w, labels, ref_logps=torch.zeros(4))
+    assert out.loss.item() == pytest.approx(out.metrics["loss/sigmoid"] + 0.5 * out.metrics["loss/sft"], rel=1e-5)
+    assert "loss/sigmoid" not in PreferenceLoss("sigmoid")(h, w, labels, ref_logps=torch.zeros(4)).metrics

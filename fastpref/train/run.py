@@ -164,7 +164,8 @@ class Core:
                                                 self.cfg.max_grad_norm)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             rec = self.mean(recs)
-            stop_if_not_finite(self.step + 1, phase.name, {"loss": rec["loss"], "grad_norm": float(gn)})
+            terms = {k: v for k, v in rec.items() if k == "loss" or k.startswith("loss/")}  # loss/<name>: a term
+            stop_if_not_finite(self.step + 1, phase.name, {**terms, "grad_norm": float(gn)})
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.step += 1

@@ -214,3 +214,12 @@ def test_reward_score_beyond_float32(tmp_path, capsys, write_jsonl, tiny_model_d
                             str(data), "--output-dir", str(tmp_path / "out"), "--no-progress", "--no-plots"])
     assert line == (f"fastpref train: error: {data}:2: 'score' is 1e+39, beyond float32's range (±3.4e38) in which "
                     "the loss reads it")
+
+
+def test_the_stop_names_the_step_and_the_term():
+    from fastpref.train.run import NonFinite, stop_if_not_finite
+
+    stop_if_not_finite(3, "pref", {"loss": 0.7, "loss/sft": 0.2, "grad_norm": 1.0})  # healthy: nothing
+    with pytest.raises(NonFinite, match=r"^training stopped at step 3 \(pref\): loss = inf, loss/sft = inf; "):
+        stop_if_not_finite(3, "pref", {"loss": float("inf"), "loss/sigmoid": 0.5, "loss/sft": float("inf"),
+                                       "grad_norm": 1.0})
