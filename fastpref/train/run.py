@@ -36,9 +36,10 @@ def stop_if_not_finite(step: int, phase: str, values: dict[str, float]) -> None:
     ``values``, e.g. the loss and the gradient norm) unless every value is finite."""
     bad = [f"{name} = {v}" for name, v in values.items() if not math.isfinite(v)]
     if bad:
-        raise NonFinite(f"training stopped at step {step} ({phase}): {', '.join(bad)}; the weights were not "
-                        "updated with it and nothing after the last checkpoint was saved (lower --lr or "
-                        "--max-grad-norm, check the data's numbers; --resume auto continues from that checkpoint)")
+        raise NonFinite(f"training stopped at step {step} ({phase}): {', '.join(bad)}; the step was not applied "
+                        "and no checkpoint, final model or summary was written from it (lower --lr or "
+                        "--max-grad-norm, or check the data's numbers; --resume auto continues from the last "
+                        "checkpoint)")
 
 
 def load_tokenizer(model: str | None, tokenizer: str | None = None):

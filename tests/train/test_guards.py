@@ -137,8 +137,9 @@ def test_non_finite_loss_stops_the_run_keeping_the_good_checkpoints(tmp_path, ca
     out = tmp_path / "out"
     line = stopped(capsys, ["--output-dir", str(out), *SHORT, "--sft-steps", "2", "--lr", "1e30", "--save-every", "1"])
     assert line == ("fastpref train: error: training stopped at step 4 (pref): loss = nan, grad_norm = nan; the "
-                   "weights were not updated with it and nothing after the last checkpoint was saved (lower --lr or "
-                   "--max-grad-norm, check the data's numbers; --resume auto continues from that checkpoint)")
+                    "step was not applied and no checkpoint, final model or summary was written from it (lower --lr "
+                    "or --max-grad-norm, or check the data's numbers; --resume auto continues from the last "
+                    "checkpoint)")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     assert not (out / "final").exists() and not (out / "summary.json").exists()
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -223,3 +224,12 @@ def test_the_stop_names_the_step_and_the_term():
     with pytest.raises(NonFinite, match=r"^training stopped at step 3 \(pref\): loss = inf, loss/sft = inf; "):
         stop_if_not_finite(3, "pref", {"loss": float("inf"), "loss/sigmoid": 0.5, "loss/sft": float("inf"),
                                        "grad_norm": 1.0})
+
+
+def test_online_non_finite_loss_stops_the_run(tmp_path, capsys):
+    line = stopped(capsys, ["--online", "--output-dir", str(tmp_path / "out"), "--sft-steps", "5",
+                            "--synthetic-train", "32", "--synthetic-eval", "8", "--rounds", "2",
+                            "--prompts-per-round", "8", "--batch-size", "4", "--epochs", "2", "--gen-batch", "8",
+                            "--threads", "1", "--no-progress", "--no-plots", "--lr", "1e30"])
+    assert line.startswith("fastpref train: error: training stopped at step ") and " (online): loss = " in line, line
+    assert not (tmp_path / "out" / "final").exists() and not (tmp_path / "out" / "summary.json").exists()
