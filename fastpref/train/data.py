@@ -214,6 +214,15 @@ def validate(row: Any, layout: str, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
+def with_start(tokenizer, prompt_ids: list[int]) -> list[int]:
+    """``prompt_ids``, or for an empty prompt that the tokenizer gave no BOS (GPT-2 / Qwen style) a start token,
+    BOS else EOS, so that a completion's first token has a position that predicts it ([] when it has neither)."""
+    if prompt_ids:
+        return prompt_ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [] if start is None else [start]
+
+
 @dataclass
 class Tokenize:
     """Turns validated rows into token ids. Truncation policy: prompts longer than ``max_prompt_length`` keep
@@ -254,13 +263,10 @@ class Tokenize:
             c = c + [tok.eos_token_id]
         if not c or (tok.eos_token_id is not None and len(c) == 1):
             raise DataError(f"{where}: a completion is empty after tokenization")
-        if not p:  # an empty prompt and no BOS added (GPT-2 / Qwen style): a start token (BOS, else EOS), so
-            # that the completion's first token has a position that predicts it
-            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-            if start is None:
-                raise DataError(f"{where}: the prompt is empty and the tokenizer has no BOS or EOS token to start "
-                                "the sequence with")
-            p = [start]
+        p = with_start(tok, p)
+        if not p:
+            raise DataError(f"{where}: the prompt is empty and the tokenizer has no BOS or EOS token to start "
+                            "the sequence with")
         if self.max_prompt_length is not None and len(p) > self.max_prompt_length:
             p = p[-self.max_prompt_length:]
         if len(p) >= self.max_length:

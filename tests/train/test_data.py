@@ -185,3 +185,10 @@ def test_empty_prompt_without_bos_scores_every_completion_token(tmp_path, row):
         assert p == [TOK.eos_token_id]
         b = D.collate([(p, c)], packed=False)
         assert b.labels[0].tolist() == c + [-100]
+
+
+def test_empty_prompt_is_generated_from_the_token_training_starts_it_with():
+    from fastpref.train.evaluate import prompt_ids
+
+    assert prompt_ids(_NoBos(), "") == [TOK.eos_token_id] and prompt_ids(TOK, "") == [TOK.bos_token_id]
+    assert prompt_ids(_NoBos(), "add 1 : 2") == TOK("add 1 : 2", add_special_tokens=False)["input_ids"]
