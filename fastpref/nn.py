@@ -97,6 +97,12 @@ class PreferenceLoss(torch.nn.Module):
     torch.compile and CUDA-graph capture): ignored rows masked (see ``token_stats``), packed inputs padded to
     width N unchecked, and ``metrics`` as detached 0-d tensors (NaN for a metric without examples) instead of
     floats.
+    Names and values are checked as ``fastpref train`` checks them (``fastpref.losses.registry``): the papers'
+    names map to the registry's (``"dpo"`` is ``sigmoid``), an unknown name is a ValueError with the closest
+    known ones, weights must be finite and > 0, hyper-parameters finite in float32 and in range (beta > 0, ...).
+    A batch without a labelled token (no sequences, or every label ``ignore_index``) gives ``loss`` = a float32
+    zero that keeps the graph (zero gradients for ``hidden`` and ``weight``), zero ``losses`` and no metrics,
+    with a one-time warning (not detected with ``sync_free``).
     """
 
     RUNNING_DELTA_LOSSES = ("bco", "bco_pair")
@@ -400,7 +406,9 @@ class PolicyLoss(torch.nn.Module):
     importance_sampling_mode / _clip_min / _clip_max: how ``sampler_token_logps`` (log-probs from another
     inference engine) become the importance weight π_old/π_sampler (``fastpref.losses.sampler_importance_ratio``;
     TRL's ``vllm_importance_sampling_*``). Hyper-parameters (epsilon, epsilon_high, delta, beta, loss_type,
-    entropy_coef, ...) go to the loss.
+    entropy_coef, ...) go to the loss, checked as :class:`PreferenceLoss` checks its own. A batch without a
+    labelled token (no sequences, or every label ``ignore_index``) gives ``loss`` = a float32 zero that keeps the
+    graph, zero ``losses`` and no metrics, with a one-time warning.
     """
 
     def __init__(self, loss: str = "grpo", *, kl: str = "k3", entropy: bool = True,
