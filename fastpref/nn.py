@@ -7,6 +7,7 @@ full-vocabulary KL); they are reduced per sequence and handed to the loss functi
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -96,6 +97,12 @@ class PreferenceLoss(torch.nn.Module):
     torch.compile and CUDA-graph capture): ignored rows masked (see ``token_stats``), packed inputs padded to
     width N unchecked, and ``metrics`` as detached 0-d tensors (NaN for a metric without examples) instead of
     floats.
+    Names and values are checked as ``fastpref train`` checks them (``fastpref.losses.registry``): the papers'
+    names map to the registry's (``"dpo"`` is ``sigmoid``), an unknown name is a ValueError with the closest
+    known ones, weights must be finite and > 0, hyper-parameters finite in float32 and in range (beta > 0, ...).
+    A batch without a labelled token (no sequences, or every label ``ignore_index``) gives ``loss`` = a float32
+    zero that keeps the graph (zero gradients for ``hidden`` and ``weight``), zero ``losses`` and no metrics,
+    with a one-time warning (not detected with ``sync_free``).
     """
 
     RUNNING_DELTA_LOSSES = ("bco", "bco_pair")
@@ -106,9 +113,14 @@ class PreferenceLoss(torch.nn.Module):
                  ignore_index: int = -100, use_weighting: bool = False, backend: str = "auto",
                  nll_tokens: str | None = None, sync_free: bool | None = None, **hparams):
         super().__init__()
-        weights = {loss: 1.0} if isinstance(loss, str) else dict(loss)
-        if not weights:
+        given = {loss: 1.0} if isinstance(loss, str) else dict(loss)
+        if not given:
             raise ValueError("loss must name at least one loss")
+        L.check_weights(given)
+        weights: dict[str, float] = {}
+        for name, w in given.items():  # the papers' names too (dpo -> sigmoid)
+            key = L.resolve(name)
+            weights[key] = weights.get(key, 0.0) + w
         self.fns = {name: L.get(name) for name in weights}
         self.weights = weights
         if layout not in LAYOUTS:
@@ -120,6 +132,7 @@ class PreferenceLoss(torch.nn.Module):
         self.params = {name: loss_params(fn) for name, fn in self.fns.items()}
         self.accepted = set().union(*self.params.values())
         check_hparams(hparams, self.accepted, sorted(self.fns))
+        L.check_values(self.fns, hparams)
         self.running_delta = hparams.get("delta") == "running"
         if self.running_delta:
             if not set(self.fns) & set(self.RUNNING_DELTA_LOSSES):
@@ -193,12 +206,19 @@ class PreferenceLoss(torch.nn.Module):
         if rm_tok is not None and self.layout == "pairs":
             B = rm_tok.shape[0] // 2
             ctx.update(rm_chosen_token_logps=rm_tok[:B], rm_rejected_token_logps=rm_tok[B:])
-        per_example = self._apply(ctx, loss_inputs)
+        if not sync_free:  # probabilities (soft labels, win-rates) in [0, 1], as the trainer checks its data
+            L.check_values(self.fns, {k: v for k, v in loss_inputs.items() if k in L.registry.RANGES})
+        per_example, terms = self._apply(ctx, loss_inputs)
         if self.use_weighting:
             w = L.wpo_weights(tok, p2_tok, mask)
             B = w.shape[0] // 2
             per_example = per_example * (w[:B] * w[B:])
-        return LossOutput(per_example.mean(), per_example, self._metrics(ctx, kl_tok, mask, sync_free))
+        metrics, tokens = self._metrics(ctx, kl_tok, mask, sync_free, terms)
+        if tokens == 0:  # an empty or all-ignored batch: a zero loss that keeps the graph
+            _warn_once("PreferenceLoss: a batch without a labelled token (empty, or every label ignore_index) "
+                       "gives a zero loss")
+            return LossOutput(zero_loss(hidden, weight), per_example.detach() * 0.0, metrics)
+        return LossOutput(per_example.mean(), per_example, metrics)
 
     def _token_stats(self, hidden, weight, stat_labels, labels, bias, ref_token_logps, ref_hidden, ref_weight,
                      ref_bias, ref_softcap):
@@ -278,7 +298,8 @@ class PreferenceLoss(torch.nn.Module):
                                 f"{prefix}rejected_shared_logps": head[l], f"{prefix}rejected_tail_logps": tail[l]})
         return ctx
 
-    def _apply(self, ctx: dict, loss_inputs: dict) -> Tensor:
+    def _apply(self, ctx: dict, loss_inputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """(the weighted sum of the losses' per-example values [B], each loss's own values {name: [B]})."""
         unknown = sorted(set(loss_inputs) - self.accepted)
         if unknown:
             raise ValueError(f"input(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
@@ -291,7 +312,7 @@ class PreferenceLoss(torch.nn.Module):
             if delta is not None and name in self.RUNNING_DELTA_LOSSES:
                 kwargs["delta"] = delta
             terms[name] = fn(**kwargs)
-        return L.combine(terms, self.weights)
+        return L.combine(terms, self.weights), terms
 
     @torch.no_grad()
     def _running_delta(self, ctx: dict) -> Tensor:
@@ -314,9 +335,14 @@ class PreferenceLoss(torch.nn.Module):
         return self.delta_mean.float()
 
     @torch.no_grad()
-    def _metrics(self, ctx: dict, kl_tok: Tensor | None, mask: Tensor, sync_free: bool) -> dict[str, float | Tensor]:
-        """TRL-named metrics: floats (one host synchronisation), or 0-d tensors when ``sync_free``."""
+    def _metrics(self, ctx: dict, kl_tok: Tensor | None, mask: Tensor, sync_free: bool,
+                 terms: dict[str, Tensor]) -> tuple[dict[str, float | Tensor], int | None]:
+        """(TRL-named metrics, labelled tokens): floats and the count (one host synchronisation), or 0-d tensors
+        and None when ``sync_free``. No metrics for a batch without a labelled token. With several losses, each
+        one's mean is ``loss/<name>`` (unweighted)."""
         m: dict[str, Tensor] = {}
+        if len(terms) > 1:
+            m.update({f"loss/{name}": t.detach().float().mean() for name, t in terms.items()})
         if kl_tok is not None:
             m["kl/mean_token"] = (kl_tok * mask).sum() / mask.sum().clamp(min=1)
         if self.running_delta:
@@ -340,9 +366,29 @@ class PreferenceLoss(torch.nn.Module):
                 m[key] = self.beta * torch.where(sel, r, torch.zeros_like(r)).sum() / sel.sum()
                 m[f"{key}/count"] = sel.sum()
         if sync_free:
-            return {k: v.detach() for k, v in m.items() if not k.endswith("/count")}
-        values = dict(zip(m, torch.stack([v.double() for v in m.values()]).tolist())) if m else {}
-        return {k: v for k, v in values.items() if not k.endswith("/count") and values.get(f"{k}/count") != 0}
+            return {k: v.detach() for k, v in m.items() if not k.endswith("/count")}, None
+        m["tokens/count"] = mask.sum()
+        values = dict(zip(m, torch.stack([v.double() for v in m.values()]).tolist()))
+        metrics = {k: v for k, v in values.items() if not k.endswith("/count") and values.get(f"{k}/count") != 0}
+        if not values["tokens/count"]:
+            metrics = {}
+        return metrics, int(values["tokens/count"])
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """``warnings.warn(message)`` the first time this process sees it."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=2)
+
+
+def zero_loss(hidden: Tensor, weight: Tensor) -> Tensor:
+    """A float32 zero that depends on ``hidden`` and ``weight`` (their gradients are zeros, not None), so that a
+    backward pass and gradient synchronisation run as for any batch."""
+    return hidden.float().sum() * 0.0 + weight.float().sum() * 0.0 + 0.0  # + 0.0: never -0.0
 
 
 KL_MODES = ("k1", "k2", "k3", "exact")
@@ -360,7 +406,9 @@ class PolicyLoss(torch.nn.Module):
     importance_sampling_mode / _clip_min / _clip_max: how ``sampler_token_logps`` (log-probs from another
     inference engine) become the importance weight π_old/π_sampler (``fastpref.losses.sampler_importance_ratio``;
     TRL's ``vllm_importance_sampling_*``). Hyper-parameters (epsilon, epsilon_high, delta, beta, loss_type,
-    entropy_coef, ...) go to the loss.
+    entropy_coef, ...) go to the loss, checked as :class:`PreferenceLoss` checks its own. A batch without a
+    labelled token (no sequences, or every label ``ignore_index``) gives ``loss`` = a float32 zero that keeps the
+    graph, zero ``losses`` and no metrics, with a one-time warning.
     """
 
     def __init__(self, loss: str = "grpo", *, kl: str = "k3", entropy: bool = True,
@@ -368,6 +416,7 @@ class PolicyLoss(torch.nn.Module):
                  importance_sampling_clip_max: float | None = 3.0, temperature: float = 1.0,
                  softcap: float | None = None, ignore_index: int = -100, backend: str = "auto", **hparams):
         super().__init__()
+        loss = L.resolve(loss)
         self.fn = L.get(loss)
         params = loss_params(self.fn)
         if "advantages" not in params:
@@ -378,6 +427,7 @@ class PolicyLoss(torch.nn.Module):
         if "kl_estimator" in hparams:
             raise ValueError("pass the KL estimator as kl=..., not kl_estimator")
         check_hparams(hparams, params, [loss])
+        L.check_values({loss: self.fn}, hparams)
         if importance_sampling_mode not in L.rl.IMPORTANCE_SAMPLING_MODES:
             raise ValueError(f"importance_sampling_mode must be one of {L.rl.IMPORTANCE_SAMPLING_MODES}, "
                              f"got {importance_sampling_mode!r}")
@@ -432,6 +482,10 @@ class PolicyLoss(torch.nn.Module):
         losses = self.fn(**kw, advantages=advantages, mask=mask, importance_sampling_ratio=ratio,
                          num_items_in_batch=num_items_in_batch, **self.hparams,
                          **({} if self.kl == "exact" else {"kl_estimator": self.kl}))
+        if not int(mask.sum()):  # an empty or all-ignored batch: a zero loss that keeps the graph, no metrics
+            _warn_once("PolicyLoss: a batch without a labelled token (empty, or every label ignore_index) gives "
+                       "a zero loss")
+            return LossOutput(zero_loss(hidden, weight), losses.detach() * 0.0, {})
         metric_hp = {k: self.hparams[k] for k in ("epsilon", "epsilon_high", "delta", "use_bias_correction_kl")
                      if k in self.hparams}
         metrics = L.policy_metrics(kw["token_logps"], advantages, kw.get("old_token_logps"), mask, loss=self.loss,

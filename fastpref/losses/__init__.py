@@ -9,7 +9,7 @@ from .listwise import best_first_order
 from .pairwise import f_divergence_scores, logratios
 from .reduce import ld_dpo_partial_sums, ld_dpo_shared_lengths, masked_sums, packed_sums
 from .reference_free import alphapo_reward, log_odds
-from .registry import get, names
+from .registry import check_values, check_weights, get, names, resolve
 from .reward import gpm_score
 from .rl import (clipped_surrogate, entropy_bonus, kl_penalty, log_ratio, normalise, policy_metrics,
                  sampler_importance_ratio)
@@ -21,9 +21,10 @@ globals().update({_name: get(_name) for _name in names()})  # every registered l
 
 __all__ = [
     "alphapo_reward", "best_first_order", "clipped_surrogate", "combine", "entropy_bonus", "f_divergence_scores",
-    "get", "gpm_score", "kl_estimators", "kl_penalty", "log_ratio", "normalise", "policy_metrics", "rl",
+    "check_values", "check_weights", "get", "gpm_score", "kl_estimators", "kl_penalty", "log_ratio",
+    "normalise", "policy_metrics", "rl",
     "sampler_importance_ratio", "kto_mismatched_index", "kto_reference_point", "ld_dpo_partial_sums",
     "ld_dpo_shared_lengths", "listwise", "log1mexp", "log_odds", "logratios", "masked_sums", "names",
-    "packed_sums", "pairwise", "reduce", "reference_free", "reward", "token_level", "unpaired", "variants",
+    "packed_sums", "pairwise", "reduce", "reference_free", "resolve", "reward", "token_level", "unpaired", "variants",
     "wpo_weights",
 ] + names()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,32 +54,75 @@ class Dataset:
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(location, row) pairs; location is ``file:line`` for JSONL, ``file[row i]`` otherwise.
-    Rows that are not valid JSON are yielded as DataError instances."""
-    p = Path(path)
-    if p.is_dir():
-        from datasets import DatasetDict, load_from_disk
+DATASETS_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes at a folder's top
 
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _dataset_folder_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a `datasets` folder saved with ``save_to_disk`` (a DatasetDict: its "train" split, else the first)."""
+    if not any((p / m).is_file() for m in DATASETS_MARKERS):
+        raise DataError(f"{p}: a folder, but not a `datasets` folder saved with save_to_disk (it has no "
+                        f"{' or '.join(DATASETS_MARKERS)}); give a .jsonl or .parquet file, or such a folder")
+    from datasets import DatasetDict, load_from_disk
+
+    try:
         ds = load_from_disk(str(p))
         if isinstance(ds, DatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        for i, row in enumerate(ds):
-            yield f"{p}[row {i}]", row
-    elif p.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as e:  # noqa: BLE001 - missing or damaged arrow files raise many kinds of error
+        raise DataError(f"{p}: a `datasets` folder that cannot be read (missing or damaged files?): "
+                        f"{_first_line(e)}") from None
+    if first is not None:
+        yield f"{p}[row 0]", first
+    for i, row in enumerate(rows, 1):
+        yield f"{p}[row {i}]", row
 
-        for i, row in enumerate(pq.read_table(p).to_pylist()):
-            yield f"{p}[row {i}]", row
+
+def _parquet_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid / OSError for truncated or foreign files
+        raise DataError(f"{p}: not a readable Parquet file (truncated or damaged?): {_first_line(e)}") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{p}[row {i}]", row
+
+
+def _jsonl_rows(p: Path) -> Iterator[tuple[str, Any]]:
+    first = True
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if first and line.lstrip().startswith("["):
+                raise DataError(f"{p}: a JSON array; JSON Lines is expected (one JSON object per line, e.g. "
+                                "written with pandas' to_json(orient='records', lines=True))")
+            first = False
+            try:
+                yield f"{p}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{p}:{n}", DataError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(location, row) pairs; location is ``file:line`` for JSON Lines, ``file[row i]`` otherwise. Rows that are
+    not valid JSON are yielded as DataError instances; a file or folder that is not what its kind needs (a
+    JSON array instead of JSON Lines, a truncated Parquet file, a folder not saved by ``datasets``) raises one."""
+    p = Path(path)
+    if p.is_dir():
+        yield from _dataset_folder_rows(p)
+    elif p.suffix == ".parquet":
+        yield from _parquet_rows(p)
     elif p.suffix in (".jsonl", ".json", ".ndjson"):
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{p}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{p}:{n}", DataError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+        yield from _jsonl_rows(p)
     elif not p.exists():
         raise FileNotFoundError(f"--data {p}: no such file or folder")
     else:
@@ -133,8 +175,7 @@ def _numbers(row: dict, key: str, k: int, where: str) -> list[float] | None:
         raise DataError(f"{where}: {key!r} must be a list of numbers, got {v!r:.80}")
     if len(v) != k:
         raise DataError(f"{where}: {key!r} has {len(v)} entries for {k} responses")
-    if not all(math.isfinite(x) for x in v):
-        raise DataError(f"{where}: {key!r} has a non-finite value")
+    F.check_values(key, key, v, where, DataError)
     return [float(x) for x in v]
 
 
@@ -173,6 +214,15 @@ def validate(row: Any, layout: str, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
+def with_start(tokenizer, prompt_ids: list[int]) -> list[int]:
+    """``prompt_ids``, or for an empty prompt that the tokenizer gave no BOS (GPT-2 / Qwen style) a start token,
+    BOS else EOS, so that a completion's first token has a position that predicts it ([] when it has neither)."""
+    if prompt_ids:
+        return prompt_ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [] if start is None else [start]
+
+
 @dataclass
 class Tokenize:
     """Turns validated rows into token ids. Truncation policy: prompts longer than ``max_prompt_length`` keep
@@ -213,6 +263,10 @@ class Tokenize:
             c = c + [tok.eos_token_id]
         if not c or (tok.eos_token_id is not None and len(c) == 1):
             raise DataError(f"{where}: a completion is empty after tokenization")
+        p = with_start(tok, p)
+        if not p:
+            raise DataError(f"{where}: the prompt is empty and the tokenizer has no BOS or EOS token to start "
+                            "the sequence with")
         if self.max_prompt_length is not None and len(p) > self.max_prompt_length:
             p = p[-self.max_prompt_length:]
         if len(p) >= self.max_length:
@@ -325,13 +379,25 @@ def pad_id_of(tokenizer) -> int:
 
 def split_by_prompt(full: Dataset, fraction: float) -> tuple[Dataset, Dataset | None]:
     """(training set, held-out set or None): a deterministic split by a hash of the prompt, so that no prompt is
-    in both; about ``fraction`` of the prompts are held out (all rows train when none would be left)."""
+    in both; about ``fraction`` of the prompts are held out. DataError when that leaves no training row (held-out
+    rows are never trained on)."""
     pick = lambda e: int(hashlib.sha256(e.prompt_key.encode()).hexdigest()[:8], 16) % 10_000 \
         < fraction * 10_000  # noqa: E731
     ev = [e for e in full.examples if pick(e)]
-    tr = [e for e in full.examples if not pick(e)] or ev
+    tr = [e for e in full.examples if not pick(e)]
+    if not tr:
+        raise DataError(f"--eval-fraction {fraction:g}: every prompt of {full.source} ({len(full)} rows) would be "
+                        "held out, leaving none to train on; lower it or give --eval-data")
     held = Dataset(full.layout, ev, full.source + " (held-out split)") if ev else None
     return Dataset(full.layout, tr, full.source, full.skipped, full.truncated), held
+
+
+def completion_labels(prompt_len: int, completion: list[int]) -> list[int]:
+    """Shifted labels of one sequence of ``prompt_len`` prompt tokens then ``completion`` (length
+    prompt_len + len(completion)): position t is labelled with token t+1 when that token is part of the
+    completion, else -100. With an empty prompt the first completion token has no position before it, so it is
+    not labelled (:class:`Tokenize` gives such prompts a start token, so that it is)."""
+    return ([-100] * prompt_len + completion)[1:] + [-100]
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: int = 0, pack_length: int = 0,
@@ -347,7 +413,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], *, packed: bool, pad_id: in
     for p, c in seqs:
         toks = p + c
         ids.append(toks)
-        labs.append([-100] * (len(p) - 1) + c + [-100])
+        labs.append(completion_labels(len(p), c))
     idx = torch.tensor(index or [], dtype=torch.long)
     inputs = dict(inputs or {})
     if sequence_labels:

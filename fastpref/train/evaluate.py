@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from .data import with_start
 from .generate import generate
 
 Verifier = Callable[[Any, str], dict]
@@ -25,8 +26,10 @@ def prompt_text(tokenizer, prompt: str | list) -> str:
 
 def prompt_ids(tokenizer, prompt: str | list) -> list[int]:
     """Token ids of a prompt as training sees it: plain text with the tokenizer's special tokens (BOS), or chat
-    messages rendered by the chat template (which brings its own special tokens)."""
-    return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))["input_ids"]
+    messages rendered by the chat template (which brings its own special tokens); an empty prompt starts with
+    the token that training starts it with (:func:`~fastpref.train.data.with_start`)."""
+    ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))["input_ids"]
+    return with_start(tokenizer, ids)
 
 
 def greedy_answers(model: nn.Module, tokenizer, prompts: Sequence[str | list], *, max_new_tokens: int = 32,

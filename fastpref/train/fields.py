@@ -26,6 +26,23 @@ NUMBERS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str]] = {
                        "log q(y_i) of each response under the proposal that sampled it (BRAIn)"),
     "probability": ("unpaired", (), ("probability",), "judge probability P(y ≻ y') of the completion (Nash-MD)"),
 }
+# fields that are probabilities: in [0, 1] (every other number only has to be finite in float32)
+PROBABILITIES = ("preference_probability", "chosen_winrate", "rejected_winrate", "probability")
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_values(name: str, key: str, values: list, where: str, error) -> None:
+    """``error`` (an exception class) naming ``where`` and the field ``key`` unless every value is finite in
+    float32, the dtype the loss reads it in, and (for :data:`PROBABILITIES`) in [0, 1]."""
+    for x in values:
+        if not math.isfinite(x):
+            raise error(f"{where}: {key!r} has a non-finite value")
+        if abs(x) > FLOAT32_MAX:
+            raise error(f"{where}: {key!r} is {x:g}, beyond float32's range (±3.4e38) in which the loss reads it")
+        if name in PROBABILITIES and not 0.0 <= x <= 1.0:
+            raise error(f"{where}: {key!r} is {x:g}, expected a probability in [0, 1]")
+
+
 # text fields the trainer scores with the policy (log-probs with gradients): (layout, context, loss input)
 TEXTS: dict[str, tuple[str, str, str]] = {
     "rationale": ("pairs", "prompt + chosen + rejected", "rationale_logps"),
@@ -70,8 +87,7 @@ def read_numbers(row: dict, layout: str, k: int, where: str, error) -> dict[str,
                         f"got {v!r:.80}")
         if layout == "list" and len(vals) != k:
             raise error(f"{where}: {key!r} has {len(vals)} entries for {k} responses")
-        if not all(math.isfinite(x) for x in vals):
-            raise error(f"{where}: {key!r} has a non-finite value")
+        check_values(name, key, vals, where, error)
         out[name] = [float(x) for x in vals] if layout == "list" else float(v)
     return out
 

@@ -88,15 +88,16 @@ class PreferenceRun(References, PhasedRun):
     def __init__(self, cfg: Config, d: Dist):
         super().__init__(cfg, d)
         torch.manual_seed(cfg.seed)
-        self.policy = self.make_model().to(d.device)
-        self.softcap = final_softcap(self.policy)
-        data = load_data(cfg, self.tok, self.log)
+        data = load_data(cfg, self.tok, self.log)  # data errors and a loss the data cannot feed: before the model
         self.train, self.sft_data, self.eval = data.train, data.sft, data.eval
         self.verifier, self.eval_prompts = data.verifier, data.eval_prompts
-        self.loss = make_loss(cfg.loss_weights(), cfg.loss_hparams(), self.train.layout,
-                              self.train.num_responses, self.softcap, cfg.backend)
+        self.loss = self.make_loss(None)
         self.ref_mode = self._ref_mode()
         check_loss(cfg, self.loss, self.train, self.ref_mode)
+        self.policy = self.make_model().to(d.device)
+        self.softcap = final_softcap(self.policy)
+        if self.softcap is not None:
+            self.loss = self.make_loss(self.softcap)
         self.packed = use_packing(self.policy, cfg.packing, self.log)
         self.pack_length = cfg.pack_length if cfg.pack_length is not None else cfg.max_length
         if cfg.gradient_checkpointing:
@@ -110,6 +111,11 @@ class PreferenceRun(References, PhasedRun):
                        Phase("pref", self.sft_steps, self.pref_steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)]
         self.ref = self.ref_train = self.ref_eval = self.prev_train = self.token_rm = None
         self.before: dict | None = None
+
+    def make_loss(self, softcap: float | None) -> PreferenceLoss:
+        """The loss of ``--loss`` for the training data's layout, with the policy's final logit ``softcap``."""
+        return make_loss(self.cfg.loss_weights(), self.cfg.loss_hparams(), self.train.layout,
+                         self.train.num_responses, softcap, self.cfg.backend)
 
     def make_model(self) -> nn.Module:
         """A fresh policy (the tiny demo model or --model), without disturbing the global RNG."""

@@ -32,7 +32,7 @@ from ..nn import PreferenceLoss, loss_params
 from . import data as D
 from .config import REAL_DEFAULTS, SYNTHETIC_DEFAULTS, Config
 from .dist import Dist
-from .fields import source
+from .fields import check_values, source
 from .folder import claimed
 from .model import load_model, tiny_model
 from .objective import Objective
@@ -77,6 +77,7 @@ def _score_rows(rows, tk: D.Tokenize, where_prefix: str) -> tuple[list[D.Example
                                                          and math.isfinite(x) for x in sc):
             raise D.DataError(f"{where}: score rows need 'scores' (a list of numbers, or the same attribute → "
                               f"number mapping in every row), 'score', or HelpSteer2's {list(HELPSTEER)}")
+        check_values("scores", "scores" if "scores" in row else "score", sc, where, D.DataError)  # float32
         attrs = attrs or [f"score_{i}" for i in range(len(sc))]
         if len(sc) != len(attrs):
             raise D.DataError(f"{where}: {len(sc)} scores, but earlier rows have {len(attrs)}")

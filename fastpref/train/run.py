@@ -25,6 +25,22 @@ from .dist import Dist, setup
 from .folder import allowed, identity
 from .objective import call
 from .outputs import Outputs
+from .validate import UserError
+
+
+class NonFinite(UserError):
+    """Training met a non-finite loss or gradient: the run stops before the optimizer applies it."""
+
+
+def stop_if_not_finite(step: int, phase: str, values: dict[str, float]) -> None:
+    """Raise :class:`NonFinite` (one line naming step ``step`` of ``phase`` and each non-finite value of
+    ``values``, e.g. the loss and the gradient norm) unless every value is finite."""
+    bad = [f"{name} = {v}" for name, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFinite(f"training stopped at step {step} ({phase}): {', '.join(bad)}; the step was not applied "
+                        "and no checkpoint, final model or summary was written from it (lower --lr or "
+                        "--max-grad-norm, or check the data's numbers; --resume auto continues from the last "
+                        "checkpoint)")
 
 
 def load_tokenizer(model: str | None, tokenizer: str | None = None):
@@ -137,7 +153,8 @@ class Core:
         """Run the optimizer steps of ``phase`` from the current step; yields each step's record: the mean over
         micro-batches (and ranks) of what ``micro_step(step, micro)`` returned (it runs forward and backward of
         one micro-batch, its loss already divided by the accumulation count), with step (after the update),
-        phase, lr, grad_norm (before clipping) and time."""
+        phase, lr, grad_norm (before clipping) and time. A non-finite loss or gradient norm stops the run
+        (:class:`NonFinite`) before the optimizer step."""
         accum = getattr(self.cfg, "grad_accum", 1)
         while self.step < phase.end:
             lr = phase.lr_at(self.step)
@@ -152,10 +169,12 @@ class Core:
             gn = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
                                                 self.cfg.max_grad_norm)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            rec = self.mean(recs)
+            terms = {k: v for k, v in rec.items() if k == "loss" or k.startswith("loss/")}  # loss/<name>: a term
+            stop_if_not_finite(self.step + 1, phase.name, {**terms, "grad_norm": float(gn)})
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.step += 1
-            rec = self.mean(recs)
             rec.update(step=self.step, phase=phase.name, lr=lr, grad_norm=float(gn), time=time.time() - self.t0)
             yield rec
 

@@ -7,7 +7,6 @@ pieces (:func:`check_numbers`, :func:`check_path`, :func:`resolve_losses`, :func
 """
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +35,16 @@ NUMBERS: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
     "warmup_ratio": (float, 0, 1, True, False), "min_lr_ratio": (float, 0, 1, True, True),
     "eval_fraction": (float, 0, 1, True, False),
 }
+# the online mode's settings (``fastpref train --online``): its own numbers, and evaluation every N >= 1 rounds
+ONLINE_NUMBERS: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
+    **NUMBERS, "eval_every": (int, 1, None, True, True), "rounds": (int, 1, None, True, True),
+    "samples": (int, 1, None, True, True), "prompts_per_round": (int, 1, None, True, True),
+    "max_new_tokens": (int, 1, None, True, True), "gen_batch": (int, 1, None, True, True),
+    "temperature": (float, 0, None, False, True), "top_p": (float, 0, 1, False, True),
+    "margin": (float, 0, 1, True, True), "mixture_coef": (float, 0, 1, True, True),
+    "demo_correct_fraction": (float, 0, 1, True, True), "judge_temperature": (float, 0, None, True, True),
+    "judge_timeout": (float, 0, None, False, True),
+}
 
 
 def _expected(kind: type, lo, hi, lo_in: bool, hi_in: bool) -> str:
@@ -47,9 +56,10 @@ def _expected(kind: type, lo, hi, lo_in: bool, hi_in: bool) -> str:
     return what
 
 
-def number(name: str, value: Any, where: str) -> int | float:
-    """``value`` (a flag's or YAML's; strings such as "1e-4" are read as numbers) checked against NUMBERS."""
-    kind, lo, hi, lo_in, hi_in = NUMBERS[name]
+def number(name: str, value: Any, where: str, table: dict = NUMBERS) -> int | float:
+    """``value`` (a flag's or YAML's; strings such as "1e-4" are read as numbers) checked against ``table``
+    (:data:`NUMBERS`, or :data:`ONLINE_NUMBERS`)."""
+    kind, lo, hi, lo_in, hi_in = table[name]
     expected = _expected(kind, lo, hi, lo_in, hi_in)
     v = value
     if isinstance(v, str):
@@ -67,9 +77,10 @@ def number(name: str, value: Any, where: str) -> int | float:
     return v
 
 
-def check_numbers(values: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
-    """``values`` with every known number checked and converted; ``where(field)`` names its flag or YAML line."""
-    return {k: (number(k, v, where(k)) if k in NUMBERS and v is not None else v) for k, v in values.items()}
+def check_numbers(values: dict[str, Any], where: Callable[[str], str], table: dict = NUMBERS) -> dict[str, Any]:
+    """``values`` with every number of ``table`` checked and converted; ``where(field)`` names its flag or YAML
+    line."""
+    return {k: (number(k, v, where(k), table) if k in table and v is not None else v) for k, v in values.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ paths
@@ -96,33 +107,41 @@ def check_path(flag: str, value: str | None, kind: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- losses
-# Names the papers and TRL use → registry names.
-LOSS_ALIASES = {
-    "dpo": "sigmoid", "rso": "hinge", "r_dpo": "rdpo", "bradley_terry": "bt", "reward": "bt", "rm": "bt",
-    "pl": "plackett_luce", "listmle": "plackett_luce", "lipo": "lipo_lambda", "dpo_positive": "dpop",
-    "aot_pair": "aot", "nll": "sft",
-}
-
-
 def resolve_losses(weights: dict[str, float], names: list[str]) -> tuple[dict[str, float], list[str]]:
     """Registry names for the loss names given (aliases mapped; case and '-' ignored) and notes on the
-    mappings; an unknown name is a UserError with the closest known names."""
+    mappings; an unknown name or a weight that is not a finite number > 0 is a UserError (the API's checks,
+    :mod:`fastpref.losses.registry`)."""
+    from ..losses import registry
+
     out, notes = {}, []
     for given, w in weights.items():
-        key = given.strip().lower().replace("-", "_")
-        if key in names:
-            name = key
-        elif key in LOSS_ALIASES:
-            name = LOSS_ALIASES[key]
+        try:
+            registry.check_weights({given: w})
+        except ValueError as e:
+            raise UserError(f"--{e}") from None
+        try:
+            name = registry.resolve(given)
+        except ValueError:
+            raise UserError(f"--loss {given}: {registry.unknown_name(given)}") from None
+        if name not in names:
+            raise UserError(f"--loss {given}: {registry.unknown_name(given)}")
+        if given.strip().lower().replace("-", "_") in registry.ALIASES:
             notes.append(f"--loss {given}: using the registry's {name!r}")
-        else:
-            close = difflib.get_close_matches(key, names + list(LOSS_ALIASES), n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"known: {', '.join(names)}"
-            raise UserError(f"--loss {given}: unknown loss; {hint} (DPO is 'sigmoid')")
-        if not math.isfinite(w):
-            raise UserError(f"--loss {given}={w}: expected a finite weight")
         out[name] = out.get(name, 0.0) + w
     return out, notes
+
+
+def check_loss_values(weights: dict[str, float], hparams: dict[str, Any], beta: float | None) -> None:
+    """--beta and --loss-args values checked as the losses check them (finite in float32, in range)."""
+    from .. import losses
+
+    fns = {n: losses.get(n) for n in weights}
+    for key, value in ({**hparams, "beta": beta} if beta is not None else hparams).items():
+        try:
+            losses.check_values(fns, {key: value})
+        except ValueError as e:
+            raise UserError(f"--beta {value}: {str(e).split(': ', 1)[1]}" if key == "beta" and key not in hparams
+                            else f"--loss-args {e}") from None
 
 
 # ----------------------------------------------------------------------------------------- device, backend
@@ -167,6 +186,8 @@ def check_rows(path: str, flag: str, skip_bad_rows: bool) -> None:
                 if not skip_bad_rows:
                     raise UserError(f"{flag}: {e}") from None
                 bad, first = bad + 1, first or str(e)
+    except D.DataError as e:  # the file or folder as a whole (a JSON array, a truncated Parquet file, ...)
+        raise UserError(f"{flag}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{flag} {path}: cannot read it ({e})") from None
     if not good:
@@ -238,8 +259,9 @@ def check(cfg, log: Callable[[str], None] = print):
     for key in hparams:
         if key not in accepted:
             raise UserError(f"--loss-args {key}: not a parameter of {', '.join(weights)}")
+    check_loss_values(weights, hparams, cfg.beta)
     check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if path and Path(path).is_file() and cfg.task != "reward":  # reward data (score rows too): reward.load
+        if path and cfg.task != "reward":  # reward data (score rows too): reward.load
             check_rows(path, flag, cfg.skip_bad_rows)
     return dataclasses.replace(cfg, loss=weights)

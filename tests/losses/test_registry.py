@@ -118,9 +118,12 @@ def test_bf16_inputs_are_computed_in_fp32():
     assert out.dtype == torch.float32
 
 
-def test_unknown_name_lists_known():
-    with pytest.raises(ValueError, match="unknown loss 'dpo'.*sigmoid"):
-        L.get("dpo")
+def test_papers_names_map_and_unknown_names_get_the_closest():
+    assert L.get("dpo") is L.sigmoid and L.get("DPO") is L.sigmoid and L.resolve("RSO") == "hinge"
+    with pytest.raises(ValueError, match="loss 'sigmoud': unknown loss; did you mean 'sigmoid'"):
+        L.get("sigmoud")
+    with pytest.raises(ValueError, match="known: .*sigmoid"):
+        L.get("zzz")
 
 
 @pytest.mark.parametrize("name,missing", [

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from fastpref.train import main
-from fastpref.train.validate import LOSS_ALIASES, UserError, resolve_losses
+from fastpref.losses.registry import ALIASES as LOSS_ALIASES
+from fastpref.train.validate import UserError, resolve_losses
 
 from conftest import SHORT
 

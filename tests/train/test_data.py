@@ -154,3 +154,41 @@ def test_epoch_batches_never_wrap_and_cover_each_epoch_once():
         assert sorted(i for b in steps[3 * e:3 * e + 3] for i in b) == list(range(n))
     assert D.epoch_batch(n, 5, 0, 32) == D.order(n, 5, 0, n)  # fewer items than a batch: each once
     assert D.epoch_batch(0, 5, 0, 32) == []
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_empty_prompt_labels_predict_the_next_token(packed):
+    """Labels are shifted: a sequence with no prompt token cannot label its first completion token with itself
+    (padded batches did, packed ones crashed)."""
+    b = D.collate([([], [7, 8, 3]), ([2, 14, 5], [7, 8, 3])], packed=packed)
+    first = b.labels[:3] if packed else b.labels[0, :3]
+    assert first.tolist() == [8, 3, -100]
+    assert (b.labels[3:] if packed else b.labels[1]).tolist() == [-100, -100, 7, 8, 3, -100]
+
+
+class _NoBos:
+    """A GPT-2 / Qwen style tokenizer: no BOS added, EOS only (the bundled one, with BOS dropped)."""
+
+    bos_token_id, eos_token_id, chat_template = None, TOK.eos_token_id, None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = TOK(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids}
+
+
+@pytest.mark.parametrize("row", [{"prompt": "", "chosen": "3 4", "rejected": "3 5"},
+                                 {"prompt": "", "completion": "3 4", "label": True},
+                                 {"prompt": "", "responses": ["3", "4"], "scores": [1, 0]}])
+def test_empty_prompt_without_bos_scores_every_completion_token(tmp_path, row):
+    ds = load(tmp_path, [row], tokenize=D.Tokenize(_NoBos(), 32))
+    for p, c in ds.examples[0].seqs:
+        assert p == [TOK.eos_token_id]
+        b = D.collate([(p, c)], packed=False)
+        assert b.labels[0].tolist() == c + [-100]
+
+
+def test_empty_prompt_is_generated_from_the_token_training_starts_it_with():
+    from fastpref.train.evaluate import prompt_ids
+
+    assert prompt_ids(_NoBos(), "") == [TOK.eos_token_id] and prompt_ids(TOK, "") == [TOK.bos_token_id]
+    assert prompt_ids(_NoBos(), "add 1 : 2") == TOK("add 1 : 2", add_special_tokens=False)["input_ids"]

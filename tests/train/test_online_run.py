@@ -93,7 +93,7 @@ def test_two_processes_match_one(tmp_path, straight):
     (["--algorithm", "nope"], "invalid choice"),
     (["--samples", "1"], "needs at least 2 samples"),
     (["--prompts", "missing.jsonl", "--judge", "m:f"], "no such file"),
-    (["--mixture-coef", "2"], "expected a value in"),
+    (["--mixture-coef", "2"], "--mixture-coef 2.0: expected a number in [0, 1]"),
     (["--loss-args", "gamma=1"], "not taken by loss"),
     (["--judge", "no_such_mod_q:f"], "cannot import module"),
     (["--algorithm", "nash_md", "--epochs", "2"], "exactly one optimiser step"),

@@ -247,6 +247,7 @@ class ItemLoss:
         unknown = sorted(set(hparams) - accepted)
         if unknown:
             raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
+        L.check_values(self.fns, hparams)  # the API's checks of values (finite, in range)
         self.hparams, self.pad_id, self.backend, self.logps = dict(hparams), pad_id, backend, logps
         self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in accepted)
         self.needs_prev = any(p.startswith("prev_") for p in accepted)

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import _Parser, parse_kv, read_yaml
-from ..validate import UserError, check_path
+from ..config import _Parser, _join_negative_numbers, parse_kv, read_yaml
+from ..validate import ONLINE_NUMBERS, UserError, check_numbers, check_path
 from .algorithms import ALGORITHMS
 
 # The embedded demo (synthetic task, no --model): a weak SFT start, then SPPO rounds judged by the verifier.
@@ -34,6 +34,7 @@ class OnlineConfig:
     eval_prompts: str | None = None
     judge: str | None = None
     judge_temperature: float | None = None
+    judge_timeout: float = 600.0
     rounds: int | None = None
     samples: int | None = None
     prompts_per_round: int | None = None
@@ -119,19 +120,7 @@ def validate(c: OnlineConfig) -> None:
         bad(f"--samples {c.samples}: {alg.name} needs at least {need} samples per prompt")
     if alg.name in ("inpo", "online_dpo", "online_ipo", "vpo", "nash_md", "xpo") and c.samples not in (None, alg.samples):
         bad(f"--samples: {alg.name} uses exactly {alg.samples} policy sample(s) per prompt")
-    for name, v, lo, hi in (("margin", c.margin, 0.0, 1.0), ("mixture_coef", c.mixture_coef, 0.0, 1.0),
-                            ("demo_correct_fraction", c.demo_correct_fraction, 0.0, 1.0),
-                            ("top_p", c.top_p, 1e-6, 1.0)):
-        if v is not None and not lo <= v <= hi:
-            bad(f"--{name.replace('_', '-')} {v}: expected a value in [{lo}, {hi}]")
-    if c.temperature is not None and c.temperature <= 0:
-        bad(f"--temperature {c.temperature}: must be > 0 (greedy decoding is used for evaluation only)")
-    for name in ("rounds", "prompts_per_round", "batch_size", "max_new_tokens", "sft_steps"):
-        v = getattr(c, name)
-        if v is not None and v < (0 if name == "sft_steps" else 1):
-            bad(f"--{name.replace('_', '-')} {v}: must be positive")
-    if (c.epochs is not None and c.epochs <= 0) or c.gen_batch < 1:
-        bad("--epochs and --gen-batch must be positive")
+    check_numbers(dataclasses.asdict(c), _flag, ONLINE_NUMBERS)  # each number: finite, in its range (UserError)
     if alg.online and c.epochs not in (None, 1):
         bad(f"--epochs {c.epochs}: {alg.name} takes exactly one optimiser step per freshly sampled batch")
     if c.lr_schedule not in ("constant", "linear"):
@@ -169,6 +158,7 @@ HELP = {
     "judge": "'verifier' (synthetic default), 'module:function' (reward function), 'pairwise:module:function' "
              "(P(a ≻ b)) or a local sequence-classification reward-model folder",
     "judge_temperature": "P(y ≻ y') = σ((r − r')/τ) for reward judges (0: hard 1/½/0; default 1, verifier 0)",
+    "judge_timeout": "seconds a judge function may take for one call before the run stops (default 600)",
     "rounds": "rounds (iterative) or steps (online) (default: the algorithm's)",
     "samples": "K completions per prompt from the policy (default: the algorithm's)",
     "prompts_per_round": "prompts sampled per round (iterative algorithms)",
@@ -239,17 +229,18 @@ def wants_online(argv: list[str]) -> bool:
 
 
 def load_config(argv: list[str] | None = None) -> OnlineConfig:
-    ns = parser().parse_args(argv)
+    ns = parser().parse_args(_join_negative_numbers(list(argv if argv is not None else [])))
     values: dict[str, Any] = {}
     if ns.config:
-        data = read_yaml(ns.config)[0]
+        data, lines = read_yaml(ns.config)
         data.pop("online", None)
         known = {f.name for f in dataclasses.fields(OnlineConfig)}
         unknown = sorted(k for k in data if k not in known)
         if unknown:
             raise SystemExit(f"{ns.config}: unknown online setting(s) {unknown}")
-        values.update(data)
-    values.update({k: v for k, v in vars(ns).items() if v is not None and k not in ("config", "online")})
+        values.update(check_numbers(data, lambda k: f"{ns.config} line {lines.get(k, '?')}: {k}", ONLINE_NUMBERS))
+    flags = {k: v for k, v in vars(ns).items() if v is not None and k not in ("config", "online")}
+    values.update(check_numbers(flags, _flag, ONLINE_NUMBERS))
     if values.get("distributed", "auto") == "auto":
         values["distributed"] = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
     return OnlineConfig(**values)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -138,20 +139,48 @@ def _import(path: str, what: str) -> Callable:
     return obj
 
 
+def guarded(fn: Callable, args: tuple, what: str, timeout: float | None) -> Any:
+    """``fn(*args)`` (a user's judge function) under the one-line error rule: whatever it raises becomes a
+    :class:`JudgeError` naming ``what``, and so does no answer within ``timeout`` seconds (None: no limit). The
+    call runs in a daemon thread, so a judge that hangs cannot keep the process alive after the error."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - reported as one line
+            box["error"] = e
+
+    worker = threading.Thread(target=call, name=f"judge {what}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise JudgeError(f"{what} gave no answer within {timeout:g} s (--judge-timeout)")
+    if "error" in box:
+        e = box["error"]
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise JudgeError(f"{what} raised {type(e).__name__}" + (f": {text}" if text else ""))
+    return box["value"]
+
+
 class RewardFunction(Judge):
-    def __init__(self, fn: Callable, name: str, temperature: float):
-        self.fn, self.name, self.temperature = fn, name, temperature
+    def __init__(self, fn: Callable, name: str, temperature: float, timeout: float | None = None):
+        self.fn, self.name, self.temperature, self.timeout = fn, name, temperature, timeout
 
     def rewards(self, prompts, completions):
-        return _floats(self.fn(list(prompts), list(completions)), len(completions), f"reward function {self.name}")
+        what = f"reward function {self.name}"
+        return _floats(guarded(self.fn, (list(prompts), list(completions)), what, self.timeout), len(completions),
+                       what)
 
 
 class PairwiseFunction(Judge):
-    def __init__(self, fn: Callable, name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable, name: str, timeout: float | None = None):
+        self.fn, self.name, self.timeout = fn, name, timeout
 
     def prefer(self, prompts, a, b):
-        return _floats(self.fn(list(prompts), list(a), list(b)), len(a), f"pairwise judge {self.name}", 0.0, 1.0)
+        what = f"pairwise judge {self.name}"
+        return _floats(guarded(self.fn, (list(prompts), list(a), list(b)), what, self.timeout), len(a), what,
+                       0.0, 1.0)
 
 
 class RewardModel(Judge):
@@ -184,18 +213,20 @@ class RewardModel(Judge):
         return _floats(out, len(texts), f"reward model {self.name}")
 
 
-def make_judge(spec: str | None, *, synthetic: bool, temperature: float = 0.0, device="cpu") -> Judge:
-    """The judge named by ``--judge`` (see the module docstring); ``None`` → the verifier on the synthetic task."""
+def make_judge(spec: str | None, *, synthetic: bool, temperature: float = 0.0, device="cpu",
+               timeout: float | None = None) -> Judge:
+    """The judge named by ``--judge`` (see the module docstring); ``None`` → the verifier on the synthetic task.
+    ``timeout``: seconds a user's judge function may take for one call (:func:`guarded`)."""
     if spec in (None, "", "verifier"):
         if not synthetic and spec != "verifier":
             raise JudgeError("--judge is required with --prompts (the verifier only knows the synthetic task): "
                              "'module:function', 'pairwise:module:function' or a reward-model folder")
         return Verifier()
     if spec.startswith("pairwise:"):
-        return PairwiseFunction(_import(spec[len("pairwise:"):], "pairwise:module:function"), spec)
+        return PairwiseFunction(_import(spec[len("pairwise:"):], "pairwise:module:function"), spec, timeout)
     if Path(spec).is_dir():
         return RewardModel(spec, temperature, device)
     if ":" in spec and not spec.startswith((".", "/")):
-        return RewardFunction(_import(spec, "module:function"), spec, temperature)
+        return RewardFunction(_import(spec, "module:function"), spec, temperature, timeout)
     raise JudgeError(f"--judge {spec!r}: expected 'verifier', 'module:function', 'pairwise:module:function' "
                      "or a local reward-model folder")

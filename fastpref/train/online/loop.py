@@ -48,7 +48,7 @@ class OnlineRun(Rounds, Core):
         self.eos_id = self.tok.eos_token_id
         try:
             self.judge: Judge = make_judge(cfg.judge, synthetic=cfg.synthetic, temperature=cfg.judge_temperature,
-                                           device=d.device)
+                                           device=d.device, timeout=cfg.judge_timeout)
         except JudgeError as e:
             raise SystemExit(str(e)) from None
         self.train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
@@ -81,8 +81,11 @@ class OnlineRun(Rounds, Core):
             if not start_file.is_file():
                 self.out.write_json(start_file, texts, wait=False)
             start = json.loads(start_file.read_text())
-            rec["eval/winrate_vs_start"] = sum(self.judge.prefer(prompts, texts, start)) / len(texts)
-            rewards = self.judge.rewards(prompts, texts)
+            try:  # the judge's answers, under the same one-line rule as in the rounds
+                rec["eval/winrate_vs_start"] = sum(self.judge.prefer(prompts, texts, start)) / len(texts)
+                rewards = self.judge.rewards(prompts, texts)
+            except JudgeError as e:
+                raise SystemExit(f"judge failed: {e}") from None
             if rewards is not None:
                 rec["eval/judge_score"] = sum(rewards) / len(rewards)
             if self.cfg.synthetic:

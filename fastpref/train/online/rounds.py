@@ -17,6 +17,7 @@ import torch.distributed as tdist
 from .. import data as D
 from ..dist import Dist
 from ..generate import generate
+from ..run import stop_if_not_finite
 from . import algorithms as A
 from .extragradient import ExtraGradient
 from .judges import JudgeError
@@ -138,7 +139,9 @@ class Rounds:
             gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
             total = torch.tensor([float(loss_sum.detach()) if loss_sum is not None else 0.0], dtype=torch.float64)
             self.d.sum_(total)
-            return float(total) / max(n_global, 1), float(gn)
+            loss = float(total) / max(n_global, 1)
+            stop_if_not_finite(self.step + 1, "online", {"loss": loss, "grad_norm": float(gn)})  # before a step
+            return loss, float(gn)
         return closure
 
     def _batch_closure(self, r: int, items: list[A.Item]):

@@ -30,7 +30,10 @@ def read_prompts(path: str) -> list:
             raise SystemExit(str(row))
         if not isinstance(row, dict) or "prompt" not in row:
             raise SystemExit(f"{where}: expected a row with a 'prompt' field")
-        out.append(row["prompt"])
+        try:  # text or chat messages, as in the offline data
+            out.append(D._text_or_messages(row, "prompt", where))
+        except D.DataError as e:
+            raise SystemExit(str(e)) from None
     if not out:
         raise SystemExit(f"{path}: no prompts")
     return out
