@@ -214,18 +214,6 @@ def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> No
                         "--resume auto, replace it with --overwrite, or choose another --output-dir")
 
 
-def clear_previous_run(output_dir: str) -> None:
-    """--overwrite: remove the earlier run's files (only those; anything else in the folder stays)."""
-    import shutil
-
-    out = Path(output_dir)
-    for f in previous_run(out):
-        p = out / f
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for png in out.glob("*.png"):
-        png.unlink()
-
-
 # ------------------------------------------------------------------------------------------------ everything
 def check(cfg, log: Callable[[str], None] = print):
     """``cfg`` checked (paths, losses and their arguments, data rows, output folder) before anything heavy runs;
