@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,40 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def _is_dropout_rate(name: str, value: object) -> bool:
+    """A float setting that names a dropout probability (``attention_dropout``, ``hidden_dropout_prob``,
+    GPT-2's ``resid_pdrop``, ...)."""
+    return isinstance(value, float) and not isinstance(value, bool) and ("dropout" in name or name.endswith("pdrop"))
+
+
+def disable_dropout(model: nn.Module) -> Callable[[], None]:
+    """Switch dropout off in ``model`` whatever its mode: every ``nn.Dropout``-like module gets p = 0, and so do
+    the float dropout rates that modules keep as attributes (Hugging Face attention reads
+    ``self.attention_dropout``) and those of the models' ``config`` (read by some models at forward time).
+    Returns a function that puts the configs' values back (so a saved model keeps the user's settings)."""
+    saved: list[tuple[object, str, float]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and id(config) not in seen:
+            seen.add(id(config))
+            for name, value in list(vars(config).items()):
+                if _is_dropout_rate(name, value):
+                    saved.append((config, name, value))
+                    setattr(config, name, 0.0)
+
+    def restore() -> None:
+        for config, name, value in saved:
+            setattr(config, name, value)
+
+    return restore
 
 
 def decoder(model: nn.Module) -> nn.Module:

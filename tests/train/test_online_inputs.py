@@ -312,3 +312,23 @@ def test_reward_model_folder_judge(tmp_path):
     r = judge.rewards(["add 1 : 2 3", "add 1 : 2 3"], ["3 4", "0"])
     P = judge.matrix("add 1 : 2 3", ["3 4", "0"])
     assert P[0, 1] == pytest.approx(1 / (1 + math.exp(r[1] - r[0]))) and P[0, 0] == 0.5
+
+
+def test_teacher_answers_are_tokenized_as_completions_from_the_first_field_the_data_has():
+    """DNO's teacher answer: 'teacher', else 'reference', else 'chosen'; EOS-terminated completion ids; a row
+    without the field, or data asked for one without any, stop with a message; --no-teacher reads none."""
+    from fastpref.train.online.setup import teacher_answers
+    from fastpref.train.synthetic import load_tokenizer
+
+    tok = load_tokenizer()
+    rows = [("a:1", {"prompt": "add 2 : 0 4 8 7", "reference": "2 6 0 9", "chosen": "1"}),
+            ("a:2", {"prompt": "add 1 : 1", "reference": "2"})]
+    assert teacher_answers(rows, tok, None) == [[6, 10, 4, 13, 3], [6, 3]]
+    assert teacher_answers(rows, tok, False) is None
+    rows[0][1]["teacher"] = "3"
+    with pytest.raises(SystemExit, match="a:2: missing field 'teacher'"):
+        teacher_answers(rows, tok, None)
+    plain = [("b:1", {"prompt": "add 1 : 1"})]
+    assert teacher_answers(plain, tok, None) is None
+    with pytest.raises(SystemExit, match="the prompts carry no teacher answer"):
+        teacher_answers(plain, tok, True)

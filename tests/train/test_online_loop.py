@@ -29,6 +29,7 @@ class _Run(SimpleNamespace):
     _batch_closure = OnlineRun._batch_closure
     train_step = OnlineRun.train_step
     steps_in_round = OnlineRun.steps_in_round
+    training_items = OnlineRun.training_items
 
 
 def _items(keys) -> list[A.Item]:
@@ -102,3 +103,26 @@ def test_linear_schedule_warms_up_then_decays_within_an_iterative_round_and_over
     for _ in range(4):  # --rounds 4 online steps: no warm-up, decay to 0 over the run
         _train_round(run, 4)
     assert run.opt.lrs == pytest.approx([0.5, 0.375, 0.25, 0.125])
+
+
+def _xpo_round_2(history):
+    """XPO's step of round 2 after rounds 0 and 1 (4 items each, keys 10·round + i, read back from their files):
+    (the keys of the items it draws from, the keys of its batch)."""
+    per_round = {k: _items(range(10 * k, 10 * k + 4)) for k in range(3)}
+    run, seen = _run("xpo", batch_size=4, epochs=1.0)
+    run.cfg.xpo_history, run.past_items = history, {}
+    run.round_path = lambda k, half=False: k
+    run.read_round = lambda k: {"items": per_round[k]}
+    pool = run.training_items(2, {"items": per_round[2]})
+    run.train_step(2, pool)
+    return sorted(it.inputs["k"] for it in pool), sorted(seen[0])
+
+
+def test_xpo_batches_are_drawn_from_the_pairs_of_every_round_so_far_as_the_paper():
+    pool, batch = _xpo_round_2(None)
+    assert pool == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23]
+    assert len(batch) == 4 and len(set(batch)) == 4 and set(batch) <= set(pool)
+    assert min(batch) < 20  # items of earlier rounds are trained on again
+    pool, batch = _xpo_round_2(1)  # --xpo-history 1: this round and the one before
+    assert pool == [10, 11, 12, 13, 20, 21, 22, 23] and set(batch) <= set(pool)
+    assert _xpo_round_2(0) == ([20, 21, 22, 23], [20, 21, 22, 23])  # TRL's XPOTrainer: the fresh batch only

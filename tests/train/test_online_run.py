@@ -97,6 +97,9 @@ def test_two_processes_match_one(tmp_path, straight):
     (["--loss-args", "gamma=1"], "not taken by loss"),
     (["--judge", "no_such_mod_q:f"], "cannot import module"),
     (["--algorithm", "nash_md", "--epochs", "2"], "exactly one optimiser step"),
+    (["--algorithm", "sppo", "--teacher"], "sppo does not put a teacher answer among its candidates"),
+    (["--algorithm", "online_dpo", "--xpo-history", "2"], "for the xpo algorithm only"),
+    (["--algorithm", "xpo", "--xpo-history", "-1"], "a number of earlier rounds >= 0"),
 ])
 def test_bad_settings_exit_with_a_message(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -129,6 +132,119 @@ def test_mixture_extragradient_and_reference_sampling_algorithms_run(tmp_path, a
     else:  # EGPO's second gradient: fresh samples from θ_½, saved for an exact resume
         half = json.loads((tmp_path / "rounds" / "round-00000-half.json").read_text())
         assert len(half["groups"]) == 4 and half["groups"] != data["groups"]
+
+
+SMALL = ["--online", "--sft-steps", "0", "--synthetic-train", "32", "--synthetic-eval", "4", "--batch-size", "4",
+         "--gen-batch", "4", "--threads", "1", "--no-progress", "--no-plots"]
+
+
+def test_dno_puts_the_teacher_answer_among_its_candidates_unless_told_not_to(tmp_path):
+    """DNO (the paper's practical algorithm): the prompts' reference answer (the synthetic task's ``chosen``, the
+    right answer) joins the K samples, is judged like them, and can be the chosen response of a pair."""
+    from fastpref.train.synthetic import answer, load_tokenizer
+
+    main(["--output-dir", str(tmp_path / "t"), *SMALL, "--algorithm", "dno", "--rounds", "1",
+          "--prompts-per-round", "8"])
+    data = json.loads((tmp_path / "t" / "rounds" / "round-00000.json").read_text())
+    groups = data["groups"]
+    assert len(groups) == 8 and all(g["teacher"] == answer(g["prompt"]) for g in groups)
+    assert all(len(g["samples"]) == 5 and len(g["rewards"]) == 6 and g["rewards"][5] == 1.0 for g in groups)
+    tok = load_tokenizer()
+    teacher_ids = [tok(g["teacher"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for g in groups]
+    chosen = [it["seqs"]["chosen"] for it in data["items"]]
+    assert chosen and all(c in teacher_ids for c in chosen)  # the verifier prefers the right answer
+    gen = [r for r in map(json.loads, (tmp_path / "t" / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "generate"]
+    assert gen[0]["gen/teacher_chosen"] > 0
+    main(["--output-dir", str(tmp_path / "n"), *SMALL, "--algorithm", "dno", "--rounds", "1",
+          "--prompts-per-round", "8", "--no-teacher"])
+    groups = json.loads((tmp_path / "n" / "rounds" / "round-00000.json").read_text())["groups"]
+    assert all("teacher" not in g and len(g["rewards"]) == 5 for g in groups)
+
+
+def test_teacher_asked_for_on_prompts_without_one_exits_with_a_message(tmp_path, capsys, write_jsonl):
+    import sys
+    import types
+
+    mod = types.ModuleType("_online_judge_len")
+    mod.reward = lambda prompts, completions: [float(len(c)) for c in completions]
+    sys.modules[mod.__name__] = mod
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "add 1 : 2 3"}])
+    with pytest.raises(SystemExit) as e:
+        main([*SMALL, "--output-dir", str(tmp_path / "o"), "--algorithm", "dno", "--prompts", str(prompts),
+              "--judge", f"{mod.__name__}:reward", "--teacher"])
+    assert e.value.code != 0
+    assert "--teacher: the prompts carry no teacher answer" in str(e.value.code) + capsys.readouterr().err
+
+
+XPO = [*SMALL, "--algorithm", "xpo", "--sft-steps", "30", "--synthetic-train", "64", "--rounds", "4",
+       "--eval-every", "1"]
+
+
+def test_xpo_trains_on_the_pairs_of_past_rounds_and_resumes_exactly_after_sigkill(tmp_path):
+    """XPO as the paper: each step's batch is drawn from every pair collected so far; a resumed run rebuilds
+    that history from the saved round files and ends with the uninterrupted run's parameters."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    main(["--output-dir", str(straight), *XPO])
+    recs = lambda folder: [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]  # noqa
+    gen = [r for r in recs(straight) if r["kind"] == "generate"]
+    assert any(r.get("pool", 0) > r["items"] for r in gen[1:]), gen  # earlier rounds' items are drawn from
+    kill_when_saved(killed, XPO, "step-00000002", timeout=300, poll=0.01)
+    main(["--output-dir", str(killed), *XPO, "--resume", "auto"])
+    pa, pb = _params(killed), _params(straight)
+    for k in pb:
+        assert torch.equal(pa[k], pb[k]), k
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs if r["kind"] != "eval"]  # noqa
+    assert strip(recs(killed)) == strip(recs(straight))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_online_set_up_switches_dropout_off_unless_kept(tmp_path, monkeypatch, keep):
+    """As TRL's online trainers: every dropout module and dropout rate of the policy and the reference is 0 after
+    set-up (so a train-mode forward is deterministic); --keep-dropout leaves them; the saved config keeps its
+    rates."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastpref.train.dist import Dist
+    from fastpref.train.online import loop
+    from fastpref.train.online.config import load_config
+
+    def gpt2(cfg, tok, folder, d):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=32))
+
+    monkeypatch.setattr(loop, "starting_policy", gpt2)
+    cfg = load_config([*SMALL, "--output-dir", str(tmp_path), *(["--keep-dropout"] if keep else [])]).resolved()
+    run = loop.OnlineRun(cfg, Dist())
+    want = 0.1 if keep else 0.0
+    for model in (run.policy, run.ref):
+        rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert len(rates) >= 4 and all(p == want for p in rates)
+        assert model.config.resid_pdrop == model.config.attn_pdrop == want
+    x = torch.tensor([[2, 14, 6, 15, 5]])
+    run.policy.train()
+    assert torch.equal(run.policy(x).logits, run.policy(x).logits) != keep
+    run.restore_dropout()
+    assert run.policy.config.resid_pdrop == 0.1
+
+
+def test_disable_dropout_zeroes_the_attention_rates_hugging_face_reads_at_forward_time():
+    """A Llama reads ``attention_dropout`` from its attention modules (no nn.Dropout): it is zeroed there too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastpref.train.model import disable_dropout
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, attention_dropout=0.5,
+                                         attn_implementation="eager")).train()
+    x = torch.tensor([[1, 5, 7, 9, 3]])
+    assert not torch.equal(model(x).logits, model(x).logits)
+    restore = disable_dropout(model)
+    assert torch.equal(model(x).logits, model(x).logits)
+    assert model.config.attention_dropout == 0.0
+    restore()
+    assert model.config.attention_dropout == 0.5
 
 
 @pytest.mark.skipif(os.environ.get("FASTPREF_ONLINE_DEMO") != "1",

@@ -154,7 +154,9 @@ class Algorithm:
     samples K per prompt from π_t; extra: one more sample per prompt from "reference" (π_ref) or "mixture";
     online: fresh samples every step; reference: "initial" (π_ref) or "previous" (π_t) for the ref_* inputs;
     rounds: default number of rounds; sampling: the paper's / reference implementation's (temperature, top_p)
-    for real models (the synthetic demo samples at (1, 1))."""
+    for real models (the synthetic demo samples at (1, 1)); teacher: the prompts' reference answer joins the
+    K samples as a candidate (DNO); accumulate: a step draws its batch from the items of earlier rounds too
+    (XPO)."""
 
     name: str
     paper: str
@@ -168,6 +170,8 @@ class Algorithm:
     rounds: int = 3
     extragradient: bool = False
     sampling: tuple[float, float] = (1.0, 1.0)
+    teacher: bool = False
+    accumulate: bool = False
 
     def describe(self, rounds: int | None = None, hparams: dict | None = None) -> str:
         """One line: rounds, samples, reference rule, loss (the preset's defaults unless given)."""
@@ -181,6 +185,8 @@ class Algorithm:
                            (["π_t"] if uses_prev and not (uses_ref and self.reference == "previous") else []))
         hp = ", ".join(f"{k}={v}" for k, v in (hparams or self.hparams).items())
         opt = "; extragradient optimiser (EGPO)" if self.extragradient else ""
+        opt += "; batches drawn from every round's pairs so far" if self.accumulate else ""
+        ex += " + the teacher's answer (if the prompts have one)" if self.teacher else ""
         return (f"{self.name} ({self.paper}): {mode}; K={self.samples} samples/prompt{ex}; reference {ref or 'none'}; "
                 f"loss {'+'.join(self.loss)} ({hp}){opt}")
 
@@ -191,7 +197,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     Algorithm("iterative_dpo", "Xiong+24; RLHFlow", {"sigmoid": 1.0}, {"beta": 0.1}, 8, build_best_worst,
               rounds=3),
     Algorithm("dno", "Rosset+24, practical DNO", {"sigmoid": 1.0}, {"beta": 0.1}, 5, build_best_worst,
-              reference="previous", rounds=3),
+              reference="previous", rounds=3, teacher=True),
     Algorithm("inpo", "Zhang+24 INPO", {"inpo": 1.0}, {"tau": 0.1, "eta": 0.2}, 2, build_inpo, rounds=3),
     Algorithm("online_dpo", "Guo+24 OAIF; TRL OnlineDPOTrainer", {"sigmoid": 1.0}, {"beta": 0.1}, 2, build_pair,
               online=True, rounds=100, sampling=(0.9, 1.0)),
@@ -200,7 +206,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     Algorithm("online_ipo", "Zhou+25 EGPO", {"online_ipo": 1.0}, {"beta": 0.1}, 2, build_online_ipo,
               online=True, rounds=100, extragradient=True, sampling=(2.0, 1.0)),
     Algorithm("xpo", "Xie+24; TRL XPOTrainer", {"sigmoid": 1.0, "xpo": 1.0}, {"beta": 0.1, "alpha": 1e-5}, 1,
-              build_xpo, online=True, extra="reference", rounds=100, sampling=(0.9, 1.0)),
+              build_xpo, online=True, extra="reference", rounds=100, sampling=(0.9, 1.0), accumulate=True),
     Algorithm("vpo", "Cen+24", {"sigmoid": 1.0, "vpo": 1.0}, {"beta": 0.1, "alpha": 0.01}, 2, build_vpo,
               online=True, extra="reference", rounds=100),
 ]}

@@ -46,6 +46,9 @@ class OnlineConfig:
     margin: float = 0.0
     reference: str | None = None
     mixture_coef: float = 0.5
+    teacher: bool | None = None
+    xpo_history: int | None = None
+    keep_dropout: bool = False
     extragradient: bool | None = None
     lr_schedule: str = "linear"
     restart_optimizer: bool = True
@@ -125,6 +128,10 @@ def validate(c: OnlineConfig) -> None:
         bad(f"--epochs {c.epochs}: {alg.name} takes exactly one optimiser step per freshly sampled batch")
     if c.lr_schedule not in ("constant", "linear"):
         bad(f"--lr-schedule {c.lr_schedule!r}: expected 'constant' or 'linear'")
+    if c.teacher and not alg.teacher:
+        bad(f"--teacher: {alg.name} does not put a teacher answer among its candidates (dno does)")
+    if c.xpo_history is not None and (not alg.accumulate or c.xpo_history < 0):
+        bad(f"--xpo-history {c.xpo_history}: a number of earlier rounds >= 0, for the xpo algorithm only")
     if c.reference not in (None, "initial", "previous"):
         bad(f"--reference {c.reference!r}: expected 'initial' (π_ref) or 'previous' (π_t)")
     if c.distributed == "fsdp":
@@ -172,6 +179,12 @@ HELP = {
     "margin": "DNO's large-margin filter: keep a (best, worst) pair only when their win-rate gap exceeds it",
     "reference": "'initial' (π_ref) or 'previous' (π_t, DNO) for the loss's reference log-probs",
     "mixture_coef": "Nash-MD's β of the geometric mixture π_θ^(1−β)·π_ref^β",
+    "teacher": "DNO: the prompts' reference answer (a 'teacher', 'reference' or 'chosen' field) joins the K "
+               "samples as a candidate (default: on when the data has one, as the paper); --no-teacher: samples only",
+    "xpo_history": "XPO: each step draws its batch from the items of this round and the N rounds before it "
+                   "(default: all rounds so far, as the paper; 0: the fresh batch only, as TRL's XPOTrainer)",
+    "keep_dropout": "keep the model's dropout in training (default: off, every dropout probability set to 0, as "
+                    "TRL's online trainers)",
     "extragradient": "extragradient steps over the base optimiser (EGPO; default on for online_ipo)",
     "sft_steps": "SFT warm-up steps of the synthetic demo's starting policy",
     "demo_correct_fraction": "fraction of the demo's SFT demonstrations that are right (the others add K + 1)",
@@ -197,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
                                  epilog=epilog)
     ap.add_argument("--online", action="store_true", help="online mode (this parser)")
     ap.add_argument("--config", help="YAML file with any of these settings (underscored names); flags win")
-    bools = {"extragradient", "plots", "progress", "restart_optimizer", "overwrite"}
+    bools = {"extragradient", "plots", "progress", "restart_optimizer", "overwrite", "teacher", "keep_dropout"}
     choices = {"algorithm": list(ALGORITHMS), "reference": ["initial", "previous"], "device": ["auto", "cpu", "cuda"],
                "lr_schedule": ["constant", "linear"],
                "distributed": ["auto", "none", "ddp"], "ref_dtype": ["float32", "bfloat16", "float16"]}

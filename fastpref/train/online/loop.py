@@ -18,7 +18,7 @@ from ..dist import Dist
 from ..evaluate import mean_scores
 from ..folder import claimed
 from ..generate import generate
-from ..model import frozen_copy, load_model
+from ..model import disable_dropout, frozen_copy, load_model
 from ..run import Core, launch
 from ..synthetic import verify
 from . import algorithms as A
@@ -51,11 +51,17 @@ class OnlineRun(Rounds, Core):
                                            device=d.device, timeout=cfg.judge_timeout)
         except JudgeError as e:
             raise SystemExit(str(e)) from None
-        self.train_prompts, self.eval_prompts = load_prompts(cfg, self.tok)
+        self.train_prompts, self.eval_prompts, self.teachers = load_prompts(cfg, self.tok, self.alg.teacher)
+        self.past_items: dict[int, list[A.Item]] = {}  # earlier rounds' items, for an accumulating algorithm
         self.policy = starting_policy(cfg, self.tok, self.out, d).to(d.device).train()
+        # dropout off in the policy and the reference (as TRL's online trainers) unless --keep-dropout; the saved
+        # model keeps its config's rates
+        self.restore_dropout = (lambda: None) if cfg.keep_dropout else disable_dropout(self.policy)
         ref = load_model(cfg.ref_model) if cfg.ref_model else frozen_copy(self.policy)
         dtype = DTYPES.get(cfg.ref_dtype or "", next(self.policy.parameters()).dtype)
         self.ref = frozen_copy(ref).to(d.device, dtype)
+        if not cfg.keep_dropout:
+            disable_dropout(self.ref)
         self.loss = A.ItemLoss(self.alg.loss, cfg.hparams(), pad_id=self.pad_id, backend=cfg.backend)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.params = params
@@ -157,9 +163,9 @@ class OnlineRun(Rounds, Core):
             data = self.round_data(r)
             if self.round_step == 0 and cfg.restart_optimizer and not self.alg.online:
                 (self.opt.base if isinstance(self.opt, ExtraGradient) else self.opt).state.clear()
+            items = self.training_items(r, data)
             if self.round_step == 0:
-                self.out.record(self.round_record(r, data))
-            items = data["items"]
+                self.out.record(self.round_record(r, data, len(items)))
             n_steps = self.steps_in_round(len(items))
             while self.round_step < n_steps:
                 self.out.record(self.train_step(r, items))
@@ -181,6 +187,7 @@ class OnlineRun(Rounds, Core):
         from .plots import plot
 
         summary = summarize(self)
+        self.restore_dropout()
         self.out.save_final(self.policy, self.tok)
         self.out.save_summary(summary, plot if self.cfg.plots else None)
         self.log(table(summary))
