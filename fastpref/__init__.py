@@ -1,7 +1,7 @@
 """fastpref: preference-alignment losses from hidden states, never materializing [tokens × vocab] logits."""
 from .backends import available as available_backends
 from .kl import TokenKL, token_kl
-from .options import LogitOptions
+from .options import LogitOptions, batch_invariant
 from .stats import TokenStats, token_logprobs, token_stats
 
 __version__ = "0.1.0"
@@ -23,5 +23,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 __all__ = [
-    "LogitOptions", "TokenKL", "TokenStats", "available_backends", "token_kl", "token_logprobs", "token_stats",
+    "LogitOptions", "TokenKL", "TokenStats", "available_backends", "batch_invariant", "token_kl", "token_logprobs", "token_stats",
 ]

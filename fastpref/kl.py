@@ -9,7 +9,7 @@ from . import backends
 from ._checks import check_head, check_labels, frozen_head
 from ._ops import fused_kl, fused_kl_frozen
 from ._rows import Rows
-from .options import LogitOptions
+from .options import LogitOptions, use_batch_invariant
 
 Tensor = torch.Tensor
 DIRECTIONS = ("forward", "reverse")
@@ -43,6 +43,7 @@ def token_kl(
     ignore_index: int = -100,
     backend: str = "auto",
     sync_free: bool | None = None,
+    batch_invariant: bool | None = None,
 ) -> TokenKL:
     """Per-token KL over the whole vocabulary between policy θ and reference, in one streaming pass.
 
@@ -56,6 +57,7 @@ def token_kl(
     gradient (a frozen head), the forward also forms ∂KL/∂hidden (and E_p[W] with labels), float32 [N, D] each,
     and the backward makes no pass over the vocabulary (docs/gpu-strategies.md).
     sync_free: as in ``token_stats`` (ignored rows masked without host synchronisation).
+    batch_invariant: as in ``token_stats`` (docs/batch-invariance.md).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -70,7 +72,7 @@ def token_kl(
                          f"got {tuple(rh.shape[:-1])}")
     if rh.device != h.device:
         raise ValueError(f"ref_hidden is on {rh.device} but hidden is on {h.device}")
-    name = backends.name_for_op(backend, h.device, h.dtype)
+    name = backends.name_for_op(backend, h.device, h.dtype, use_batch_invariant(batch_invariant))
     if labels is None:
         lab = None
         rows = Rows(tuple(h.shape[:-1]))

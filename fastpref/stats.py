@@ -9,7 +9,7 @@ from . import backends
 from ._checks import check_head, check_labels, frozen_head
 from ._ops import fused_stats, fused_stats_frozen
 from ._rows import Rows
-from .options import LogitOptions
+from .options import LogitOptions, use_batch_invariant
 
 Tensor = torch.Tensor
 
@@ -40,6 +40,7 @@ def token_stats(
     log_sum_p2: bool = False,
     backend: str = "auto",
     sync_free: bool | None = None,
+    batch_invariant: bool | None = None,
 ) -> TokenStats:
     """Per-token statistics of softmax(z), z = cap(hidden·weightᵀ + bias)/temperature, without [N, V] logits.
 
@@ -54,13 +55,17 @@ def token_stats(
     sync_free: mask ignored rows instead of removing them, without host synchronisation (None: env
     FASTPREF_SYNC_FREE; always on under torch.compile and CUDA-graph capture). Out-of-range labels then give
     NaN instead of an error (FASTPREF_CHECK_LABELS=1 raises). See docs/overhead.md.
+    batch_invariant: every output row, and its gradient row, bitwise independent of the other rows of the
+    call (their number, order, ignore mask); weight / bias gradients independent of the rows' order (None:
+    the ``fastpref.batch_invariant`` context manager, else env FASTPREF_BATCH_INVARIANT). Slower; "auto"
+    and "torch" only so far. See docs/batch-invariance.md.
     """
     opts = LogitOptions(temperature, softcap)
     h, w, b = check_head("", hidden, weight, bias)
     lab = check_labels(labels, h, ignore_index)
     if not isinstance(entropy, bool) or not isinstance(log_sum_p2, bool):
         raise TypeError("entropy and log_sum_p2 must be bools")
-    name = backends.name_for_op(backend, h.device, h.dtype)
+    name = backends.name_for_op(backend, h.device, h.dtype, use_batch_invariant(batch_invariant))
     rows = Rows.for_labels(lab, tuple(lab.shape), w.shape[0], ignore_index, sync_free)
     # A frozen head (only the hidden states need gradients): the forward also forms E_p[W] so that the
     # backward needs no pass over the vocabulary (fastpref._frozen).
@@ -83,7 +88,9 @@ def token_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     sync_free: bool | None = None,
+    batch_invariant: bool | None = None,
 ) -> Tensor:
     """log p(labels) per token, float32 shaped like labels (0 where ignored). See ``token_stats``."""
     return token_stats(hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap,
-                       ignore_index=ignore_index, backend=backend, sync_free=sync_free).logp
+                       ignore_index=ignore_index, backend=backend, sync_free=sync_free,
+                       batch_invariant=batch_invariant).logp

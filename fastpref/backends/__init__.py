@@ -14,6 +14,9 @@ import torch
 from .base import Backend, BackendUnavailable
 
 _NAMES = ("torch", "triton", "native")
+# Batch-invariant variants (docs/batch-invariance.md): "<backend>+invariant", so far only the torch backend's.
+INVARIANT = "+invariant"
+_INVARIANT_NAMES = ("torch" + INVARIANT,)
 
 
 def _load(name: str) -> Backend:
@@ -29,6 +32,10 @@ def _load(name: str) -> Backend:
         from .native_backend import load
 
         return load()
+    if name == "torch" + INVARIANT:
+        from .invariant import InvariantTorchBackend
+
+        return InvariantTorchBackend()
     raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _NAMES))}; got {name!r}")
 
 
@@ -57,7 +64,7 @@ def available(device: torch.device | str | None = None) -> list[str]:
 def _check_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
-    if name != "auto" and name not in _NAMES:
+    if name != "auto" and name not in _NAMES and name not in _INVARIANT_NAMES:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _NAMES))}; got {name!r}")
     return name
 
@@ -88,13 +95,25 @@ def _auto(device: torch.device, dtype: torch.dtype) -> Backend:
     return resolve("torch", device, dtype)
 
 
-def name_for_op(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name a fused op is called with.
+def invariant_name(name: str) -> str:
+    """The batch-invariant variant of backend ``name``: "auto" and "torch" give "torch+invariant"; the other
+    backends have none yet (ValueError)."""
+    _check_name(name)
+    if name in ("auto", "torch"):
+        return "torch" + INVARIANT
+    raise ValueError(f"backend {name!r} has no batch-invariant mode yet; use backend='torch' or 'auto' "
+                     "(docs/batch-invariance.md)")
+
+
+def name_for_op(name: str, device: torch.device, dtype: torch.dtype, invariant: bool = False) -> str:
+    """The backend name a fused op is called with (its batch-invariant variant when ``invariant``).
 
     Eagerly: resolved now (a wrong or unavailable backend is reported before any work). Under torch.compile:
     only checked, and passed as given ("auto" included): loading a backend imports modules, which a traced
     region cannot do, so the op resolves the name when it runs, outside the graph (``resolve`` again).
     """
+    if invariant:
+        name = invariant_name(name)
     if torch.compiler.is_compiling():
         return _check_name(name)
     return resolve(name, device, dtype).name
@@ -134,5 +153,5 @@ def kl_backward(impl: Backend, hidden, weight, bias, ref_hidden, ref_weight, ref
                             direction, needs)
 
 
-__all__ = ["Backend", "BackendUnavailable", "available", "kl_backward", "name_for_op", "resolve", "row_vector",
+__all__ = ["Backend", "BackendUnavailable", "available", "invariant_name", "kl_backward", "name_for_op", "resolve", "row_vector",
            "stats_backward"]

@@ -195,6 +195,10 @@ class TorchBackend:
     def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         return None
 
+    def tiling(self, rows: int, vocab: int) -> tuple[int, int]:
+        """(rows per block, vocabulary chunk) of the logits tiles for ``rows`` rows and ``vocab`` entries."""
+        return _tiling(rows, vocab)
+
     # ---- single model: log-prob, log-sum-exp, entropy, log Σp² -------------------------------
     def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
         return self._stats_forward(hidden, weight, bias, labels, opts, entropy, log_sum_p2, False)[:4]
@@ -204,7 +208,7 @@ class TorchBackend:
 
     def _stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2, frozen_head):
         M, V = hidden.shape[0], weight.shape[0]
-        rows, chunk = _tiling(M, V)
+        rows, chunk = self.tiling(M, V)
         h32 = hidden.float()
         out = {k: torch.empty(M, device=hidden.device, dtype=torch.float32) for k in ("logp", "lse", "ent", "p2")}
         f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -239,7 +243,7 @@ class TorchBackend:
     def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
                        opts, needs):
         M, V = hidden.shape[0], weight.shape[0]
-        rows, chunk = _tiling(M, V)
+        rows, chunk = self.tiling(M, V)
         zero = torch.zeros(M, device=hidden.device, dtype=torch.float32)
         g_logp = zero if grad_logp is None else grad_logp
         coef = (zero if grad_lse is None else grad_lse) - g_logp
@@ -276,7 +280,7 @@ class TorchBackend:
     def _kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
                     direction, frozen_head):
         M, V, D = hidden.shape[0], weight.shape[0], hidden.shape[1]
-        rows, chunk = _tiling(M, V)
+        rows, chunk = self.tiling(M, V)
         h32, rh32 = hidden.float(), ref_hidden.float()
         f32 = dict(device=hidden.device, dtype=torch.float32)
         kl, lse_out, ref_lse_out = (torch.empty(M, **f32) for _ in range(3))
@@ -327,7 +331,7 @@ class TorchBackend:
     def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
                     grad_kl, grad_logp, opts, ref_opts, direction, needs):
         M, V = hidden.shape[0], weight.shape[0]
-        rows, chunk = _tiling(M, V)
+        rows, chunk = self.tiling(M, V)
         h32, rh32 = hidden.float(), ref_hidden.float()
         zero = torch.zeros(M, device=hidden.device, dtype=torch.float32)
         g_kl = zero if grad_kl is None else grad_kl

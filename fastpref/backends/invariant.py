@@ -1,0 +1,155 @@
+"""The torch backend's batch-invariant variant ("torch+invariant"; docs/batch-invariance.md).
+
+Per-row outputs: every GEMM and reduction runs on tiles of one fixed shape, ``INVARIANT_ROWS`` rows (a call's
+rows padded to a multiple of it) by the fixed vocabulary chunk, so the kernel, its blocking and its reduction
+order do not depend on how many rows a call has; with position-independent fixed-shape kernels (what the
+tests check) a row's numbers depend on its own inputs only.
+
+Weight and bias gradients are sums over rows. The backward keeps the rows that carry an upstream gradient,
+puts them in a canonical order (sorted by a 64-bit hash of their bits: hidden state, label, upstream
+gradients, the reference's hidden state; by the bits themselves, lexicographically, if two different rows
+share a hash) and sums fixed-shape blocks of them in that order. Rows with equal bits make equal
+contributions, so the order among them is immaterial: dW and db depend on the multiset of rows only.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Tensor
+from .torch_backend import VOCAB_CHUNK, TorchBackend
+
+INVARIANT_ROWS = 64  # rows per logits tile; every tile has exactly this many
+_HASH_SEED = 0x5EED
+
+
+def _padded(rows: int) -> int:
+    """``rows`` rounded up to a positive multiple of INVARIANT_ROWS."""
+    return max(1, -(-rows // INVARIANT_ROWS)) * INVARIANT_ROWS
+
+
+def _pad(x: Tensor | None, rows: int, zero: bool = False) -> Tensor | None:
+    """x [M, ...] extended to ``rows`` rows: copies of row 0 (whose values are finite and consistent with the
+    other per-row inputs), or zeros (``zero``, for upstream gradients: padded rows then contribute nothing)."""
+    if x is None or x.shape[0] == rows:
+        return x
+    fill = x.new_zeros((rows - x.shape[0], *x.shape[1:])) if zero else x[:1].expand(rows - x.shape[0], *x.shape[1:])
+    return torch.cat([x, fill])
+
+
+def _cut(outputs: tuple, rows: int) -> tuple:
+    """The first ``rows`` rows of each output (None stays None)."""
+    return tuple(None if t is None else t[:rows] for t in outputs)
+
+
+def _words(columns: list[Tensor | None]) -> Tensor:
+    """Each row's inputs as int64 [M, K]: bit patterns of floats (via float32, exact for 16-bit floats),
+    values of integers."""
+    parts = []
+    for c in columns:
+        if c is None:
+            continue
+        c = c.reshape(c.shape[0], -1)
+        parts.append((c.float().view(torch.int32) if c.dtype.is_floating_point else c).to(torch.int64))
+    return torch.cat(parts, 1)
+
+
+def row_hash(words: Tensor) -> Tensor:
+    """int64 [M]: Σ_k words[:, k]·c_k with fixed odd 64-bit constants c_k, wrapping: integer sums are exact in
+    any order, so the hash of a row does not depend on the other rows or on the reduction's order."""
+    gen = torch.Generator().manual_seed(_HASH_SEED)
+    coef = torch.randint(0, 1 << 62, (words.shape[1],), generator=gen, dtype=torch.int64) * 2 + 1
+    return (words * coef.to(words.device)).sum(1)
+
+
+def canonical_order(words: Tensor) -> Tensor:
+    """int64 [M]: the permutation sorting rows by their content ``words`` [M, K] (by hash; lexicographically
+    by the words themselves when two different rows share a hash). Equal rows keep their relative order."""
+    hashes = row_hash(words)
+    order = torch.sort(hashes, stable=True).indices
+    key, w = hashes[order], words[order]
+    if bool(((key[1:] == key[:-1]) & (w[1:] != w[:-1]).any(1)).any()):
+        order = torch.arange(words.shape[0], device=words.device)
+        for k in range(words.shape[1] - 1, -1, -1):
+            order = order[torch.sort(words[order, k], stable=True).indices]
+    return order
+
+
+def gradient_rows(content: list[Tensor | None], grads: list[Tensor | None]) -> Tensor:
+    """int64 [K]: the rows with a nonzero upstream gradient (grads: float32 [M] or None), in canonical order of
+    their ``content`` and gradients (each [M, ...] or None)."""
+    live = None
+    for g in grads:
+        if g is not None:
+            live = (g != 0) if live is None else live | (g != 0)
+    if live is None:
+        return torch.zeros(0, dtype=torch.long, device=content[0].device)
+    rows = live.nonzero().squeeze(1)
+    return rows[canonical_order(_words([None if c is None else c[rows] for c in content + grads]))]
+
+
+class _Reordered:
+    """A backward over the rows ``order`` (canonical) only, padded to whole tiles; dh scattered back."""
+
+    def __init__(self, order: Tensor, rows: int):
+        self.order, self.rows, self.size = order, rows, _padded(order.shape[0])
+
+    def take(self, *xs: Tensor | None, zero: bool = False) -> list[Tensor | None]:
+        return [None if x is None else _pad(x.index_select(0, self.order), self.size, zero) for x in xs]
+
+    def put(self, grads: tuple, hidden: Tensor) -> tuple:
+        dh, dw, db = grads
+        if dh is not None:
+            dh = torch.zeros(hidden.shape, device=dh.device, dtype=dh.dtype).index_copy_(
+                0, self.order, dh[:self.order.shape[0]])
+        return dh, dw, db
+
+
+def _zero_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]) -> tuple:
+    """The gradients when no row carries an upstream gradient (dh float32, dW / db in the weights' dtype)."""
+    return (torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if needs[0] else None,
+            torch.zeros_like(weight) if needs[1] else None,
+            torch.zeros_like(bias) if (needs[2] and bias is not None) else None)
+
+
+class InvariantTorchBackend(TorchBackend):
+    """TorchBackend on fixed-shape tiles, with a canonical row order for the weight and bias gradients."""
+
+    name = "torch+invariant"
+
+    def tiling(self, rows: int, vocab: int) -> tuple[int, int]:
+        """Always INVARIANT_ROWS rows (callers pad to a multiple) by the fixed vocabulary chunk."""
+        return INVARIANT_ROWS, min(vocab, VOCAB_CHUNK)
+
+    def _stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2, frozen_head):
+        m, size = hidden.shape[0], _padded(hidden.shape[0])
+        return _cut(super()._stats_forward(_pad(hidden, size), weight, bias, _pad(labels, size), opts, entropy,
+                                           log_sum_p2, frozen_head), m)
+
+    def _kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                    direction, frozen_head):
+        m, size = hidden.shape[0], _padded(hidden.shape[0])
+        return _cut(super()._kl_forward(_pad(hidden, size), weight, bias, _pad(ref_hidden, size), ref_weight,
+                                        ref_bias, _pad(labels, size), opts, ref_opts, direction, frozen_head), m)
+
+    def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                       opts, needs):
+        order = gradient_rows([hidden, labels], [grad_logp, grad_lse, grad_entropy])
+        if order.shape[0] == 0:
+            return _zero_grads(hidden, weight, bias, needs)
+        r = _Reordered(order, hidden.shape[0])
+        h, lab, lse_, ent = r.take(hidden, labels, lse, entropy)
+        g_logp, g_lse, g_ent = r.take(grad_logp, grad_lse, grad_entropy, zero=True)
+        return r.put(super().stats_backward(h, weight, bias, lab, lse_, ent, g_logp, g_lse, g_ent, opts, needs),
+                     hidden)
+
+    def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
+                    grad_kl, grad_logp, opts, ref_opts, direction, needs):
+        g_logp_in = None if labels is None else grad_logp
+        order = gradient_rows([hidden, ref_hidden, labels], [grad_kl, g_logp_in])
+        if order.shape[0] == 0:
+            return _zero_grads(hidden, weight, bias, needs)
+        r = _Reordered(order, hidden.shape[0])
+        h, rh, lab, lse_, ref_lse_, kl_ = r.take(hidden, ref_hidden, labels, lse, ref_lse, kl)
+        g_kl, g_logp = r.take(grad_kl, g_logp_in, zero=True)
+        return r.put(super().kl_backward(h, weight, bias, rh, ref_weight, ref_bias, lab, lse_, ref_lse_, kl_, g_kl,
+                                         g_logp, opts, ref_opts, direction, needs), hidden)
