@@ -153,5 +153,5 @@ def kl_backward(impl: Backend, hidden, weight, bias, ref_hidden, ref_weight, ref
                             direction, needs)
 
 
-__all__ = ["Backend", "BackendUnavailable", "available", "invariant_name", "kl_backward", "name_for_op", "resolve", "row_vector",
-           "stats_backward"]
+__all__ = ["Backend", "BackendUnavailable", "available", "invariant_name", "kl_backward", "name_for_op", "resolve",
+           "row_vector", "stats_backward"]
