@@ -13,9 +13,12 @@ import torch
 import fastpref
 from fastpref.backends import invariant
 from fastpref.backends.torch_backend import TorchBackend
+
+from cases import require_backend
 from fastpref.backends.invariant import INVARIANT_ROWS, canonical_order
 
 D, V, N = 32, 5000, 300
+INVARIANT_BACKENDS = ["torch", "native"]
 IGNORE = -100
 
 
@@ -38,7 +41,8 @@ def _layout(idx: torch.Tensor, gen: torch.Generator, pad: int) -> tuple[torch.Te
     return src.reshape(shape), (src >= 0).reshape(shape)
 
 
-def _stats(base: dict, src: torch.Tensor, keep: torch.Tensor, sync_free: bool, frozen: bool = False):
+def _stats(base: dict, src: torch.Tensor, keep: torch.Tensor, sync_free: bool, frozen: bool = False,
+           backend: str = "torch"):
     """token_stats on the rows ``src`` (a batch laid out by ``_layout``); returns outputs and gradients."""
     s = src.clamp(min=0)
     h = base["h"][s].requires_grad_()
@@ -46,7 +50,7 @@ def _stats(base: dict, src: torch.Tensor, keep: torch.Tensor, sync_free: bool, f
     b = None if base["b"] is None else base["b"].clone().requires_grad_(not frozen)
     y = torch.where(keep, base["y"][s], torch.full_like(s, IGNORE))
     out = fastpref.token_stats(h, w, y, bias=b, softcap=20.0, temperature=0.9, entropy=True, log_sum_p2=True,
-                               backend="torch", sync_free=sync_free, batch_invariant=True)
+                               backend=backend, sync_free=sync_free, batch_invariant=True)
     up = [u[s] for u in base["up"]]
     (out.logp * up[0] + out.lse * up[1] + out.entropy * up[2]).sum().backward()
     return out, h.grad, None if frozen else w.grad, None if (frozen or b is None) else b.grad
@@ -59,34 +63,38 @@ def _assert_rows(src, keep, got: list, ref: list) -> None:
         assert not g[~keep].any()
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("backend", INVARIANT_BACKENDS)
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("frozen", [False, True])
-def test_stats_rows_do_not_depend_on_the_batch(seed: int, frozen: bool) -> None:
+def test_stats_rows_do_not_depend_on_the_batch(backend: str, seed: int, frozen: bool) -> None:
+    require_backend(backend)
     base = _base()
     all_rows = torch.arange(N).reshape(1, N)
-    ref, ref_dh, _, _ = _stats(base, all_rows, torch.ones_like(all_rows, dtype=torch.bool), False, frozen)
+    ref, ref_dh, _, _ = _stats(base, all_rows, torch.ones_like(all_rows, dtype=torch.bool), False, frozen, backend)
     gen = torch.Generator().manual_seed(100 + seed)
     for size in (1, 2, 3, INVARIANT_ROWS - 1, INVARIANT_ROWS + 1, int(torch.randint(4, N, (1,), generator=gen))):
         idx = torch.randperm(N, generator=gen)[:size]
         src, keep = _layout(idx, gen, int(torch.randint(0, 40, (1,), generator=gen)))
         for sync_free in (False, True):
-            out, dh, _, _ = _stats(base, src, keep, sync_free, frozen)
+            out, dh, _, _ = _stats(base, src, keep, sync_free, frozen, backend)
             _assert_rows(src, keep, [out.logp, out.lse, out.entropy, out.log_sum_p2],
                          [ref.logp[0], ref.lse[0], ref.entropy[0], ref.log_sum_p2[0]])
             _assert_rows(src, keep, [dh], [ref_dh[0]])
 
 
+@pytest.mark.parametrize("backend", INVARIANT_BACKENDS)
 @pytest.mark.parametrize("seed", range(3))
-def test_weight_gradient_does_not_depend_on_order_or_ignored_rows(seed: int) -> None:
+def test_weight_gradient_does_not_depend_on_order_or_ignored_rows(backend: str, seed: int) -> None:
+    require_backend(backend)
     base = _base(seed)
     gen = torch.Generator().manual_seed(200 + seed)
     idx = torch.randperm(N, generator=gen)[:int(torch.randint(INVARIANT_ROWS + 1, N, (1,), generator=gen))]
     src, keep = _layout(idx, gen, 0)
-    _, _, ref_dw, ref_db = _stats(base, src, keep, False)
+    _, _, ref_dw, ref_db = _stats(base, src, keep, False, backend=backend)
     for pad in (0, 7, 90):
         src, keep = _layout(idx[torch.randperm(idx.numel(), generator=gen)], gen, pad)
         for sync_free in (False, True):
-            _, _, dw, db = _stats(base, src, keep, sync_free)
+            _, _, dw, db = _stats(base, src, keep, sync_free, backend=backend)
             assert torch.equal(dw, ref_dw) and torch.equal(db, ref_db)
 
 
@@ -102,13 +110,14 @@ def test_weight_gradient_with_repeated_rows() -> None:
     assert all(torch.equal(a, results[0][0]) and torch.equal(b, results[0][1]) for a, b in results)
 
 
-def _kl(base: dict, src: torch.Tensor, keep: torch.Tensor, direction: str, labels: bool, frozen: bool):
+def _kl(base: dict, src: torch.Tensor, keep: torch.Tensor, direction: str, labels: bool, frozen: bool,
+        backend: str):
     s = src.clamp(min=0)
     h = base["h"][s].requires_grad_()
     w = base["w"].clone().requires_grad_(not frozen)
     y = torch.where(keep, base["y"][s], torch.full_like(s, IGNORE)) if labels else None
     out = fastpref.token_kl(h, w, base["rh"][s], base["rw"], y, bias=base["b"], direction=direction,
-                            softcap=15.0, backend="torch", batch_invariant=True)
+                            softcap=15.0, backend=backend, batch_invariant=True)
     loss = out.kl * base["up"][0][s] * (keep if not labels else 1)
     if labels:
         loss = loss + out.logp * base["up"][1][s]
@@ -117,22 +126,24 @@ def _kl(base: dict, src: torch.Tensor, keep: torch.Tensor, direction: str, label
     return vals, h.grad, None if frozen else w.grad
 
 
+@pytest.mark.parametrize("backend", INVARIANT_BACKENDS)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("labels", [True, False])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_kl_rows_and_weight_gradient(direction: str, labels: bool, frozen: bool) -> None:
+def test_kl_rows_and_weight_gradient(backend: str, direction: str, labels: bool, frozen: bool) -> None:
+    require_backend(backend)
     base = _base(7)
     all_rows = torch.arange(N).reshape(1, N)
     ones = torch.ones_like(all_rows, dtype=torch.bool)
-    ref, ref_dh, _ = _kl(base, all_rows, ones, direction, labels, frozen)
+    ref, ref_dh, _ = _kl(base, all_rows, ones, direction, labels, frozen, backend)
     gen = torch.Generator().manual_seed(300)
     idx = torch.randperm(N, generator=gen)[:150]
     src, keep = _layout(idx, gen, 30 if labels else 0)
-    _, _, ref_dw = _kl(base, src, keep, direction, labels, frozen)
+    _, _, ref_dw = _kl(base, src, keep, direction, labels, frozen, backend)
     for size in (1, INVARIANT_ROWS + 3, 150):
         perm = idx[torch.randperm(150, generator=gen)][:size]
         src, keep = _layout(perm, gen, 13 if labels else 0)
-        vals, dh, dw = _kl(base, src, keep, direction, labels, frozen)
+        vals, dh, dw = _kl(base, src, keep, direction, labels, frozen, backend)
         _assert_rows(src, keep, vals + [dh], [r[0] for r in ref] + [ref_dh[0]])
         if size == 150 and not frozen:
             assert torch.equal(dw, ref_dw)
@@ -165,11 +176,11 @@ def test_switches_and_default_mode(monkeypatch) -> None:
     with fastpref.batch_invariant():
         assert torch.equal(fastpref.token_logprobs(h, w, y), inv)
         with pytest.raises(ValueError, match="no batch-invariant mode"):
-            fastpref.token_logprobs(h, w, y, backend="native")
+            fastpref.token_logprobs(h, w, y, backend="triton")
         assert torch.equal(fastpref.token_logprobs(h, w, y, backend="torch", batch_invariant=False), plain)
     monkeypatch.setenv("FASTPREF_BATCH_INVARIANT", "1")
     with pytest.raises(ValueError, match="no batch-invariant mode"):
-        fastpref.token_kl(h, w, h, w, backend="native")
+        fastpref.token_kl(h, w, h, w, backend="triton")
     with fastpref.batch_invariant(False):
         assert torch.equal(fastpref.token_logprobs(h, w, y, backend="torch"), plain)
     with pytest.raises(TypeError):

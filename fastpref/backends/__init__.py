@@ -14,9 +14,9 @@ import torch
 from .base import Backend, BackendUnavailable
 
 _NAMES = ("torch", "triton", "native")
-# Batch-invariant variants (docs/batch-invariance.md): "<backend>+invariant", so far only the torch backend's.
+# Batch-invariant variants (docs/batch-invariance.md): "<backend>+invariant", so far torch's and native's.
 INVARIANT = "+invariant"
-_INVARIANT_NAMES = ("torch" + INVARIANT,)
+_INVARIANT_NAMES = ("torch" + INVARIANT, "native" + INVARIANT)
 
 
 def _load(name: str) -> Backend:
@@ -36,6 +36,11 @@ def _load(name: str) -> Backend:
         from .invariant import InvariantTorchBackend
 
         return InvariantTorchBackend()
+    if name == "native" + INVARIANT:
+        from .invariant import BlockedInvariant
+        from .native_backend import load as load_native
+
+        return BlockedInvariant(load_native())
     raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _NAMES))}; got {name!r}")
 
 
@@ -96,11 +101,11 @@ def _auto(device: torch.device, dtype: torch.dtype) -> Backend:
 
 
 def invariant_name(name: str) -> str:
-    """The batch-invariant variant of backend ``name``: "auto" and "torch" give "torch+invariant"; the other
-    backends have none yet (ValueError)."""
+    """The batch-invariant variant of backend ``name`` ("auto" means torch there; triton has none yet:
+    ValueError)."""
     _check_name(name)
-    if name in ("auto", "torch"):
-        return "torch" + INVARIANT
+    if name in ("auto", "torch", "native"):
+        return ("torch" if name == "auto" else name) + INVARIANT
     raise ValueError(f"backend {name!r} has no batch-invariant mode yet; use backend='torch' or 'auto' "
                      "(docs/batch-invariance.md)")
 

@@ -153,3 +153,85 @@ class InvariantTorchBackend(TorchBackend):
         g_kl, g_logp = r.take(grad_kl, g_logp_in, zero=True)
         return r.put(super().kl_backward(h, weight, bias, rh, ref_weight, ref_bias, lab, lse_, ref_lse_, kl_, g_kl,
                                          g_logp, opts, ref_opts, direction, needs), hidden)
+
+
+def _blocked(fn, size: int, args: list, row_args: set[int]) -> list[tuple]:
+    """``fn`` on each block of exactly INVARIANT_ROWS rows: the arguments at ``row_args`` (padded to ``size``
+    rows) sliced to the block, the others as they are. Returns each call's outputs, in block order."""
+    return [fn(*[a[s:s + INVARIANT_ROWS] if (i in row_args and a is not None) else a for i, a in enumerate(args)])
+            for s in range(0, size, INVARIANT_ROWS)]
+
+
+def _blocked_forward(fn, args: list, row_args: set[int]) -> tuple:
+    """A forward's outputs (each [M, ...] or None) computed block by block (see ``_blocked``)."""
+    m = args[0].shape[0]
+    size = _padded(m)
+    args = [_pad(a, size) if i in row_args else a for i, a in enumerate(args)]
+    return tuple(None if parts[0] is None else torch.cat(parts)[:m]
+                 for parts in zip(*_blocked(fn, size, args, row_args)))
+
+
+def _sum_blocks(parts: list[Tensor | None], like: Tensor | None) -> Tensor | None:
+    """Σ parts in float32, in block order, cast to ``like``'s dtype (None when the gradient is not needed)."""
+    if like is None or parts[0] is None:
+        return None
+    total = torch.zeros(parts[0].shape, device=parts[0].device, dtype=torch.float32)
+    for p in parts:
+        total += p.float()
+    return total.to(like.dtype)
+
+
+class BlockedInvariant:
+    """Another backend made batch-invariant from outside: it only ever sees blocks of exactly INVARIANT_ROWS
+    rows (so its own tiling cannot depend on a call's size), and the backward's blocks hold the rows with an
+    upstream gradient in canonical order, their weight / bias gradients summed in float32 in that order."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name + "+invariant"
+
+    def supports(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+        return self.inner.supports(device, dtype)
+
+    def stats_forward(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        return _blocked_forward(self.inner.stats_forward, [hidden, weight, bias, labels, opts, entropy,
+                                                           log_sum_p2], {0, 3})
+
+    def stats_forward_frozen(self, hidden, weight, bias, labels, opts, entropy, log_sum_p2):
+        return _blocked_forward(self.inner.stats_forward_frozen, [hidden, weight, bias, labels, opts, entropy,
+                                                                  log_sum_p2], {0, 3})
+
+    def kl_forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts, direction):
+        return _blocked_forward(self.inner.kl_forward, [hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                                        labels, opts, ref_opts, direction], {0, 3, 6})
+
+    def kl_forward_frozen(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, ref_opts,
+                          direction):
+        return _blocked_forward(self.inner.kl_forward_frozen, [hidden, weight, bias, ref_hidden, ref_weight,
+                                                               ref_bias, labels, opts, ref_opts, direction],
+                                {0, 3, 6})
+
+    def _backward(self, fn, order: Tensor, args: list, row_args: set[int], grad_args: set[int]) -> tuple:
+        hidden, weight, bias = args[:3]
+        r = _Reordered(order, hidden.shape[0])
+        args = [(r.take(a, zero=i in grad_args)[0]) if i in row_args | grad_args else a for i, a in enumerate(args)]
+        parts = list(zip(*_blocked(fn, r.size, args, row_args | grad_args)))
+        dh = None if parts[0][0] is None else torch.cat(parts[0])
+        return r.put((dh, _sum_blocks(list(parts[1]), weight), _sum_blocks(list(parts[2]), bias)), hidden)
+
+    def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                       opts, needs):
+        order = gradient_rows([hidden, labels], [grad_logp, grad_lse, grad_entropy])
+        if order.shape[0] == 0:
+            return _zero_grads(hidden, weight, bias, needs)
+        return self._backward(self.inner.stats_backward, order, [hidden, weight, bias, labels, lse, entropy,
+                              grad_logp, grad_lse, grad_entropy, opts, needs], {0, 3, 4, 5}, {6, 7, 8})
+
+    def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
+                    grad_kl, grad_logp, opts, ref_opts, direction, needs):
+        grad_logp = None if labels is None else grad_logp
+        order = gradient_rows([hidden, ref_hidden, labels], [grad_kl, grad_logp])
+        if order.shape[0] == 0:
+            return _zero_grads(hidden, weight, bias, needs)
+        return self._backward(self.inner.kl_backward, order, [hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                              labels, lse, ref_lse, kl, grad_kl, grad_logp, opts, ref_opts, direction, needs],
+                              {0, 3, 6, 7, 8, 9}, {10, 11})
