@@ -58,7 +58,7 @@ def token_stats(
     batch_invariant: every output row, and its gradient row, bitwise independent of the other rows of the
     call (their number, order, ignore mask); weight / bias gradients independent of the rows' order (None:
     the ``fastpref.batch_invariant`` context manager, else env FASTPREF_BATCH_INVARIANT). Slower; "auto"
-    and "torch" only so far. See docs/batch-invariance.md.
+    (meaning torch), "torch" and "native" only so far. See docs/batch-invariance.md.
     """
     opts = LogitOptions(temperature, softcap)
     h, w, b = check_head("", hidden, weight, bias)
