@@ -1,9 +1,11 @@
-"""The torch backend's batch-invariant variant ("torch+invariant"; docs/batch-invariance.md).
+"""Batch-invariant variants of the torch ("torch+invariant") and native ("native+invariant") backends
+(docs/batch-invariance.md).
 
 Per-row outputs: every GEMM and reduction runs on tiles of one fixed shape, ``INVARIANT_ROWS`` rows (a call's
 rows padded to a multiple of it) by the fixed vocabulary chunk, so the kernel, its blocking and its reduction
-order do not depend on how many rows a call has; with position-independent fixed-shape kernels (what the
-tests check) a row's numbers depend on its own inputs only.
+order do not depend on how many rows a call has (the torch backend tiles so itself,
+``InvariantTorchBackend``; another backend is called on one such block at a time, ``BlockedInvariant``). With
+position-independent fixed-shape kernels (what the tests check) a row's numbers depend on its own inputs only.
 
 Weight and bias gradients are sums over rows. The backward keeps the rows that carry an upstream gradient,
 puts them in a canonical order (sorted by a 64-bit hash of their bits: hidden state, label, upstream
@@ -111,10 +113,48 @@ def _zero_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tupl
             torch.zeros_like(bias) if (needs[2] and bias is not None) else None)
 
 
-class InvariantTorchBackend(TorchBackend):
+class _CanonicalBackward:
+    """stats_backward / kl_backward over the rows with a nonzero upstream gradient only, in canonical order
+    (``gradient_rows``), padded to whole tiles; ``_ordered`` runs a backward of the plain backend on them."""
+
+    def _plain(self, name: str):
+        """The plain backend's method ``name``."""
+        raise NotImplementedError
+
+    def _ordered(self, fn, r: _Reordered, args: list, row_args: set[int]) -> tuple:
+        """(dh [K', D], dW, db) of ``fn`` on ``args`` whose ``row_args`` are already reordered and padded."""
+        return fn(*args)
+
+    def _run(self, name: str, order: Tensor, args: list, row_args: set[int], grad_args: set[int]) -> tuple:
+        hidden, weight, bias, needs = args[0], args[1], args[2], args[-1]
+        if order.shape[0] == 0:
+            return _zero_grads(hidden, weight, bias, needs)
+        r = _Reordered(order, hidden.shape[0])
+        args = [r.take(a, zero=i in grad_args)[0] if i in row_args | grad_args else a for i, a in enumerate(args)]
+        return r.put(self._ordered(self._plain(name), r, args, row_args | grad_args), hidden)
+
+    def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
+                       opts, needs):
+        order = gradient_rows([hidden, labels], [grad_logp, grad_lse, grad_entropy])
+        return self._run("stats_backward", order, [hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse,
+                                                   grad_entropy, opts, needs], {0, 3, 4, 5}, {6, 7, 8})
+
+    def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
+                    grad_kl, grad_logp, opts, ref_opts, direction, needs):
+        grad_logp = None if labels is None else grad_logp
+        order = gradient_rows([hidden, ref_hidden, labels], [grad_kl, grad_logp])
+        return self._run("kl_backward", order, [hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse,
+                                                ref_lse, kl, grad_kl, grad_logp, opts, ref_opts, direction, needs],
+                         {0, 3, 6, 7, 8, 9}, {10, 11})
+
+
+class InvariantTorchBackend(_CanonicalBackward, TorchBackend):
     """TorchBackend on fixed-shape tiles, with a canonical row order for the weight and bias gradients."""
 
     name = "torch+invariant"
+
+    def _plain(self, name: str):
+        return getattr(TorchBackend, name).__get__(self)
 
     def tiling(self, rows: int, vocab: int) -> tuple[int, int]:
         """Always INVARIANT_ROWS rows (callers pad to a multiple) by the fixed vocabulary chunk."""
@@ -130,29 +170,6 @@ class InvariantTorchBackend(TorchBackend):
         m, size = hidden.shape[0], _padded(hidden.shape[0])
         return _cut(super()._kl_forward(_pad(hidden, size), weight, bias, _pad(ref_hidden, size), ref_weight,
                                         ref_bias, _pad(labels, size), opts, ref_opts, direction, frozen_head), m)
-
-    def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
-                       opts, needs):
-        order = gradient_rows([hidden, labels], [grad_logp, grad_lse, grad_entropy])
-        if order.shape[0] == 0:
-            return _zero_grads(hidden, weight, bias, needs)
-        r = _Reordered(order, hidden.shape[0])
-        h, lab, lse_, ent = r.take(hidden, labels, lse, entropy)
-        g_logp, g_lse, g_ent = r.take(grad_logp, grad_lse, grad_entropy, zero=True)
-        return r.put(super().stats_backward(h, weight, bias, lab, lse_, ent, g_logp, g_lse, g_ent, opts, needs),
-                     hidden)
-
-    def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
-                    grad_kl, grad_logp, opts, ref_opts, direction, needs):
-        g_logp_in = None if labels is None else grad_logp
-        order = gradient_rows([hidden, ref_hidden, labels], [grad_kl, g_logp_in])
-        if order.shape[0] == 0:
-            return _zero_grads(hidden, weight, bias, needs)
-        r = _Reordered(order, hidden.shape[0])
-        h, rh, lab, lse_, ref_lse_, kl_ = r.take(hidden, ref_hidden, labels, lse, ref_lse, kl)
-        g_kl, g_logp = r.take(grad_kl, g_logp_in, zero=True)
-        return r.put(super().kl_backward(h, weight, bias, rh, ref_weight, ref_bias, lab, lse_, ref_lse_, kl_, g_kl,
-                                         g_logp, opts, ref_opts, direction, needs), hidden)
 
 
 def _blocked(fn, size: int, args: list, row_args: set[int]) -> list[tuple]:
@@ -181,7 +198,7 @@ def _sum_blocks(parts: list[Tensor | None], like: Tensor | None) -> Tensor | Non
     return total.to(like.dtype)
 
 
-class BlockedInvariant:
+class BlockedInvariant(_CanonicalBackward):
     """Another backend made batch-invariant from outside: it only ever sees blocks of exactly INVARIANT_ROWS
     rows (so its own tiling cannot depend on a call's size), and the backward's blocks hold the rows with an
     upstream gradient in canonical order, their weight / bias gradients summed in float32 in that order."""
@@ -210,28 +227,11 @@ class BlockedInvariant:
                                                                ref_bias, labels, opts, ref_opts, direction],
                                 {0, 3, 6})
 
-    def _backward(self, fn, order: Tensor, args: list, row_args: set[int], grad_args: set[int]) -> tuple:
-        hidden, weight, bias = args[:3]
-        r = _Reordered(order, hidden.shape[0])
-        args = [(r.take(a, zero=i in grad_args)[0]) if i in row_args | grad_args else a for i, a in enumerate(args)]
-        parts = list(zip(*_blocked(fn, r.size, args, row_args | grad_args)))
+    def _plain(self, name: str):
+        return getattr(self.inner, name)
+
+    def _ordered(self, fn, r: _Reordered, args: list, row_args: set[int]) -> tuple:
+        """``fn`` block by block: dh concatenated, dW and db summed in float32 in block order."""
+        parts = list(zip(*_blocked(fn, r.size, args, row_args)))
         dh = None if parts[0][0] is None else torch.cat(parts[0])
-        return r.put((dh, _sum_blocks(list(parts[1]), weight), _sum_blocks(list(parts[2]), bias)), hidden)
-
-    def stats_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_lse, grad_entropy,
-                       opts, needs):
-        order = gradient_rows([hidden, labels], [grad_logp, grad_lse, grad_entropy])
-        if order.shape[0] == 0:
-            return _zero_grads(hidden, weight, bias, needs)
-        return self._backward(self.inner.stats_backward, order, [hidden, weight, bias, labels, lse, entropy,
-                              grad_logp, grad_lse, grad_entropy, opts, needs], {0, 3, 4, 5}, {6, 7, 8})
-
-    def kl_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, kl,
-                    grad_kl, grad_logp, opts, ref_opts, direction, needs):
-        grad_logp = None if labels is None else grad_logp
-        order = gradient_rows([hidden, ref_hidden, labels], [grad_kl, grad_logp])
-        if order.shape[0] == 0:
-            return _zero_grads(hidden, weight, bias, needs)
-        return self._backward(self.inner.kl_backward, order, [hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                              labels, lse, ref_lse, kl, grad_kl, grad_logp, opts, ref_opts, direction, needs],
-                              {0, 3, 6, 7, 8, 9}, {10, 11})
+        return dh, _sum_blocks(list(parts[1]), args[1]), _sum_blocks(list(parts[2]), args[2])
