@@ -22,10 +22,10 @@ INVARIANT_BACKENDS = ["torch", "native"]
 IGNORE = -100
 
 
-def _base(seed: int = 0, bias: bool = True) -> dict:
+def _base(seed: int = 0, bias: bool = True, dtype: torch.dtype = torch.float32) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return dict(h=torch.randn(N, D, generator=g), w=torch.randn(V, D, generator=g) * 0.3,
-                b=torch.randn(V, generator=g) if bias else None, rh=torch.randn(N, D + 8, generator=g),
+    return dict(h=torch.randn(N, D, generator=g).to(dtype), w=(torch.randn(V, D, generator=g) * 0.3).to(dtype),
+                b=torch.randn(V, generator=g).to(dtype) if bias else None, rh=torch.randn(N, D + 8, generator=g),
                 rw=torch.randn(V, D + 8, generator=g) * 0.3, y=torch.randint(0, V, (N,), generator=g),
                 up=torch.randn(3, N, generator=g))  # per-row upstream gradients, attached to each row
 
@@ -95,6 +95,27 @@ def test_weight_gradient_does_not_depend_on_order_or_ignored_rows(backend: str, 
         src, keep = _layout(idx[torch.randperm(idx.numel(), generator=gen)], gen, pad)
         for sync_free in (False, True):
             _, _, dw, db = _stats(base, src, keep, sync_free, backend=backend)
+            assert torch.equal(dw, ref_dw) and torch.equal(db, ref_db)
+
+
+@pytest.mark.parametrize("backend", INVARIANT_BACKENDS)
+def test_bfloat16_inputs(backend: str) -> None:
+    require_backend(backend, torch.bfloat16)
+    base = _base(3, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randperm(N, generator=gen)[:INVARIANT_ROWS + 9]
+    src, keep = _layout(idx, gen, 5)
+    ref, ref_dh, ref_dw, ref_db = _stats(base, src, keep, False, backend=backend)
+    assert ref_dh.dtype == ref_dw.dtype == torch.bfloat16
+    for size in (1, idx.numel()):
+        perm = torch.randperm(idx.numel(), generator=gen)[:size]
+        src2, keep2 = _layout(idx[perm], gen, 3)
+        out, dh, dw, db = _stats(base, src2, keep2, True, backend=backend)
+        where = keep.flatten().nonzero().squeeze(1)[perm]  # base positions of the rows, in the new order
+        flat = [t.flatten(0, len(src.shape) - 1) for t in (ref.logp, ref.entropy, ref_dh)]
+        for got, want in zip((out.logp, out.entropy, dh), flat):
+            assert torch.equal(got[keep2], want[where])
+        if size == idx.numel():
             assert torch.equal(dw, ref_dw) and torch.equal(db, ref_db)
 
 
