@@ -135,8 +135,10 @@ def test_non_finite_loss_stops_the_run_keeping_the_good_checkpoints(tmp_path, ca
     from conftest import SHORT
 
     out = tmp_path / "out"
-    line = stopped(capsys, ["--output-dir", str(out), *SHORT, "--sft-steps", "2", "--lr", "1e30", "--save-every", "1"])
-    assert line == ("fastpref train: error: training stopped at step 4 (pref): loss = nan, grad_norm = nan; the "
+    line = stopped(capsys, ["--output-dir", str(out), *SHORT, "--sft-steps", "2", "--lr", "1e30", "--save-every", "1",
+                            "--loss", "sigmoid=1,sft=0.2"])
+    assert line == ("fastpref train: error: training stopped at step 4 (pref): loss = nan, loss/sft = nan, "
+                    "loss/sigmoid = nan, grad_norm = nan; the "
                     "step was not applied and no checkpoint, final model or summary was written from it (lower --lr "
                     "or --max-grad-norm, or check the data's numbers; --resume auto continues from the last "
                     "checkpoint)")
