@@ -3,17 +3,17 @@ one item per sample, the sampling policy's log-probs as π_old (ratio exactly 1 
 its exact resume after SIGKILL, and bad settings as one-line errors."""
 import json
 import math
+import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fastpref.losses as L
 from fastpref.train import main
 from fastpref.train.online import algorithms as A
 from fastpref.train.online.judges import JudgeError
 
-from conftest import kill_when_saved
+from conftest import assert_same_final_weights, kill_when_saved
 
 ARGS = ["--online", "--algorithm", "grpo", "--sft-steps", "30", "--synthetic-train", "64", "--synthetic-eval", "16",
         "--rounds", "3", "--batch-size", "4", "--samples", "4", "--gen-batch", "4", "--threads", "1",
@@ -119,14 +119,29 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, straight):
     ckpts = sorted((tmp_path / "checkpoints").glob("step-*"))
     assert json.loads((ckpts[-1] / "info.json").read_text())["round_step"] > 0  # killed between PPO steps
     resumed = main(["--output-dir", str(tmp_path), *args, "--resume", "auto"])
-    pa, pb = (load_file(f / "final" / "model.safetensors") for f in (tmp_path, out))
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        assert torch.equal(pa[k], pb[k]), k
+    assert_same_final_weights(tmp_path, out)
     assert resumed["greedy_accuracy_per_round"] == summary["greedy_accuracy_per_round"]
     for r in range(3):
         name = f"round-{r:05d}.json"
         assert (tmp_path / "rounds" / name).read_text() == (out / "rounds" / name).read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["dr_grpo", "dapo", "bnpo", "rloo"])
+def test_each_variant_trains(tmp_path, algorithm):
+    s = main(["--output-dir", str(tmp_path), *ARGS, "--algorithm", algorithm, "--rounds", "1"])
+    assert s["train_steps"] == 1 and s["hparams"]["beta"] == 0.0
+    data = json.loads((tmp_path / "rounds" / "round-00000.json").read_text())
+    assert len(data["items"]) == 16 and all(not it["ref"] for it in data["items"])  # no KL: no π_ref pass
+    if algorithm == "dr_grpo":  # Dr. GRPO divides by the generation budget
+        assert s["hparams"]["max_completion_length"] == 8
+
+
+@pytest.mark.skipif(os.environ.get("FASTPREF_ONLINE_DEMO") != "1",
+                    reason="the full RL demo (minutes); run with FASTPREF_ONLINE_DEMO=1")
+def test_embedded_rl_demo_improves_greedy_answers(tmp_path):
+    s = main(["--online", "--algorithm", "grpo", "--output-dir", str(tmp_path), "--no-progress"])
+    assert s["improvement_points"] >= 20 and s["digit_improvement_points"] >= 20, s
+    assert s["wall_seconds"] <= 300, s
 
 
 # ------------------------------------------------------------------------------------------- user errors

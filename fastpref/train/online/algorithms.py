@@ -241,7 +241,7 @@ class Algorithm:
         if self.rl:
             mode += " (--epochs clipped steps on each)"
             ex += f", {self.advantage} advantages"
-
+            ref = ref if float((hparams or self.hparams).get("beta", 0.0)) else ""  # no KL term: no reference
         return (f"{self.name} ({self.paper}): {mode}; K={self.samples} samples/prompt{ex}; reference {ref or 'none'}; "
                 f"loss {'+'.join(self.loss)} ({hp}){opt}")
 
@@ -264,8 +264,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
               build_xpo, online=True, extra="reference", rounds=100, sampling=(0.9, 1.0), accumulate=True),
     Algorithm("vpo", "Cen+24", {"sigmoid": 1.0, "vpo": 1.0}, {"beta": 0.1, "alpha": 0.01}, 2, build_vpo,
               online=True, extra="reference", rounds=100),
-    Algorithm("grpo", "Shao+24 DeepSeekMath; TRL GRPOTrainer", {"grpo": 1.0}, {"beta": 0.04, "loss_type": "grpo"}, 8,
-              rl_builder("grpo"), online=True, rounds=100, advantage="grpo"),
+    Algorithm("grpo", "Shao+24 DeepSeekMath", {"grpo": 1.0},
+              {"beta": 0.04, "loss_type": "grpo", "use_bias_correction_kl": False}, 8, rl_builder("grpo"),
+              online=True, rounds=100, advantage="grpo"),
     Algorithm("dr_grpo", "Liu+25 Dr. GRPO", {"grpo": 1.0}, {"beta": 0.0, "loss_type": "dr_grpo"}, 8,
               rl_builder("dr_grpo"), online=True, rounds=100, advantage="dr_grpo"),
     Algorithm("dapo", "Yu+25 DAPO (clip-higher, token mean)", {"grpo": 1.0},
