@@ -86,8 +86,8 @@ class Rounds:
             new = [] if item is None else item if isinstance(item, list) else [item]
             stats.append(self._group_stats(st, item, s, cands, rewards, teacher=bool(teachers)))
             groups.append({"prompt": text, "samples": g.texts[:K], "extra": g.extra_text, "rewards": rewards,
-                           "item": list(range(len(items), len(items) + len(new))) if isinstance(item, list)
-                           else None if item is None else len(items)})
+                           "item": [len(items) + k for k in range(len(new))] if isinstance(item, list)
+                           else len(items) if new else None})  # RL: the indices of the group's items
             if teachers:
                 groups[-1]["teacher"] = g.texts[K]
             items += new
@@ -95,8 +95,8 @@ class Rounds:
                           pad_id=self.pad_id, backend=self.cfg.backend)
         return {"chunk": c, "items": [vars(it) for it in items], "stats": stats, "groups": groups}
 
-    def _group_stats(self, st: dict, item: A.Item | list[A.Item] | None, samples: list, cands: list, rewards: list | None,
-                     teacher: bool) -> dict:
+    def _group_stats(self, st: dict, item: A.Item | list[A.Item] | None, samples: list, cands: list,
+                     rewards: list | None, teacher: bool) -> dict:
         """A group's statistics: the builder's, the samples' length and EOS fraction, the judge's mean reward of
         the samples and of the chosen / rejected candidates, and whether the teacher's answer was chosen."""
         K = len(samples)
