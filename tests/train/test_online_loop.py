@@ -54,11 +54,22 @@ def _train_round(run, n_items: int) -> None:
         run.train_step(0, items)
 
 
-@pytest.mark.parametrize("algorithm", [a.name for a in A.ALGORITHMS.values() if a.online])
+@pytest.mark.parametrize("algorithm", [a.name for a in A.ALGORITHMS.values() if a.online and not a.rl])
 def test_online_algorithms_take_one_step_per_sampled_batch(algorithm):
     run, seen = _run(algorithm, batch_size=32, epochs=2.0)  # --epochs does not make an online step off-policy
     _train_round(run, 20)  # 32 prompts sampled, 12 ties dropped
     assert len(seen) == 1 and sorted(seen[0]) == list(range(20))
+
+
+@pytest.mark.parametrize("algorithm", [a.name for a in A.ALGORITHMS.values() if a.rl])
+def test_rl_algorithms_take_epochs_steps_each_on_the_whole_fresh_batch(algorithm):
+    """GRPO and its variants: every sample of every prompt in each step (--batch-size counts prompts), --epochs
+    such steps per fresh batch (PPO-style), the linear decay spread over rounds × epochs steps."""
+    run, seen = _run(algorithm, batch_size=4, epochs=2.0, schedule="linear")
+    for _ in range(4):  # --rounds 4
+        _train_round(run, 20)
+    assert len(seen) == 8 and all(sorted(s) == list(range(20)) for s in seen)
+    assert run.opt.lrs == pytest.approx([0.5 * (8 - k) / 8 for k in range(8)])
 
 
 def test_iterative_round_trains_every_item_once_per_epoch_without_wrapping():

@@ -9,9 +9,13 @@ computed when the round's data is built, without gradients, and saved with it.
 An item holds completions by *role*; the loss receives, for role r (prefix ``r_``, none for r = ""),
 ``{r_}logps`` / ``{r_}token_logps`` / ``{r_}mask`` of the policy, ``ref_{r_}logps`` / ``ref_{r_}token_logps``
 of the reference and ``prev_{r_}logps`` of π_t, plus the item's judged inputs (win-rates, probabilities).
+
+The RL algorithms (GRPO and its variants, RLOO) make one item per sample (role ""), its group-normalised
+advantage as input; π_t, the sampling policy, is then the RL losses' ``old_token_logps``.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,7 +24,7 @@ from torch import Tensor
 
 from ... import losses as L
 from ...nn import loss_params
-from .judges import Judge
+from .judges import Judge, JudgeError
 from .logps import completion_logps, scatter, token_logps
 
 
@@ -34,6 +38,7 @@ class Group:
     texts: list[str]
     extra: list[int] | None = None
     extra_text: str | None = None
+    rewards: list[float] | None = None
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Item:
     prev: dict[str, list[float]] = field(default_factory=dict)
 
 
-Built = tuple[Item | None, dict[str, float]]
+Built = tuple["Item | list[Item] | None", dict[str, float]]
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -147,6 +152,45 @@ def build_online_ipo(g: Group, judge: Judge, opt: dict) -> Built:
     return _soft_pair(g, judge, "", "other")
 
 
+ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+STD_EPS = 1e-4  # TRL's GRPOTrainer: (r - mean) / (std + 1e-4)
+
+
+def group_advantages(rewards: Tensor, kind: str) -> Tensor:
+    """Advantages [G] of the G samples of one prompt from their rewards [G] (float64):
+
+    * ``grpo`` (Shao+24, TRL): (r_i − mean(r)) / (std(r) + 1e-4), std the unbiased sample standard deviation;
+    * ``dr_grpo`` (Liu+25, Dr. GRPO): r_i − mean(r), no division by the std;
+    * ``rloo`` (Ahmadian+24): r_i − (1/(G−1))·Σ_{j≠i} r_j, the mean of the others as the baseline.
+    """
+    r = rewards.double()
+    G = r.numel()
+    if G < 2:
+        raise ValueError(f"group advantages need at least 2 samples per prompt, got {G}")
+    if kind == "grpo":
+        return (r - r.mean()) / (r.std() + STD_EPS)
+    if kind == "dr_grpo":
+        return r - r.mean()
+    if kind == "rloo":
+        return r - (r.sum() - r) / (G - 1)
+    raise ValueError(f"unknown advantage {kind!r}; known: {', '.join(ADVANTAGES)}")
+
+
+def rl_builder(kind: str) -> Callable[[Group, Judge, dict], Built]:
+    """The RL algorithms' builder: one item per sample (role ""), its ``kind`` group advantage as input. A group
+    of equal rewards has zero advantages: its items are kept (they count in the loss normalisation, as TRL)."""
+    def build(g: Group, judge: Judge, opt: dict) -> Built:
+        if g.rewards is None:
+            raise JudgeError(f"{judge.name} gives no rewards; RL algorithms need a reward judge")
+        r = torch.tensor(g.rewards, dtype=torch.float64)
+        adv = group_advantages(r, kind)
+        items = [Item(g.prompt, {"": s}, {"advantages": float(a)}) for s, a in zip(g.samples, adv)]
+        return items, {"tied": float(bool((r == r[0]).all())), "reward_std": float(r.std())}
+
+    build.__doc__ = f"One item per sample with its {kind} group advantage (:func:`group_advantages`)."
+    return build
+
+
 # ------------------------------------------------------------------------------------------------ presets
 @dataclass(frozen=True)
 class Algorithm:
@@ -156,7 +200,8 @@ class Algorithm:
     rounds: default number of rounds; sampling: the paper's / reference implementation's (temperature, top_p)
     for real models (the synthetic demo samples at (1, 1)); teacher: the prompts' reference answer joins the
     K samples as a candidate (DNO); accumulate: a step draws its batch from the items of earlier rounds too
-    (XPO)."""
+    (XPO); advantage: an RL algorithm's group advantage (:func:`group_advantages`): one item per sample, a step
+    on all of the fresh batch, ``--epochs`` such steps on it (PPO-style, clipped ratio to π_t)."""
 
     name: str
     paper: str
@@ -172,6 +217,12 @@ class Algorithm:
     sampling: tuple[float, float] = (1.0, 1.0)
     teacher: bool = False
     accumulate: bool = False
+    advantage: str | None = None
+
+    @property
+    def rl(self) -> bool:
+        """Whether the algorithm is an RL one (items are samples with advantages)."""
+        return self.advantage is not None
 
     def describe(self, rounds: int | None = None, hparams: dict | None = None) -> str:
         """One line: rounds, samples, reference rule, loss (the preset's defaults unless given)."""
@@ -187,6 +238,10 @@ class Algorithm:
         opt = "; extragradient optimiser (EGPO)" if self.extragradient else ""
         opt += "; batches drawn from every round's pairs so far" if self.accumulate else ""
         ex += " + the teacher's answer (if the prompts have one)" if self.teacher else ""
+        if self.rl:
+            mode += " (--epochs clipped steps on each)"
+            ex += f", {self.advantage} advantages"
+            ref = ref if float((hparams or self.hparams).get("beta", 0.0)) else ""  # no KL term: no reference
         return (f"{self.name} ({self.paper}): {mode}; K={self.samples} samples/prompt{ex}; reference {ref or 'none'}; "
                 f"loss {'+'.join(self.loss)} ({hp}){opt}")
 
@@ -209,6 +264,18 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
               build_xpo, online=True, extra="reference", rounds=100, sampling=(0.9, 1.0), accumulate=True),
     Algorithm("vpo", "Cen+24", {"sigmoid": 1.0, "vpo": 1.0}, {"beta": 0.1, "alpha": 0.01}, 2, build_vpo,
               online=True, extra="reference", rounds=100),
+    Algorithm("grpo", "Shao+24 DeepSeekMath", {"grpo": 1.0},
+              {"beta": 0.04, "loss_type": "grpo", "use_bias_correction_kl": False}, 8, rl_builder("grpo"),
+              online=True, rounds=100, advantage="grpo"),
+    Algorithm("dr_grpo", "Liu+25 Dr. GRPO", {"grpo": 1.0}, {"beta": 0.0, "loss_type": "dr_grpo"}, 8,
+              rl_builder("dr_grpo"), online=True, rounds=100, advantage="dr_grpo"),
+    Algorithm("dapo", "Yu+25 DAPO (clip-higher, token mean)", {"grpo": 1.0},
+              {"beta": 0.0, "loss_type": "dapo", "epsilon_high": 0.28}, 8, rl_builder("grpo"), online=True,
+              rounds=100, advantage="grpo"),
+    Algorithm("bnpo", "TRL GRPOTrainer loss_type='bnpo'", {"grpo": 1.0}, {"beta": 0.0, "loss_type": "bnpo"}, 8,
+              rl_builder("grpo"), online=True, rounds=100, advantage="grpo"),
+    Algorithm("rloo", "Ahmadian+24 RLOO", {"grpo": 1.0}, {"beta": 0.0, "loss_type": "grpo"}, 8,
+              rl_builder("rloo"), online=True, rounds=100, advantage="rloo"),
 ]}
 
 
@@ -241,6 +308,16 @@ def reference_logps(items: list[Item], *, policy, ref, loss: "ItemLoss", referen
 
 
 # ------------------------------------------------------------------------------------------------ the loss
+def _reads_reference(fn: Callable, params: set[str], hparams: dict) -> bool:
+    """Whether a loss reads the reference's log-probs: it names a ``ref_`` input (``ref_sample_logps`` is a
+    policy term), unless it is an RL loss (one with a KL term, ``token_kl``) whose β is 0."""
+    if not any(p.startswith("ref_") and p != "ref_sample_logps" for p in params):
+        return False
+    if "token_kl" in params:
+        return float(hparams.get("beta", inspect.signature(fn).parameters["beta"].default)) != 0.0
+    return True
+
+
 class ItemLoss:
     """Registry losses {name: weight} on items: per-item loss [B] from the policy through the fused primitive
     (``logps``: :func:`token_logps`, or a table's in the small games)."""
@@ -255,8 +332,8 @@ class ItemLoss:
             raise ValueError(f"hyper-parameter(s) {unknown} are not taken by loss(es) {sorted(self.fns)}")
         L.check_values(self.fns, hparams)  # the API's checks of values (finite, in range)
         self.hparams, self.pad_id, self.backend, self.logps = dict(hparams), pad_id, backend, logps
-        self.needs_ref = any(p.startswith("ref_") and p != "ref_sample_logps" for p in accepted)
-        self.needs_prev = any(p.startswith("prev_") for p in accepted)
+        self.needs_ref = any(_reads_reference(self.fns[n], ps, self.hparams) for n, ps in self.params.items())
+        self.needs_prev = any(p.startswith(("prev_", "old_")) for p in accepted)
 
     def inputs(self, policy, items: list[Item]) -> dict:
         """Every quantity a loss may name (see the module docstring); policy terms carry gradients."""
@@ -273,6 +350,8 @@ class ItemLoss:
                 if getattr(items[0], src):
                     rt = scatter([getattr(it, src)[r] for it in items], m, tok.dtype)
                     kw.update({f"{src}_{pre}logps": rt.sum(-1), f"{src}_{pre}token_logps": rt})
+                    if src == "prev":  # π_t sampled the round: the RL losses' π_old
+                        kw[f"old_{pre}token_logps"] = rt
         for name in items[0].inputs:
             kw[name] = torch.tensor([it.inputs[name] for it in items], dtype=tok.dtype, device=tok.device)
         return kw

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..config import _Parser, _join_negative_numbers, parse_kv, read_yaml
 from ..validate import ONLINE_NUMBERS, UserError, check_numbers, check_path
@@ -94,6 +94,8 @@ class OnlineConfig:
             base.update(rounds=SYNTHETIC_ITERATIVE["rounds"], beta=SYNTHETIC_ITERATIVE["beta"].get(alg.name))
         if alg.online:  # one batch of prompts per round: fresh samples every step
             base["prompts_per_round"] = None
+        if alg.rl:  # one on-policy step per fresh batch unless --epochs asks for PPO-style steps
+            base["epochs"] = 1.0
         out = dataclasses.replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
         if alg.online:
             out.prompts_per_round = out.batch_size
@@ -106,6 +108,8 @@ class OnlineConfig:
         h.update(parse_kv(self.loss_args))
         if self.beta is not None:
             h["beta"] = self.beta
+        if h.get("loss_type") == "dr_grpo" and self.max_new_tokens and "max_completion_length" not in h:
+            h["max_completion_length"] = self.max_new_tokens  # Dr. GRPO divides by the generation budget
         return h
 
 
@@ -118,14 +122,16 @@ def validate(c: OnlineConfig) -> None:
         bad(f"unknown --algorithm {c.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     alg = ALGORITHMS[c.algorithm]
     need = {"sppo": 2, "gpo": 2, "iterative_dpo": 2, "dno": 2, "inpo": 2, "online_dpo": 2, "online_ipo": 2,
-            "vpo": 2}.get(alg.name, 1)
+            "vpo": 2}.get(alg.name, 2 if alg.rl else 1)
     if c.samples is not None and c.samples < need:
         bad(f"--samples {c.samples}: {alg.name} needs at least {need} samples per prompt")
     if alg.name in ("inpo", "online_dpo", "online_ipo", "vpo", "nash_md", "xpo") and c.samples not in (None, alg.samples):
         bad(f"--samples: {alg.name} uses exactly {alg.samples} policy sample(s) per prompt")
     check_numbers(dataclasses.asdict(c), _flag, ONLINE_NUMBERS)  # each number: finite, in its range (UserError)
-    if alg.online and c.epochs not in (None, 1):
+    if alg.online and not alg.rl and c.epochs not in (None, 1):
         bad(f"--epochs {c.epochs}: {alg.name} takes exactly one optimiser step per freshly sampled batch")
+    if alg.rl:
+        _validate_rl(c, alg.name, bad)
     if c.lr_schedule not in ("constant", "linear"):
         bad(f"--lr-schedule {c.lr_schedule!r}: expected 'constant' or 'linear'")
     if c.teacher and not alg.teacher:
@@ -151,6 +157,22 @@ def validate(c: OnlineConfig) -> None:
         ItemLoss(ALGORITHMS[c.algorithm].loss, c.hparams(), pad_id=0)
     except ValueError as e:
         bad(f"--algorithm {c.algorithm}: {e}")
+
+
+def _validate_rl(c: OnlineConfig, name: str, bad: Callable[[str], None]) -> None:
+    """The RL algorithms' own checks: whole PPO epochs, a reward judge, a known loss_type / KL estimator."""
+    from ...losses.rl import KL_ESTIMATORS, LOSS_TYPES
+
+    if c.epochs is not None and c.epochs != int(c.epochs):
+        bad(f"--epochs {c.epochs}: {name} takes a whole number of optimiser steps on each fresh batch")
+    if (c.judge or "").startswith("pairwise:"):
+        bad(f"--judge {c.judge}: {name} needs rewards (a reward function, a reward model or the verifier), "
+            "not a pairwise judge")
+    h = c.hparams()
+    if h.get("loss_type") not in LOSS_TYPES:
+        bad(f"--loss-args loss_type={h.get('loss_type')}: expected one of {', '.join(LOSS_TYPES)}")
+    if h.get("kl_estimator", "k3") not in KL_ESTIMATORS:
+        bad(f"--loss-args kl_estimator={h.get('kl_estimator')}: expected one of {', '.join(KL_ESTIMATORS)}")
 
 
 def _flag(name: str) -> str:

@@ -75,26 +75,28 @@ class Rounds:
         for i, (p, text) in enumerate(prompts):
             s = samples[i * K:(i + 1) * K]
             cands = s + ([teachers[i]] if teachers else [])
-            g = A.Group(p, text, cands, [dec(t) for t in cands], extra[i] if extra else None,
-                        dec(extra[i]) if extra else None)
+            texts = [dec(t) for t in cands]
             try:
+                rewards = self.judge.rewards([text] * len(cands), texts)
+                g = A.Group(p, text, cands, texts, extra[i] if extra else None, dec(extra[i]) if extra else None,
+                            rewards)
                 item, st = self.alg.build(g, self.judge, opt)
             except JudgeError as e:
                 raise SystemExit(f"judge failed: {e}") from None
-            rewards = self.judge.rewards([text] * len(cands), g.texts)
+            new = [] if item is None else item if isinstance(item, list) else [item]
             stats.append(self._group_stats(st, item, s, cands, rewards, teacher=bool(teachers)))
             groups.append({"prompt": text, "samples": g.texts[:K], "extra": g.extra_text, "rewards": rewards,
-                           "item": None if item is None else len(items)})
+                           "item": [len(items) + k for k in range(len(new))] if isinstance(item, list)
+                           else len(items) if new else None})  # RL: the indices of the group's items
             if teachers:
                 groups[-1]["teacher"] = g.texts[K]
-            if item is not None:
-                items.append(item)
+            items += new
         A.reference_logps(items, policy=self.policy, ref=self.ref, loss=self.loss, reference=self.cfg.reference,
                           pad_id=self.pad_id, backend=self.cfg.backend)
         return {"chunk": c, "items": [vars(it) for it in items], "stats": stats, "groups": groups}
 
-    def _group_stats(self, st: dict, item: A.Item | None, samples: list, cands: list, rewards: list | None,
-                     teacher: bool) -> dict:
+    def _group_stats(self, st: dict, item: A.Item | list[A.Item] | None, samples: list, cands: list,
+                     rewards: list | None, teacher: bool) -> dict:
         """A group's statistics: the builder's, the samples' length and EOS fraction, the judge's mean reward of
         the samples and of the chosen / rejected candidates, and whether the teacher's answer was chosen."""
         K = len(samples)
@@ -107,7 +109,7 @@ class Rounds:
             if teacher:
                 st["teacher_score"] = rewards[K]
             for role in ("chosen", "rejected"):
-                if item is not None and item.seqs.get(role) in cands:
+                if isinstance(item, A.Item) and item.seqs.get(role) in cands:
                     st[f"{role}_score"] = rewards[cands.index(item.seqs[role])]
         return st
 
@@ -172,10 +174,13 @@ class Rounds:
 
     # ------------------------------------------------------------------------------------------- training
     def steps_in_round(self, n_items: int) -> int:
-        """One optimiser step on a freshly sampled batch (online algorithms); else ``epochs`` passes over the
-        round's items in batches that never cross an epoch (the last batch of an epoch may be shorter)."""
+        """One optimiser step on a freshly sampled batch (online algorithms; ``epochs`` steps on all of it for an
+        RL algorithm); else ``epochs`` passes over the round's items in batches that never cross an epoch (the
+        last batch of an epoch may be shorter)."""
         if not n_items:
             return 0
+        if self.alg.rl:
+            return int(self.cfg.epochs)
         return 1 if self.alg.online else math.ceil(self.cfg.epochs * math.ceil(n_items / self.cfg.batch_size))
 
     def _closure(self, items: list[A.Item], n_global: int):
@@ -202,12 +207,13 @@ class Rounds:
     def _batch_closure(self, r: int, items: list[A.Item]):
         """The closure of this step's batch of ``items``, this rank's share."""
         d = self.d
-        idx = D.epoch_batch(len(items), self.cfg.seed + 7919 * (r + 1), self.round_step, self.cfg.batch_size)
+        size = len(items) if self.alg.rl else self.cfg.batch_size  # RL: the G samples of every prompt
+        idx = D.epoch_batch(len(items), self.cfg.seed + 7919 * (r + 1), self.round_step, size)
         per = math.ceil(len(idx) / d.world)
         return self._closure([items[i] for i in idx[d.rank * per:(d.rank + 1) * per]], len(idx))
 
     def train_step(self, r: int, items: list[A.Item]) -> dict:
-        sched = (self.step, self.cfg.rounds, 0.0) if self.alg.online else \
+        sched = (self.step, self.cfg.rounds * self.steps_in_round(len(items)), 0.0) if self.alg.online else \
             (self.round_step, self.steps_in_round(len(items)), 0.1)
         for g in self.opt.param_groups:
             g["lr"] = self.cfg.lr * lr_factor(self.cfg.lr_schedule, *sched)
