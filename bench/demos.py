@@ -30,7 +30,8 @@ RESULTS = os.path.join(ROOT, "bench", "results", "demos", "demos.json")
 README = os.path.join(ROOT, "README.md")
 TRAINING_DOC = os.path.join(ROOT, "docs", "training.md")
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
-COMMANDS = {"offline": [], "online": ["--online"], "reward": ["--task", "reward"]}
+COMMANDS = {"offline": [], "online": ["--online"], "reward": ["--task", "reward"],
+            "grpo": ["--online", "--algorithm", "grpo"]}
 # the make train path: no C++ extension, so the torch backend
 MAKE_TRAIN_BACKEND = "torch"
 
@@ -41,7 +42,7 @@ def numbers(demo: str, s: dict) -> dict[str, float]:
         b, a = s["eval_greedy_before"], s["eval_greedy_after"]
         return {"exact_before": b["exact_match"], "exact_after": a["exact_match"],
                 "digit_before": b["digit_accuracy"], "digit_after": a["digit_accuracy"]}
-    if demo == "online":
+    if demo in ("online", "grpo"):
         return {"exact_before": s["start_greedy_accuracy"], "exact_after": s["final_greedy_accuracy"],
                 "digit_before": s["start_greedy_digit_accuracy"], "digit_after": s["final_greedy_digit_accuracy"],
                 "exact_peak": max(s["greedy_accuracy_per_round"])}
@@ -126,6 +127,10 @@ def sentences(res: dict) -> str:
         lines.append(f"`fastpref train --online` (SPPO, from its own SFT start): greedy exact answers "
                      f"{_band(o['exact_before'])} → {_band(o['exact_after'])}, per-digit "
                      f"{_band(o['digit_before'])} → {_band(o['digit_after'])}.")
+    if "grpo" in bd:
+        o = bd["grpo"]
+        lines.append(f"`fastpref train --online --algorithm grpo` (RL with the verifier's rewards, same SFT start): "
+                     f"greedy exact answers {_band(o['exact_before'])} → {_band(o['exact_after'])}.")
     if "reward" in bd:
         o = bd["reward"]
         lines.append(f"`fastpref train --task reward`: held-out pairs ranked right {_band(o['accuracy_before'])} → "
@@ -185,7 +190,9 @@ SLACK = 0.02  # a band is over 3 seeds x 2 backends; another machine of the same
 
 
 def demo_of(summary: dict) -> str:
-    return "online" if "algorithm" in summary else "reward" if summary.get("task") == "reward" else "offline"
+    if "algorithm" in summary:
+        return "grpo" if summary["algorithm"] == "grpo" else "online"
+    return "reward" if summary.get("task") == "reward" else "offline"
 
 
 def outside(demo: str, got: dict[str, float], band: dict[str, list[float]]) -> list[str]:
