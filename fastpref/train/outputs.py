@@ -11,70 +11,24 @@ top-level entry is listed in ``run.json`` before it is written (what ``--overwri
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 
 from . import checkpoint as C
 from . import folder as F
+from .atomic import finite, json_sha256, tensors_sha256, writing  # noqa: F401  (finite, writing: re-exported)
+from .checkpoint_files import CheckpointFiles
 from .dist import Dist
+from .records import MetricRecords
 
 
-def finite(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float replaced by None (so that its JSON is valid JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
-@contextlib.contextmanager
-def writing(path: Path, *tmp: Path) -> Iterator[None]:
-    """Turn a failed write of ``path`` (a full disk, a read-only folder) into a one-line refusal, after
-    removing the temporary files or folders ``tmp``."""
-    try:
-        yield
-    except Exception as e:
-        if isinstance(e, OSError):
-            why = e.strerror or str(e)
-        elif type(e).__name__ == "SafetensorError" and "I/O error: " in str(e):  # safetensors' own I/O errors
-            why = str(e).split("I/O error: ", 1)[1]
-        else:
-            raise
-        for t in tmp:
-            shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
-        raise SystemExit(f"cannot write {path}: {why} (the previous files are left as they were)") from None
-
-
-def tensors_sha256(tensors: dict[str, Tensor]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of ``tensors``."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().contiguous().cpu()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(dtype=torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def json_sha256(obj: Any) -> str:
-    """sha256 of ``obj``'s JSON with sorted keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-class Outputs:
+class Outputs(MetricRecords, CheckpointFiles):
     """The output folder of one run (``folder``), for the process ``d``; ``log`` prints on the main process;
     ``identity`` (:func:`fastpref.train.folder.identity`) goes into every checkpoint and is checked on resume
     (the settings in ``allow`` may differ: ``--resume-allow``)."""
@@ -100,97 +54,6 @@ class Outputs:
         rec["files"] = sorted(set(rec.get("files", [])) | {name})
         F.write_run(self.folder, rec)
         self.owned.add(name)
-
-    # ------------------------------------------------------------------------------------------- metrics
-    def record(self, rec: dict) -> None:
-        """Append one record to metrics.jsonl."""
-        if self.d.main:
-            self.own(self.metrics)
-            with writing(self.metrics), open(self.metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(finite(rec)) + "\n")
-
-    def records(self) -> list[dict]:
-        """The records of metrics.jsonl so far ([] without the file); a line that does not parse (one a killed
-        run left half-written) is left out."""
-        if not self.metrics.is_file():
-            return []
-        out = []
-        for line in self.metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "step" in rec:
-                out.append(rec)
-        return out
-
-    def find_record(self, match: Callable[[dict], bool]) -> dict | None:
-        """The first record of metrics.jsonl that ``match`` accepts (main process; None elsewhere or when none
-        does)."""
-        if not self.d.main:
-            return None
-        return next((r for r in self.records() if match(r)), None)
-
-    def keep_records(self, keep: Callable[[dict], bool]) -> list[dict]:
-        """Rewrite metrics.jsonl (atomically) with only the records ``keep`` accepts (those written before the
-        checkpoint a run resumes from); returns them (main process; [] elsewhere)."""
-        if not (self.d.main and self.metrics.is_file()):
-            return []
-        kept = [r for r in self.records() if keep(r)]
-        self.replace_text(self.metrics, "".join(json.dumps(finite(r)) + "\n" for r in kept))
-        return kept
-
-    def forget_records(self) -> None:
-        """Delete metrics.jsonl (a fresh run in a folder that has an earlier run's records)."""
-        if self.d.main:
-            self.metrics.unlink(missing_ok=True)
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, step: int, model_state: dict[str, Tensor], trainer_state: dict[str, Any],
-                        info: dict) -> None:
-        """Write ``checkpoints/step-<step>`` (atomically; the newest ``keep_checkpoints`` are kept). ``info``
-        gets the wall-clock time and the run's identity added."""
-        if self.d.main:
-            self.own(self.checkpoints)
-            target = self.checkpoints / f"step-{step:08d}"
-            with writing(target):
-                folder = C.write(target, model_state, trainer_state,
-                                 {**info, "time": time.time(), "run": self.identity})
-            C.prune(self.checkpoints, self.keep, protect=folder)
-        self.d.barrier()
-
-    def check_identity(self, folder: Path, info: dict) -> None:
-        """Refuse (CheckpointError) a checkpoint written by a run of another task or with other settings."""
-        if self.identity is None:
-            return
-        run = info.get("run")
-        if not isinstance(run, dict):
-            raise C.CheckpointError(f"{folder}: records no run settings (written by an older fastpref)")
-        diffs = F.differences(run, self.identity, self.allow)
-        if diffs:
-            raise C.CheckpointError(f"{folder}: written by {F.article(str(run.get('task')))} run with other settings: "
-                                    f"{'; '.join(diffs)}")
-
-    def open_checkpoint(self, resume: str | None) -> tuple[Path, dict[str, Tensor], dict[str, Any]] | None:
-        """(folder, model state, trainer state) of the checkpoint to resume from: ``resume`` "auto" (the newest
-        one that reads and belongs to this run: each one refused is reported with its reason and the previous
-        one tried; None, with a note, when there is none) or a folder (one that does not read ends the run with
-        a one-line message); None for no resume."""
-        if resume in (None, "", "no"):
-            return None
-        candidates = list(reversed(C.step_folders(self.checkpoints))) if resume == "auto" else [Path(resume)]
-        for folder in candidates:
-            try:
-                model_state, trainer_state, info = C.read(folder)
-                self.check_identity(folder, info)
-                return folder, model_state, trainer_state
-            except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable refuses it
-                why = str(e) if isinstance(e, C.CheckpointError) else f"{folder}: unreadable ({type(e).__name__}: {e})"
-                if resume != "auto":
-                    raise SystemExit(f"cannot resume: {why}") from None
-                self.log(f"refusing checkpoint {folder}: {why}")
-        self.log(f"--resume auto: no valid checkpoint in {self.checkpoints}; starting from scratch")
-        return None
 
     # ------------------------------------------------------------------------------------------- other files
     def replace_text(self, path: Path, text: str) -> None:
