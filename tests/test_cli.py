@@ -46,6 +46,6 @@ def test_each_demo_has_its_own_default_folder():
     from fastpref.train.online.config import load_config as load_online
 
     folders = [load_config([]).output_dir, load_config(["--task", "reward"]).output_dir,
-               load_online(["--online"]).output_dir]
-    assert len(set(folders)) == 3, folders
+               load_online(["--online"]).output_dir, load_online(["--online", "--algorithm", "grpo"]).output_dir]
+    assert len(set(folders)) == 4, folders
     assert load_config(["--task", "reward", "--output-dir", "x"]).output_dir == "x"

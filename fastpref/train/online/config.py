@@ -181,6 +181,7 @@ def _flag(name: str) -> str:
 
 HELP = {
     "algorithm": "which algorithm (see the list below)",
+    "output_dir": "the run's folder (default: runs/online for sppo, runs/online-<algorithm> for the others)",
     "prompts": "JSONL/Parquet/datasets file with a 'prompt' field (default: the synthetic task)",
     "eval_prompts": "held-out prompts for the per-round evaluation (default: the synthetic held-out set, "
                     "or the first 64 training prompts)",
@@ -278,4 +279,7 @@ def load_config(argv: list[str] | None = None) -> OnlineConfig:
     values.update(check_numbers(flags, _flag, ONLINE_NUMBERS))
     if values.get("distributed", "auto") == "auto":
         values["distributed"] = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+    algorithm = values.get("algorithm", OnlineConfig.algorithm)
+    if "output_dir" not in values and algorithm != OnlineConfig.algorithm:  # each algorithm's demo its own folder
+        values["output_dir"] = f"{OnlineConfig.output_dir}-{algorithm}"
     return OnlineConfig(**values)
