@@ -200,7 +200,7 @@ def self_test(canary: Canary) -> bool:
     canary.find_links = index
     canary.pip("-U", "--no-deps", "tqdm")
     verdict = canary.run_checks(["import"])
-    print(verdict)
+    print(f"drift canary self-test: the planted release gave: {verdict}")
     good = verdict is not None and "tqdm 999.0 (locked" in verdict
     print(f"drift canary self-test: {'ok' if good else 'FAILED'}: a broken tqdm 999.0 "
           f"{'was' if good else 'was NOT'} named")
