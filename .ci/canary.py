@@ -201,6 +201,8 @@ def self_test(canary: Canary) -> bool:
     canary.pip("-U", "--no-deps", "tqdm")
     verdict = canary.run_checks(["import"])
     print(f"drift canary self-test: the planted release gave: {verdict}")
+    canary.find_links = None
+    canary.pip("--no-deps", "--force-reinstall", f"tqdm=={canary.locked['tqdm']}")  # leave the venv usable
     good = verdict is not None and "tqdm 999.0 (locked" in verdict
     print(f"drift canary self-test: {'ok' if good else 'FAILED'}: a broken tqdm 999.0 "
           f"{'was' if good else 'was NOT'} named")
