@@ -1,6 +1,6 @@
 """Shared test helpers: random inputs, naive float64 primitives, and a value+gradient checker.
 
-The reference formulas in the tests are written naively from the losses reference (formulas, inputs, defaults) in float64
+The reference formulas in the tests are written naively from the project's losses reference in float64
 (log(1/(1+exp(-x))) etc.) and never call fastpref.losses.
 """
 from __future__ import annotations
